@@ -1,0 +1,58 @@
+// @generated automatically by Diesel CLI.
+
+diesel::table! {
+    events (id) {
+        id -> BigInt,
+        ts -> BigInt,
+        key_row_id -> Nullable<BigInt>,
+        model_id -> BigInt,
+        upstream_model_id -> Nullable<BigInt>,
+        request_id -> Nullable<Text>,
+        prompt_tokens -> Integer,
+        completion_tokens -> Integer,
+        cache_read_tokens -> Integer,
+        cache_creation_tokens -> Integer,
+        reasoning_tokens -> Integer,
+        status -> Integer,
+        latency_ms -> Integer,
+        error -> Nullable<Text>,
+        usage_unknown -> Bool,
+        thinking_level -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    key_secrets (secret_hash) {
+        secret_hash -> Binary,
+        key_row_id -> BigInt,
+        created_at -> BigInt,
+        valid_until -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    keys (row_id) {
+        row_id -> BigInt,
+        id -> Binary,
+        display_prefix -> Text,
+        tier -> Text,
+        label -> Text,
+        allowed_models -> Text,
+        rate_limit_override -> Nullable<BigInt>,
+        created_at -> BigInt,
+        expires_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+        last_used_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    models (id) {
+        id -> BigInt,
+        name -> Text,
+    }
+}
+
+diesel::joinable!(key_secrets -> keys (key_row_id));
+
+diesel::allow_tables_to_appear_in_same_query!(events, key_secrets, keys, models,);

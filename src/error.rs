@@ -1,0 +1,179 @@
+//! The one error type of keytally.
+
+use std::io;
+use std::path::PathBuf;
+
+/// A `Result` whose error defaults to keytally's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in keytally.
+///
+/// Each variant says when it happens. Messages are meant for an operator: they
+/// say what is wrong and, where there is something to do, what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database stayed busy or locked by another connection for longer than
+    /// the busy timeout.
+    #[error("database is busy (locked by another connection for longer than the busy timeout): {message}")]
+    Busy {
+        /// SQLite's own message.
+        message: String,
+    },
+
+    /// The file exists but is not an SQLite database at all (garbage, a zeroed
+    /// header, or something else entirely).
+    #[error("{} is not an SQLite database; point keytally at its own database file or restore one from a backup, see docs/operations.md", path.display())]
+    NotADatabase {
+        /// The file that was refused.
+        path: PathBuf,
+    },
+
+    /// The file is an SQLite database but it is damaged or truncated.
+    #[error("database {} is damaged ({detail}); restore it from a backup, see docs/operations.md", path.display())]
+    Corrupt {
+        /// The damaged file.
+        path: PathBuf,
+        /// What was found wrong.
+        detail: String,
+    },
+
+    /// The file is an SQLite database that belongs to another application: it
+    /// carries another `application_id`, or it has tables but no keytally mark.
+    #[error("{} is an SQLite database of another application ({detail}); keytally will not touch it, point it at its own database file", path.display())]
+    Foreign {
+        /// The file that was refused.
+        path: PathBuf,
+        /// Why it is not ours.
+        detail: String,
+    },
+
+    /// The database has applied migrations this binary does not know: it was
+    /// written by a newer keytally.
+    #[error("database {} was migrated by a newer keytally (unknown migrations: {}); upgrade keytally, or restore a backup taken before the upgrade", path.display(), unknown.join(", "))]
+    SchemaTooNew {
+        /// The database that was refused.
+        path: PathBuf,
+        /// The versions of the applied migrations this binary does not know.
+        unknown: Vec<String>,
+    },
+
+    /// The database path is a symbolic link. keytally refuses links so that the
+    /// permissions it checks and sets are those of the real file.
+    #[error("database path {} is a symbolic link; pass the real path instead", path.display())]
+    Symlink {
+        /// The link that was refused.
+        path: PathBuf,
+    },
+
+    /// The operating system refused access to a file or folder.
+    #[error("permission denied on {}: {source}; check the owner and mode of the file and its folder", path.display())]
+    Permission {
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+
+    /// The filesystem does not support SQLite's write-ahead log (for example
+    /// some network filesystems), so the database cannot be opened safely.
+    #[error("database {} cannot use write-ahead logging (journal_mode came back as {journal_mode:?}); put the database on a local filesystem", path.display())]
+    WalUnsupported {
+        /// The database.
+        path: PathBuf,
+        /// The journal mode SQLite reported instead of `wal`.
+        journal_mode: String,
+    },
+
+    /// The disk (or the filesystem quota) is full: the write was not committed.
+    #[error("disk full: the write was not committed ({message}); free space and retry")]
+    DiskFull {
+        /// SQLite's or the system's message.
+        message: String,
+    },
+
+    /// Any other input/output error on a file or folder.
+    #[error("i/o error on {}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+
+    /// A migration failed; it was rolled back and the database is as before it.
+    #[error("migration {version} failed and was rolled back: {message}")]
+    Migration {
+        /// The version of the migration that failed.
+        version: String,
+        /// What went wrong.
+        message: String,
+    },
+
+    /// The store was closed; it hands out no more connections.
+    #[error("store is closed")]
+    Closed,
+
+    /// No pooled connection became free within the pool's timeout.
+    #[error("no database connection became available: {message}")]
+    Pool {
+        /// The pool's message.
+        message: String,
+    },
+
+    /// A connection to the database could not be established.
+    #[error("cannot open database {}: {message}", path.display())]
+    Open {
+        /// The database.
+        path: PathBuf,
+        /// SQLite's message.
+        message: String,
+    },
+
+    /// Any other database error.
+    #[error("database error: {0}")]
+    Database(diesel::result::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        let path = path.into();
+        match source.kind() {
+            io::ErrorKind::PermissionDenied => Error::Permission { path, source },
+            io::ErrorKind::StorageFull => Error::DiskFull {
+                message: source.to_string(),
+            },
+            _ => Error::Io { path, source },
+        }
+    }
+}
+
+impl From<diesel::result::Error> for Error {
+    fn from(error: diesel::result::Error) -> Self {
+        use diesel::result::Error as E;
+        if let E::DatabaseError(_, info) = &error {
+            let message = info.message().to_owned();
+            // SQLite's primary result codes are not kept by Diesel, so the
+            // classes that matter to callers are recognised by SQLite's fixed
+            // messages for them.
+            if message.starts_with("database is locked")
+                || message.starts_with("database table is locked")
+                || message.starts_with("database is busy")
+            {
+                return Error::Busy { message };
+            }
+            if message.starts_with("database or disk is full") {
+                return Error::DiskFull { message };
+            }
+        }
+        Error::Database(error)
+    }
+}
+
+impl From<diesel::r2d2::PoolError> for Error {
+    fn from(error: diesel::r2d2::PoolError) -> Self {
+        Error::Pool {
+            message: error.to_string(),
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The real `keytally` binary, run as a child process in a temp folder.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use keytally::testing::folder;
+use rstest::rstest;
+use tempfile::TempDir;
+
+use crate::{mode_of, sidecar, TestResult};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keytally");
+
+/// Runs the binary under `sh` with the given umask, so the test also proves
+/// that keytally does not rely on the caller's umask.
+fn keytally_with_umask(umask: &str, args: &[&str]) -> std::io::Result<Output> {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("umask {umask}; exec \"$0\" \"$@\""))
+        .arg(BIN)
+        .args(args)
+        .env_remove("KEYTALLY_DB")
+        .env_remove("KEYTALLY_LOG")
+        .output()
+}
+
+fn keytally(args: &[&str]) -> std::io::Result<Output> {
+    keytally_with_umask("077", args)
+}
+
+fn path_arg(path: &Path) -> Result<&str, Box<dyn std::error::Error>> {
+    Ok(path.to_str().ok_or("path is not UTF-8")?)
+}
+
+fn json_of(output: &Output) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+#[rstest]
+fn status_creates_a_private_database_under_umask_000(folder: TempDir) -> TestResult {
+    let path = folder.path().join("data").join("keytally.db");
+    let output = keytally_with_umask("000", &["--db", path_arg(&path)?, "--json", "status"])?;
+    assert!(output.status.success(), "{output:?}");
+    let status = json_of(&output)?;
+    assert_eq!(status["journal_mode"], "wal");
+    assert_eq!(status["synchronous"], "normal");
+    assert_eq!(status["foreign_keys"], true);
+    assert_eq!(status["application_id"], keytally::APPLICATION_ID);
+    assert_eq!(status["pending_migrations"], serde_json::json!([]));
+    let newest = keytally::migrations::known_versions()?
+        .last()
+        .cloned()
+        .ok_or("no migrations")?;
+    assert_eq!(status["schema_version"], newest);
+    let files = status["files"].as_array().ok_or("files is not an array")?;
+    assert!(files.iter().any(|f| f["name"] == "keytally.db"));
+    for file in files {
+        assert_eq!(file["mode"], "0600", "{file}");
+    }
+    // After the binary exits: the folder is 0700, the database 0600, and the
+    // final checkpoint removed the sidecars.
+    assert_eq!(mode_of(&folder.path().join("data"))?, 0o700);
+    assert_eq!(mode_of(&path)?, 0o600);
+    assert!(!sidecar(&path, "-wal").exists());
+    assert!(!sidecar(&path, "-shm").exists());
+    Ok(())
+}
+
+#[rstest]
+fn status_text_names_the_settings(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    let output = keytally(&["--db", path_arg(&path)?, "status"])?;
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout)?;
+    assert!(text.contains("journal_mode:       wal"), "{text}");
+    assert!(text.contains("0600  keytally.db"), "{text}");
+    Ok(())
+}
+
+#[rstest]
+fn keytally_db_environment_variable_sets_the_path(folder: TempDir) -> TestResult {
+    let path = folder.path().join("from-env.db");
+    let output = Command::new(BIN)
+        .args(["--json", "status"])
+        .env("KEYTALLY_DB", &path)
+        .output()?;
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(json_of(&output)?["path"], path_arg(&path)?);
+    assert!(path.exists());
+    Ok(())
+}
+
+#[rstest]
+fn default_path_follows_xdg_data_home(folder: TempDir) -> TestResult {
+    let output = Command::new(BIN)
+        .args(["--json", "status"])
+        .env_remove("KEYTALLY_DB")
+        .env("XDG_DATA_HOME", folder.path())
+        .output()?;
+    assert!(output.status.success(), "{output:?}");
+    let expected = folder.path().join("keytally").join("keytally.db");
+    assert_eq!(json_of(&output)?["path"], path_arg(&expected)?);
+    assert_eq!(mode_of(&folder.path().join("keytally"))?, 0o700);
+    Ok(())
+}
+
+#[rstest]
+fn migrate_lists_what_it_applied_then_nothing(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    let first = keytally(&["--db", path_arg(&path)?, "--json", "migrate"])?;
+    assert!(first.status.success(), "{first:?}");
+    let applied = json_of(&first)?["applied"].clone();
+    let applied = applied.as_array().ok_or("applied is not an array")?;
+    assert_eq!(applied.len(), keytally::migrations::known_versions()?.len());
+    assert!(applied[0]
+        .as_str()
+        .is_some_and(|name| name.ends_with("_create_keys")));
+    let second = keytally(&["--db", path_arg(&path)?, "migrate"])?;
+    assert!(second.status.success(), "{second:?}");
+    assert_eq!(
+        String::from_utf8(second.stdout)?,
+        "schema is current; nothing to apply\n"
+    );
+    Ok(())
+}
+
+#[rstest]
+fn wider_mode_is_tightened_with_a_warning(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    assert!(keytally(&["--db", path_arg(&path)?, "status"])?
+        .status
+        .success());
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664))?;
+    let output = keytally(&["--db", path_arg(&path)?, "status"])?;
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8(output.stderr)?;
+    assert!(stderr.contains("WARN"), "{stderr}");
+    assert!(stderr.contains(path_arg(&path)?), "{stderr}");
+    assert!(stderr.contains("0664"), "{stderr}");
+    assert_eq!(mode_of(&path)?, 0o600);
+    Ok(())
+}
+
+#[rstest]
+fn refused_file_fails_with_exit_1_and_a_message(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    std::fs::write(&path, b"this is a text file, not a database\n")?;
+    let output = keytally(&["--db", path_arg(&path)?, "status"])?;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8(output.stderr)?;
+    assert!(stderr.starts_with("keytally: "), "{stderr}");
+    assert!(stderr.contains("is not an SQLite database"), "{stderr}");
+    assert!(output.stdout.is_empty());
+    assert_eq!(
+        std::fs::read(&path)?,
+        b"this is a text file, not a database\n"
+    );
+    let json = keytally(&["--db", path_arg(&path)?, "--json", "status"])?;
+    assert_eq!(json.status.code(), Some(1));
+    let error: serde_json::Value = serde_json::from_slice(&json.stderr)?;
+    assert!(error["error"]
+        .as_str()
+        .is_some_and(|message| message.contains("not an SQLite database")));
+    Ok(())
+}
+
+#[rstest]
+fn usage_error_exits_2(folder: TempDir) -> TestResult {
+    let output = keytally(&["--db", path_arg(&folder.path().join("k.db"))?, "frobnicate"])?;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(!folder.path().join("k.db").exists());
+    Ok(())
+}
+
+#[rstest]
+fn two_processes_opening_a_fresh_database_both_succeed(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(BIN)
+                .args(["--db", path_arg(&path)?, "--json", "migrate"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .map_err(Into::into)
+        })
+        .collect::<Result<_, Box<dyn std::error::Error>>>()?;
+    let mut applied = 0;
+    for child in children {
+        let output = child.wait_with_output()?;
+        assert!(output.status.success(), "{output:?}");
+        applied += json_of(&output)?["applied"]
+            .as_array()
+            .ok_or("applied is not an array")?
+            .len();
+    }
+    assert_eq!(applied, keytally::migrations::known_versions()?.len());
+    Ok(())
+}

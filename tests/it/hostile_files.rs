@@ -1,0 +1,161 @@
+//! Files that are not a keytally database this binary can use: each is
+//! refused with its own typed error, and left byte-for-byte unchanged.
+
+use std::path::{Path, PathBuf};
+
+use diesel::connection::SimpleConnection;
+use keytally::testing::folder;
+use keytally::{Error, Store};
+use rstest::rstest;
+use tempfile::TempDir;
+
+use crate::{raw_connection, sidecar, TestResult};
+
+/// Opens `path`, expects an error, and checks that the file's bytes did not
+/// change and that no sidecar file was left behind.
+fn open_refused(path: &Path) -> Result<Error, Box<dyn std::error::Error>> {
+    let before = std::fs::read(path)?;
+    let error = match Store::open(path) {
+        Ok(store) => {
+            let _ = store.close();
+            return Err("the file was opened".into());
+        }
+        Err(error) => error,
+    };
+    assert_eq!(std::fs::read(path)?, before, "the refused file changed");
+    assert!(!sidecar(path, "-wal").exists(), "a -wal was left behind");
+    assert!(!sidecar(path, "-shm").exists(), "a -shm was left behind");
+    Ok(error)
+}
+
+fn keytally_database(folder: &TempDir) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let path = folder.path().join("keytally.db");
+    let store = Store::open(&path)?;
+    store.write(|conn| {
+        diesel::RunQueryDsl::execute(
+            diesel::sql_query("INSERT INTO models (name) VALUES ('gpt-4o'), ('o3')"),
+            conn,
+        )?;
+        Ok(())
+    })?;
+    assert!(store.close()?.checkpoint_complete);
+    Ok(path)
+}
+
+#[rstest]
+fn garbage_file_is_not_a_database(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    let garbage: Vec<u8> = (0..10_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&path, garbage)?;
+    let error = open_refused(&path)?;
+    assert!(matches!(error, Error::NotADatabase { .. }), "{error:?}");
+    assert!(error.to_string().contains("not an SQLite database"));
+    Ok(())
+}
+
+#[rstest]
+fn zero_filled_header_is_not_a_database(folder: TempDir) -> TestResult {
+    let path = keytally_database(&folder)?;
+    let mut bytes = std::fs::read(&path)?;
+    bytes[..100].fill(0);
+    std::fs::write(&path, bytes)?;
+    let error = open_refused(&path)?;
+    assert!(matches!(error, Error::NotADatabase { .. }), "{error:?}");
+    Ok(())
+}
+
+#[rstest]
+#[case::to_half(2)]
+#[case::to_a_page_and_a_bit(0)]
+#[case::inside_the_header(1)]
+fn truncated_database_is_corrupt(folder: TempDir, #[case] how: u8) -> TestResult {
+    let path = keytally_database(&folder)?;
+    let length = std::fs::metadata(&path)?.len();
+    let new_length = match how {
+        2 => length / 2,
+        1 => 60,
+        _ => 4096 + 100,
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)?
+        .set_len(new_length)?;
+    let error = open_refused(&path)?;
+    assert!(matches!(error, Error::Corrupt { .. }), "{error:?}");
+    assert!(error.to_string().contains("restore it from a backup"));
+    Ok(())
+}
+
+#[rstest]
+fn foreign_sqlite_database_is_refused(folder: TempDir) -> TestResult {
+    let path = folder.path().join("other.db");
+    {
+        let mut conn = raw_connection(&path)?;
+        conn.batch_execute("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('hello');")?;
+    }
+    let error = open_refused(&path)?;
+    assert!(matches!(error, Error::Foreign { .. }), "{error:?}");
+    Ok(())
+}
+
+#[rstest]
+fn database_with_another_application_id_is_refused(folder: TempDir) -> TestResult {
+    let path = folder.path().join("other.db");
+    {
+        let mut conn = raw_connection(&path)?;
+        conn.batch_execute("PRAGMA application_id = 1234;")?;
+    }
+    let error = open_refused(&path)?;
+    assert!(matches!(error, Error::Foreign { .. }), "{error:?}");
+    assert!(error.to_string().contains("0x000004d2"), "{error}");
+    Ok(())
+}
+
+#[rstest]
+fn database_from_a_newer_keytally_is_refused(folder: TempDir) -> TestResult {
+    let path = keytally_database(&folder)?;
+    {
+        let mut conn = raw_connection(&path)?;
+        conn.batch_execute(
+            "INSERT INTO __diesel_schema_migrations (version) VALUES ('29991231235959');",
+        )?;
+    }
+    let error = open_refused(&path)?;
+    let Error::SchemaTooNew { unknown, .. } = &error else {
+        return Err(format!("unexpected error {error:?}").into());
+    };
+    assert_eq!(unknown, &vec!["29991231235959".to_owned()]);
+    assert!(error.to_string().contains("upgrade keytally"));
+    Ok(())
+}
+
+#[rstest]
+fn symlinked_path_is_refused(folder: TempDir) -> TestResult {
+    let real = keytally_database(&folder)?;
+    let link = folder.path().join("link.db");
+    std::os::unix::fs::symlink(&real, &link)?;
+    let before = std::fs::read(&real)?;
+    let error = match Store::open(&link) {
+        Ok(_) => return Err("a symlinked database was opened".into()),
+        Err(error) => error,
+    };
+    assert!(matches!(error, Error::Symlink { .. }), "{error:?}");
+    assert_eq!(std::fs::read(&real)?, before);
+    Ok(())
+}
+
+#[rstest]
+fn dangling_symlink_is_refused_and_nothing_is_created(folder: TempDir) -> TestResult {
+    let target = folder.path().join("target.db");
+    let link = folder.path().join("link.db");
+    std::os::unix::fs::symlink(&target, &link)?;
+    let error = match Store::open(&link) {
+        Ok(_) => return Err("a dangling symlink was followed".into()),
+        Err(error) => error,
+    };
+    assert!(matches!(error, Error::Symlink { .. }), "{error:?}");
+    assert!(!target.exists());
+    Ok(())
+}

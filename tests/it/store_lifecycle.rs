@@ -1,0 +1,230 @@
+//! Opening, pragmas, permissions, concurrency and closing of a real store.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Barrier};
+
+use diesel::sql_types::{BigInt, Text};
+use diesel::{QueryableByName, RunQueryDsl};
+use keytally::testing::{folder, store, TestStore};
+use keytally::{Store, StoreOptions, Synchronous};
+use rstest::rstest;
+use tempfile::TempDir;
+
+use crate::{mode_of, sidecar, TestResult};
+
+#[derive(QueryableByName)]
+struct IntValue {
+    #[diesel(sql_type = BigInt)]
+    value: i64,
+}
+
+#[derive(QueryableByName)]
+struct TextValue {
+    #[diesel(sql_type = Text)]
+    value: String,
+}
+
+fn pragma_int(conn: &mut diesel::SqliteConnection, name: &str) -> diesel::QueryResult<i64> {
+    // Each pragma names its result column after itself, but for busy_timeout.
+    let column = if name == "busy_timeout" {
+        "timeout"
+    } else {
+        name
+    };
+    let row: IntValue = diesel::sql_query(format!("SELECT {column} AS value FROM pragma_{name}"))
+        .get_result(conn)?;
+    Ok(row.value)
+}
+
+#[rstest]
+fn fresh_folder_is_created_migrated_and_private(folder: TempDir) -> TestResult {
+    let path = folder
+        .path()
+        .join("nested")
+        .join("data")
+        .join("keytally.db");
+    let store = Store::open(&path)?;
+    assert_eq!(
+        store.applied_at_open().len(),
+        keytally::migrations::known_versions()?.len()
+    );
+    let status = store.status()?;
+    assert_eq!(status.journal_mode, "wal");
+    assert_eq!(status.application_id, keytally::APPLICATION_ID);
+    assert_eq!(
+        status.user_version,
+        keytally::migrations::known_versions()?.len() as i64
+    );
+    assert!(status.pending_migrations.is_empty());
+    assert_eq!(mode_of(&path)?, 0o600);
+    assert_eq!(mode_of(&folder.path().join("nested"))?, 0o700);
+    assert_eq!(mode_of(&folder.path().join("nested").join("data"))?, 0o700);
+    for file in &status.files {
+        assert_eq!(file.mode, "0600", "{} has mode {}", file.name, file.mode);
+    }
+    assert!(status.files.iter().any(|f| f.name == "keytally.db-wal"));
+    store
+        .close()?
+        .checkpoint_complete
+        .then_some(())
+        .ok_or("checkpoint incomplete")?;
+    Ok(())
+}
+
+#[rstest]
+fn second_open_applies_nothing_and_changes_nothing(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    let report = Store::open(&path)?.close()?;
+    assert!(report.checkpoint_complete);
+    let before = std::fs::read(&path)?;
+    let store = Store::open(&path)?;
+    assert!(store.applied_at_open().is_empty());
+    assert!(store.tightened_at_open().is_empty());
+    let report = store.close()?;
+    assert!(report.checkpoint_complete);
+    assert_eq!(std::fs::read(&path)?, before, "database bytes changed");
+    Ok(())
+}
+
+#[rstest]
+fn every_pooled_connection_has_the_pragmas(folder: TempDir) -> TestResult {
+    let store = StoreOptions::new(folder.path().join("keytally.db"))
+        .pool_size(4)
+        .busy_timeout(std::time::Duration::from_millis(1234))
+        .synchronous(Synchronous::Full)
+        .open()?;
+    // Hold every connection at once so each one is a distinct connection.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(store.connection()?);
+    }
+    for conn in &mut held {
+        let conn = &mut **conn;
+        assert_eq!(pragma_int(conn, "busy_timeout")?, 1234);
+        assert_eq!(pragma_int(conn, "synchronous")?, 2, "FULL is 2");
+        assert_eq!(pragma_int(conn, "foreign_keys")?, 1);
+        let mode: TextValue =
+            diesel::sql_query("SELECT journal_mode AS value FROM pragma_journal_mode")
+                .get_result(conn)?;
+        assert_eq!(mode.value, "wal");
+    }
+    drop(held);
+    assert!(store.close()?.checkpoint_complete);
+    Ok(())
+}
+
+#[rstest]
+fn default_synchronous_is_normal(store: TestStore) -> TestResult {
+    let mut conn = store.connection()?;
+    assert_eq!(pragma_int(&mut conn, "synchronous")?, 1, "NORMAL is 1");
+    assert_eq!(store.status()?.synchronous, "normal");
+    Ok(())
+}
+
+#[rstest]
+fn wider_modes_are_tightened_and_reported(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    assert!(Store::open(&path)?.close()?.checkpoint_complete);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+    let store = Store::open(&path)?;
+    let tightened = store.tightened_at_open();
+    assert_eq!(tightened.len(), 1);
+    assert_eq!(tightened[0].path, path);
+    assert_eq!(tightened[0].found_mode, 0o644);
+    assert_eq!(mode_of(&path)?, 0o600);
+    // The sidecars SQLite created after the repair carry the repaired mode.
+    assert_eq!(mode_of(&sidecar(&path, "-shm"))?, 0o600);
+    assert!(store.close()?.checkpoint_complete);
+    Ok(())
+}
+
+#[rstest]
+fn concurrent_first_opens_all_succeed_and_migrate_once(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    let openers = 6;
+    let barrier = Arc::new(Barrier::new(openers));
+    let handles: Vec<_> = (0..openers)
+        .map(|_| {
+            let barrier = Arc::clone(&barrier);
+            let path = path.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                Store::open(&path)
+            })
+        })
+        .collect();
+    let mut applied = 0;
+    let mut stores = Vec::new();
+    for handle in handles {
+        let store = handle.join().map_err(|_| "opener thread panicked")??;
+        applied += store.applied_at_open().len();
+        stores.push(store);
+    }
+    assert_eq!(applied, keytally::migrations::known_versions()?.len());
+    for store in stores {
+        let status = store.status()?;
+        assert!(status.pending_migrations.is_empty());
+        let _ = store.close()?;
+    }
+    Ok(())
+}
+
+#[rstest]
+fn close_leaves_no_sidecars(store: TestStore) -> TestResult {
+    store.write(|conn| {
+        diesel::sql_query("INSERT INTO models (name) VALUES ('gpt-4o'), ('o3')").execute(conn)?;
+        Ok(())
+    })?;
+    let (report, _folder, path) = store.close()?;
+    assert!(report.checkpoint_complete);
+    assert!(report.sidecars_gone);
+    assert_eq!(report.connections_still_out, 0);
+    assert!(!sidecar(&path, "-wal").exists());
+    assert!(!sidecar(&path, "-shm").exists());
+    // The committed rows are in the main file itself.
+    let mut conn = crate::raw_connection(&path)?;
+    let row: IntValue =
+        diesel::sql_query("SELECT count(*) AS value FROM models").get_result(&mut conn)?;
+    assert_eq!(row.value, 2);
+    Ok(())
+}
+
+#[rstest]
+fn close_reports_an_incomplete_checkpoint(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    let store = StoreOptions::new(&path)
+        .busy_timeout(std::time::Duration::from_millis(200))
+        .open()?;
+    store.write(|conn| {
+        diesel::sql_query("INSERT INTO models (name) VALUES ('gpt-4o')").execute(conn)?;
+        Ok(())
+    })?;
+    // Another connection holds a read snapshot, so TRUNCATE cannot finish.
+    let mut reader = crate::raw_connection(&path)?;
+    diesel::connection::SimpleConnection::batch_execute(&mut reader, "BEGIN")?;
+    let row: IntValue =
+        diesel::sql_query("SELECT count(*) AS value FROM models").get_result(&mut reader)?;
+    assert_eq!(row.value, 1);
+    diesel::sql_query("INSERT INTO models (name) VALUES ('o3')")
+        .execute(&mut *store.connection()?)?;
+    let report = store.close()?;
+    assert!(!report.checkpoint_complete, "{report:?}");
+    assert!(!report.sidecars_gone);
+    diesel::connection::SimpleConnection::batch_execute(&mut reader, "COMMIT")?;
+    Ok(())
+}
+
+#[rstest]
+fn writes_take_the_lock_up_front(store: TestStore) -> TestResult {
+    // A write transaction holds the write lock from BEGIN: a second
+    // connection cannot start one while it is open.
+    let mut other = crate::raw_connection(store.path())?;
+    diesel::connection::SimpleConnection::batch_execute(&mut other, "PRAGMA busy_timeout = 0")?;
+    store.write(|_conn| {
+        let attempt =
+            diesel::connection::SimpleConnection::batch_execute(&mut other, "BEGIN IMMEDIATE");
+        assert!(attempt.is_err(), "the write lock was not held");
+        Ok(())
+    })?;
+    Ok(())
+}
