@@ -53,6 +53,46 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    usage_key_hourly (key_row_id, hour, model_id) {
+        key_row_id -> BigInt,
+        hour -> BigInt,
+        model_id -> BigInt,
+        requests -> BigInt,
+        errors -> BigInt,
+        prompt_tokens -> BigInt,
+        completion_tokens -> BigInt,
+        cache_read_tokens -> BigInt,
+        cache_creation_tokens -> BigInt,
+        reasoning_tokens -> BigInt,
+        latency_ms_sum -> BigInt,
+        latency_ms_max -> BigInt,
+    }
+}
+
+diesel::table! {
+    usage_model_hourly (hour, model_id) {
+        hour -> BigInt,
+        model_id -> BigInt,
+        requests -> BigInt,
+        errors -> BigInt,
+        prompt_tokens -> BigInt,
+        completion_tokens -> BigInt,
+        cache_read_tokens -> BigInt,
+        cache_creation_tokens -> BigInt,
+        reasoning_tokens -> BigInt,
+        latency_ms_sum -> BigInt,
+        latency_ms_max -> BigInt,
+    }
+}
+
 diesel::joinable!(key_secrets -> keys (key_row_id));
 
-diesel::allow_tables_to_appear_in_same_query!(events, key_secrets, keys, models,);
+diesel::allow_tables_to_appear_in_same_query!(
+    events,
+    key_secrets,
+    keys,
+    models,
+    usage_key_hourly,
+    usage_model_hourly,
+);

@@ -110,6 +110,64 @@ pub enum Error {
         message: String,
     },
 
+    /// An argument was rejected before anything was written: an empty or
+    /// oversized label, an invalid model list, a time out of range, and so on.
+    #[error("invalid {field}: {reason}")]
+    InvalidInput {
+        /// The argument or field that was rejected.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+
+    /// One event of a batch was rejected; nothing of the batch was written.
+    #[error(
+        "event {index} (counting from 0) is invalid, nothing of the batch was written: {reason}"
+    )]
+    InvalidEvent {
+        /// The position of the bad event in the batch.
+        index: usize,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// A batch of an [`crate::EventSink`] could not be committed; its events
+    /// were not recorded.
+    #[error("event batch not committed: {message}")]
+    BatchFailed {
+        /// Why, or which events.
+        message: String,
+    },
+
+    /// No key has this id.
+    #[error("no key with id {id}")]
+    KeyNotFound {
+        /// The id that was looked up.
+        id: crate::keys::KeyId,
+    },
+
+    /// The operation needs an active key, but this one is revoked.
+    #[error("key {id} is revoked")]
+    KeyRevoked {
+        /// The revoked key.
+        id: crate::keys::KeyId,
+    },
+
+    /// The operating system's random source failed, so no secret could be made.
+    #[error("cannot generate a secret: the system random source failed: {message}")]
+    Random {
+        /// The system's message.
+        message: String,
+    },
+
+    /// A value read from the database does not decode (written by something
+    /// other than keytally, or damaged).
+    #[error("unexpected value in the database (changed outside keytally?): {message}")]
+    BadStoredValue {
+        /// What did not decode.
+        message: String,
+    },
+
     /// The store was closed; it hands out no more connections.
     #[error("store is closed")]
     Closed,

@@ -27,10 +27,16 @@
 
 mod connection;
 mod error;
+pub mod events;
 mod files;
+pub mod keys;
 mod location;
 pub mod migrations;
+mod secret;
+pub mod sink;
 mod store;
+mod time;
+pub mod usage;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -46,8 +52,18 @@ pub mod schema;
 
 pub use connection::Synchronous;
 pub use error::{Error, Result};
+pub use events::{Event, EventCursor, EventFilter, EventId, Events, NewEvent, PruneReport};
 pub use files::{FileInfo, TightenedFile, APPLICATION_ID, DIR_MODE, FILE_MODE};
-pub use location::{default_database_path, DB_FILE_NAME, DB_PATH_ENV};
-pub use store::{
-    CloseReport, PooledConn, Status, Store, StoreOptions, DEFAULT_BUSY_TIMEOUT, DEFAULT_POOL_SIZE,
+pub use keys::{
+    ActiveKey, AllowedModels, CreatedKey, Key, KeyFilter, KeyId, KeyState, KeyUpdate, Keys, NewKey,
+    Rejection, Tier,
 };
+pub use location::{default_database_path, DB_FILE_NAME, DB_PATH_ENV};
+pub use secret::{Secret, DEFAULT_SECRET_PREFIX};
+pub use sink::{EventSink, SinkOptions, SinkReport, Ticket};
+pub use store::{
+    CloseReport, PooledConn, Status, Store, StoreOptions, DEFAULT_BUSY_TIMEOUT,
+    DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_POOL_SIZE,
+};
+pub use time::Timestamp;
+pub use usage::{Bucket, GroupUsage, Totals, UsageFilter};

@@ -1,7 +1,8 @@
 //! [`Store`]: an opened, migrated keytally database and its connection pool.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use scheduled_thread_pool::ScheduledThreadPool;
@@ -14,8 +15,11 @@ use serde::Serialize;
 
 use crate::connection::{pragma_integer, ConnectionSetup, Synchronous};
 use crate::error::{Error, Result};
+use crate::events::Events;
 use crate::files::{self, FileInfo, TightenedFile};
+use crate::keys::{self, KeyId, Keys};
 use crate::migrations;
+use crate::secret;
 
 /// A connection checked out of the store's pool. It goes back to the pool
 /// when dropped.
@@ -35,7 +39,12 @@ pub struct StoreOptions {
     synchronous: Synchronous,
     busy_timeout: Duration,
     pool_size: u32,
+    secret_prefix: String,
+    last_used_flush_interval: Duration,
 }
+
+/// The default interval at which noted `last_used_at` times are written.
+pub const DEFAULT_LAST_USED_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 
 impl StoreOptions {
     /// Options for the database at `path`, with the defaults: synchronous
@@ -46,7 +55,26 @@ impl StoreOptions {
             synchronous: Synchronous::Normal,
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             pool_size: DEFAULT_POOL_SIZE,
+            secret_prefix: crate::secret::DEFAULT_SECRET_PREFIX.to_owned(),
+            last_used_flush_interval: DEFAULT_LAST_USED_FLUSH_INTERVAL,
         }
+    }
+
+    /// Sets the prefix of new secrets (default `kt_`): 1 to 16 ASCII
+    /// letters, digits or underscores. Secrets are only accepted with the
+    /// prefix the store was opened with.
+    #[must_use]
+    pub fn secret_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.secret_prefix = prefix.into();
+        self
+    }
+
+    /// Sets how often `last_used_at` times noted by resolves are written
+    /// (default 30 s, so they are never more than a minute behind).
+    #[must_use]
+    pub fn last_used_flush_interval(mut self, interval: Duration) -> Self {
+        self.last_used_flush_interval = interval.max(Duration::from_millis(10));
+        self
     }
 
     /// Sets `PRAGMA synchronous` for every connection.
@@ -88,13 +116,34 @@ impl StoreOptions {
 /// between threads behind an `Arc`; call [`Store::close`] on shutdown.
 pub struct Store {
     setup: ConnectionSetup,
-    pool: Pool<ConnectionManager<SqliteConnection>>,
+    /// `None` once the store is closed.
+    pool: Option<Pool<ConnectionManager<SqliteConnection>>>,
+    shared: Arc<Shared>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+    secret_prefix: String,
     /// The pool's worker threads. The pool's shared state holds the only
     /// other reference, so once this is the last one every pooled connection
     /// has been closed: [`Store::close`] waits for that.
     pool_threads: Arc<ScheduledThreadPool>,
     applied_at_open: Vec<String>,
     tightened_at_open: Vec<TightenedFile>,
+}
+
+/// State shared between the store and its `last_used_at` flusher thread,
+/// plus caches of values that never change once written.
+#[derive(Default)]
+pub(crate) struct Shared {
+    /// `last_used_at` times noted by resolves and not written yet, by key
+    /// row id, in Unix milliseconds.
+    last_used: Mutex<HashMap<i64, i64>>,
+    /// Set to stop the flusher.
+    stopping: Mutex<bool>,
+    wake_flusher: Condvar,
+    /// Key ids to their row ids. Keys are never deleted, so entries never
+    /// go stale.
+    pub(crate) key_rows: RwLock<HashMap<KeyId, i64>>,
+    /// Model names to their ids. Models are never deleted.
+    pub(crate) model_ids: RwLock<HashMap<String, i64>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -191,6 +240,7 @@ impl Store {
     ///
     /// As [`Store::open`].
     pub fn open_with(options: &StoreOptions) -> Result<Store> {
+        secret::validate_prefix(&options.secret_prefix)?;
         let path = options.path.clone();
         files::prepare_database_path(&path)?;
         // Refuse what is not ours before SQLite (or a chmod) touches it.
@@ -233,9 +283,18 @@ impl Store {
         // holds one, so the write-ahead log is not closed and reopened.
         drop(pool.get()?);
         drop(first);
+        let shared = Arc::new(Shared::default());
+        let flusher = spawn_flusher(
+            pool.clone(),
+            Arc::clone(&shared),
+            options.last_used_flush_interval,
+        )?;
         Ok(Store {
             setup,
-            pool,
+            pool: Some(pool),
+            shared,
+            flusher: Some(flusher),
+            secret_prefix: options.secret_prefix.clone(),
             pool_threads,
             applied_at_open,
             tightened_at_open,
@@ -266,7 +325,40 @@ impl Store {
     /// [`Error::Pool`] if none became free within the busy timeout, or a new
     /// one could not be opened.
     pub fn connection(&self) -> Result<PooledConn> {
-        Ok(self.pool.get()?)
+        Ok(self.pool.as_ref().ok_or(Error::Closed)?.get()?)
+    }
+
+    /// The keys repository: create, resolve, revoke, rotate, update, list.
+    pub fn keys(&self) -> Keys<'_> {
+        Keys::new(self)
+    }
+
+    /// The events repository: record, batch, list, prune.
+    pub fn events(&self) -> Events<'_> {
+        Events::new(self)
+    }
+
+    pub(crate) fn secret_prefix(&self) -> &str {
+        &self.secret_prefix
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Notes that a key was just used; written by the flusher.
+    pub(crate) fn note_key_used(&self, row_id: i64, now: crate::Timestamp) {
+        let mut noted = self
+            .shared
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        noted.insert(row_id, now.as_millis());
+    }
+
+    pub(crate) fn flush_last_used(&self) -> Result<usize> {
+        let pool = self.pool.as_ref().ok_or(Error::Closed)?;
+        flush_last_used(pool, &self.shared)
     }
 
     /// Runs `f` in a write transaction (`BEGIN IMMEDIATE`): it takes the
@@ -337,13 +429,28 @@ impl Store {
     /// [`Error::Open`] or [`Error::Database`] if the final connection cannot
     /// be opened or the checkpoint cannot run. A checkpoint that runs but
     /// cannot complete is not an error: the report says so.
-    pub fn close(self) -> Result<CloseReport> {
-        let Store {
-            setup,
-            pool,
-            pool_threads,
-            ..
-        } = self;
+    pub fn close(mut self) -> Result<CloseReport> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<CloseReport> {
+        let Some(pool) = self.pool.take() else {
+            return Err(Error::Closed);
+        };
+        // The flusher writes what resolves noted, one last time, and stops.
+        *self
+            .shared
+            .stopping
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
+        self.shared.wake_flusher.notify_all();
+        if let Some(flusher) = self.flusher.take() {
+            if flusher.join().is_err() {
+                tracing::warn!("the last_used_at flusher thread panicked");
+            }
+        }
+        let setup = &self.setup;
+        let pool_threads = &self.pool_threads;
         let deadline = Instant::now() + setup.busy_timeout;
         let connections_still_out = loop {
             let state = pool.state();
@@ -363,7 +470,7 @@ impl Store {
         // A connection being opened in the background, or one still checked
         // out, keeps the pool's state alive; the final checkpoint waits for
         // them (within the deadline) so that it is the last connection.
-        while Arc::strong_count(&pool_threads) > 1 && Instant::now() < deadline {
+        while Arc::strong_count(pool_threads) > 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
         let mut conn = setup.establish()?;
@@ -396,6 +503,87 @@ impl Store {
             sidecars_gone,
         })
     }
+}
+
+impl Drop for Store {
+    /// A store dropped without [`Store::close`] closes the same way; the
+    /// report is logged instead of returned.
+    fn drop(&mut self) {
+        if self.pool.is_none() {
+            return;
+        }
+        match self.shutdown() {
+            Ok(report) if report.checkpoint_complete => {}
+            Ok(report) => tracing::warn!(?report, "store dropped; final checkpoint incomplete"),
+            Err(error) => tracing::warn!(%error, "store dropped; closing it failed"),
+        }
+    }
+}
+
+/// Starts the thread that writes noted `last_used_at` times every `interval`,
+/// and once more when the store closes.
+fn spawn_flusher(
+    pool: Pool<ConnectionManager<SqliteConnection>>,
+    shared: Arc<Shared>,
+    interval: Duration,
+) -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("keytally-last-used".to_owned())
+        .spawn(move || loop {
+            let stopping = {
+                let guard = shared
+                    .stopping
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let (guard, _) = shared
+                    .wake_flusher
+                    .wait_timeout_while(guard, interval, |stopping| !*stopping)
+                    .unwrap_or_else(PoisonError::into_inner);
+                *guard
+            };
+            if let Err(error) = flush_last_used(&pool, &shared) {
+                tracing::warn!(%error, "could not write last_used_at; will retry");
+            }
+            if stopping {
+                break;
+            }
+        })
+        .map_err(|source| Error::Io {
+            path: PathBuf::from("(thread)"),
+            source,
+        })
+}
+
+/// Writes the noted `last_used_at` times in one transaction. On failure the
+/// times are noted again, so the next flush retries them.
+fn flush_last_used(
+    pool: &Pool<ConnectionManager<SqliteConnection>>,
+    shared: &Shared,
+) -> Result<usize> {
+    let noted = std::mem::take(
+        &mut *shared
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
+    if noted.is_empty() {
+        return Ok(0);
+    }
+    let written = pool.get().map_err(Error::from).and_then(|mut conn| {
+        (*conn).immediate_transaction(|conn| keys::write_last_used(conn, &noted))
+    });
+    if let Err(error) = written {
+        let mut pending = shared
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (row_id, millis) in noted {
+            let entry = pending.entry(row_id).or_insert(millis);
+            *entry = (*entry).max(millis);
+        }
+        return Err(error);
+    }
+    Ok(noted.len())
 }
 
 /// Gives SQLite's "not a database" and "malformed" errors met while opening

@@ -2,6 +2,7 @@
 
 mod cli;
 mod hostile_files;
+mod keys;
 mod schema_details;
 mod store_lifecycle;
 

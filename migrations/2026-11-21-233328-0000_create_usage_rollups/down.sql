@@ -1,0 +1,2 @@
+DROP TABLE usage_model_hourly;
+DROP TABLE usage_key_hourly;

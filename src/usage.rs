@@ -1,0 +1,426 @@
+//! Usage totals and time series, read from the hourly rollups for whole
+//! hours and from raw events only for the partial hours at a window's edges.
+
+use std::collections::BTreeMap;
+
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::events::{model_names, Events};
+use crate::keys::{self, KeyId};
+use crate::time::{Timestamp, HOUR_MS};
+
+const DAY_MS: i64 = 24 * HOUR_MS;
+
+/// Which usage to total, over which window (`since` included, `until` not).
+#[derive(Debug, Clone)]
+pub struct UsageFilter {
+    /// Only this key's usage.
+    pub key: Option<KeyId>,
+    /// Only this (requested) model's usage.
+    pub model: Option<String>,
+    /// The window's start, included.
+    pub since: Timestamp,
+    /// The window's end, excluded.
+    pub until: Timestamp,
+}
+
+impl UsageFilter {
+    /// All usage in `[since, until)`.
+    pub fn between(since: Timestamp, until: Timestamp) -> UsageFilter {
+        UsageFilter {
+            key: None,
+            model: None,
+            since,
+            until,
+        }
+    }
+}
+
+/// Usage totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Totals {
+    /// Requests.
+    pub requests: i64,
+    /// Requests with a status of 400 or more, or an error tag.
+    pub errors: i64,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// Cache-read tokens.
+    pub cache_read_tokens: i64,
+    /// Cache-creation tokens.
+    pub cache_creation_tokens: i64,
+    /// Reasoning tokens.
+    pub reasoning_tokens: i64,
+    /// Sum of latencies, in milliseconds.
+    pub latency_ms_sum: i64,
+    /// Largest latency, in milliseconds (0 without requests).
+    pub latency_ms_max: i64,
+}
+
+impl Totals {
+    /// Mean latency in milliseconds, if there were requests.
+    pub fn latency_ms_mean(&self) -> Option<f64> {
+        (self.requests > 0).then(|| self.latency_ms_sum as f64 / self.requests as f64)
+    }
+
+    fn merge(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.cache_read_tokens += other.cache_read_tokens;
+        self.cache_creation_tokens += other.cache_creation_tokens;
+        self.reasoning_tokens += other.reasoning_tokens;
+        self.latency_ms_sum += other.latency_ms_sum;
+        self.latency_ms_max = self.latency_ms_max.max(other.latency_ms_max);
+    }
+}
+
+/// The size of a time-series bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bucket {
+    /// One hour.
+    Hour,
+    /// One day (UTC).
+    Day,
+}
+
+/// What usage is grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grouping {
+    Nothing,
+    Model,
+    Key,
+    Time(Bucket),
+}
+
+/// Usage of one group: a model, a key, or a time bucket.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupUsage<G> {
+    /// The group.
+    pub group: G,
+    /// Its totals.
+    pub totals: Totals,
+}
+
+#[derive(QueryableByName)]
+struct GroupRow {
+    #[diesel(sql_type = BigInt)]
+    grp: i64,
+    #[diesel(sql_type = BigInt)]
+    requests: i64,
+    #[diesel(sql_type = BigInt)]
+    errors: i64,
+    #[diesel(sql_type = BigInt)]
+    prompt_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    completion_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    cache_read_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    cache_creation_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    reasoning_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    latency_ms_sum: i64,
+    #[diesel(sql_type = BigInt)]
+    latency_ms_max: i64,
+}
+
+impl GroupRow {
+    fn totals(&self) -> Totals {
+        Totals {
+            requests: self.requests,
+            errors: self.errors,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cache_read_tokens: self.cache_read_tokens,
+            cache_creation_tokens: self.cache_creation_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+            latency_ms_sum: self.latency_ms_sum,
+            latency_ms_max: self.latency_ms_max,
+        }
+    }
+}
+
+/// A filter with its key and model resolved to row ids.
+struct Resolved {
+    key_row: Option<i64>,
+    model_id: Option<i64>,
+    since: i64,
+    until: i64,
+}
+
+impl<'a> Events<'a> {
+    /// Usage totals for the filter's window.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] if `until` is before `since`,
+    /// [`Error::KeyNotFound`] for an unknown key, or the store's errors.
+    pub fn usage(&self, filter: &UsageFilter) -> Result<Totals> {
+        Ok(self
+            .grouped(filter, Grouping::Nothing)?
+            .into_values()
+            .next()
+            .unwrap_or_default())
+    }
+
+    /// Usage per model over the window, largest request count first.
+    ///
+    /// # Errors
+    ///
+    /// As [`Events::usage`].
+    pub fn usage_by_model(&self, filter: &UsageFilter) -> Result<Vec<GroupUsage<String>>> {
+        let grouped = self.grouped(filter, Grouping::Model)?;
+        let names = self.store_read(model_names)?;
+        let mut usage: Vec<GroupUsage<String>> = grouped
+            .into_iter()
+            .map(|(model_id, totals)| GroupUsage {
+                group: names
+                    .get(&model_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("(model {model_id})")),
+                totals,
+            })
+            .collect();
+        usage.sort_by(|a, b| {
+            b.totals
+                .requests
+                .cmp(&a.totals.requests)
+                .then(a.group.cmp(&b.group))
+        });
+        Ok(usage)
+    }
+
+    /// Usage per key over the window (`None` for unauthenticated requests),
+    /// largest request count first.
+    ///
+    /// # Errors
+    ///
+    /// As [`Events::usage`].
+    pub fn usage_by_key(&self, filter: &UsageFilter) -> Result<Vec<GroupUsage<Option<KeyId>>>> {
+        let grouped = self.grouped(filter, Grouping::Key)?;
+        let rows: Vec<i64> = grouped.keys().copied().filter(|row| *row != 0).collect();
+        let ids = self.store_read(|conn| keys::ids_of(conn, &rows))?;
+        let mut usage: Vec<GroupUsage<Option<KeyId>>> = grouped
+            .into_iter()
+            .map(|(row, totals)| GroupUsage {
+                group: ids.get(&row).copied(),
+                totals,
+            })
+            .collect();
+        usage.sort_by(|a, b| {
+            b.totals
+                .requests
+                .cmp(&a.totals.requests)
+                .then(a.group.cmp(&b.group))
+        });
+        Ok(usage)
+    }
+
+    /// Usage as a time series: one entry per bucket that has requests,
+    /// oldest first, each named by its start.
+    ///
+    /// # Errors
+    ///
+    /// As [`Events::usage`].
+    pub fn usage_series(
+        &self,
+        filter: &UsageFilter,
+        bucket: Bucket,
+    ) -> Result<Vec<GroupUsage<Timestamp>>> {
+        Ok(self
+            .grouped(filter, Grouping::Time(bucket))?
+            .into_iter()
+            .map(|(start, totals)| GroupUsage {
+                group: Timestamp::from_stored(start),
+                totals,
+            })
+            .collect())
+    }
+
+    fn store_read<T>(&self, f: impl FnOnce(&mut SqliteConnection) -> Result<T>) -> Result<T> {
+        self.store().read(f)
+    }
+
+    fn resolve_filter(&self, filter: &UsageFilter) -> Result<Option<Resolved>> {
+        if filter.until < filter.since {
+            return Err(Error::InvalidInput {
+                field: "until",
+                reason: format!("{} is before since ({})", filter.until, filter.since),
+            });
+        }
+        let key_row = filter
+            .key
+            .map(|key| self.key_row_for_query(key))
+            .transpose()?;
+        let model_id = match &filter.model {
+            None => None,
+            Some(model) => match self.existing_model_id(model)? {
+                Some(id) => Some(id),
+                // A model never seen has no usage.
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Resolved {
+            key_row,
+            model_id,
+            since: filter.since.as_millis(),
+            until: filter.until.as_millis(),
+        }))
+    }
+
+    /// Totals per group: whole hours from the rollups, the partial hours at
+    /// either edge from raw events, all in one read transaction.
+    fn grouped(&self, filter: &UsageFilter, grouping: Grouping) -> Result<BTreeMap<i64, Totals>> {
+        let Some(resolved) = self.resolve_filter(filter)? else {
+            return Ok(BTreeMap::new());
+        };
+        let first_whole_hour =
+            resolved.since.div_euclid(HOUR_MS) + i64::from(resolved.since.rem_euclid(HOUR_MS) != 0);
+        let end_whole_hour = resolved.until.div_euclid(HOUR_MS);
+        self.store_read(|conn| {
+            let mut rows = Vec::new();
+            if first_whole_hour < end_whole_hour {
+                rows.extend(rollup_rows(
+                    conn,
+                    &resolved,
+                    grouping,
+                    first_whole_hour,
+                    end_whole_hour,
+                )?);
+                rows.extend(raw_rows(
+                    conn,
+                    &resolved,
+                    grouping,
+                    resolved.since,
+                    first_whole_hour * HOUR_MS,
+                )?);
+                rows.extend(raw_rows(
+                    conn,
+                    &resolved,
+                    grouping,
+                    end_whole_hour * HOUR_MS,
+                    resolved.until,
+                )?);
+            } else {
+                rows.extend(raw_rows(
+                    conn,
+                    &resolved,
+                    grouping,
+                    resolved.since,
+                    resolved.until,
+                )?);
+            }
+            let mut grouped: BTreeMap<i64, Totals> = BTreeMap::new();
+            for row in rows {
+                grouped.entry(row.grp).or_default().merge(&row.totals());
+            }
+            grouped.retain(|_, totals| totals.requests > 0);
+            Ok(grouped)
+        })
+    }
+}
+
+fn rollup_rows(
+    conn: &mut SqliteConnection,
+    resolved: &Resolved,
+    grouping: Grouping,
+    from_hour: i64,
+    to_hour: i64,
+) -> Result<Vec<GroupRow>> {
+    let by_key = resolved.key_row.is_some() || grouping == Grouping::Key;
+    let table = if by_key {
+        "usage_key_hourly"
+    } else {
+        "usage_model_hourly"
+    };
+    let group = match grouping {
+        Grouping::Nothing => "0".to_owned(),
+        Grouping::Model => "model_id".to_owned(),
+        Grouping::Key => "key_row_id".to_owned(),
+        Grouping::Time(Bucket::Hour) => format!("hour * {HOUR_MS}"),
+        Grouping::Time(Bucket::Day) => format!("(hour / 24) * {DAY_MS}"),
+    };
+    let mut sql = format!(
+        "SELECT {group} AS grp, sum(requests) AS requests, sum(errors) AS errors, \
+         sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, \
+         sum(cache_read_tokens) AS cache_read_tokens, \
+         sum(cache_creation_tokens) AS cache_creation_tokens, \
+         sum(reasoning_tokens) AS reasoning_tokens, sum(latency_ms_sum) AS latency_ms_sum, \
+         max(latency_ms_max) AS latency_ms_max \
+         FROM {table} WHERE hour >= ? AND hour < ?"
+    );
+    if resolved.key_row.is_some() {
+        sql.push_str(" AND key_row_id = ?");
+    }
+    if resolved.model_id.is_some() {
+        sql.push_str(" AND model_id = ?");
+    }
+    sql.push_str(" GROUP BY grp");
+    let mut query = diesel::sql_query(sql)
+        .into_boxed()
+        .bind::<BigInt, _>(from_hour)
+        .bind::<BigInt, _>(to_hour);
+    if let Some(key_row) = resolved.key_row {
+        query = query.bind::<BigInt, _>(key_row);
+    }
+    if let Some(model_id) = resolved.model_id {
+        query = query.bind::<BigInt, _>(model_id);
+    }
+    Ok(query.load(conn)?)
+}
+
+fn raw_rows(
+    conn: &mut SqliteConnection,
+    resolved: &Resolved,
+    grouping: Grouping,
+    since: i64,
+    until: i64,
+) -> Result<Vec<GroupRow>> {
+    if since >= until {
+        return Ok(Vec::new());
+    }
+    let group = match grouping {
+        Grouping::Nothing => "0".to_owned(),
+        Grouping::Model => "model_id".to_owned(),
+        Grouping::Key => "coalesce(key_row_id, 0)".to_owned(),
+        Grouping::Time(Bucket::Hour) => format!("(ts / {HOUR_MS}) * {HOUR_MS}"),
+        Grouping::Time(Bucket::Day) => format!("(ts / {DAY_MS}) * {DAY_MS}"),
+    };
+    let mut sql = format!(
+        "SELECT {group} AS grp, count(*) AS requests, \
+         sum(status >= 400 OR error IS NOT NULL) AS errors, \
+         sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, \
+         sum(cache_read_tokens) AS cache_read_tokens, \
+         sum(cache_creation_tokens) AS cache_creation_tokens, \
+         sum(reasoning_tokens) AS reasoning_tokens, sum(latency_ms) AS latency_ms_sum, \
+         max(latency_ms) AS latency_ms_max \
+         FROM events WHERE ts >= ? AND ts < ?"
+    );
+    if resolved.key_row.is_some() {
+        sql.push_str(" AND key_row_id = ?");
+    }
+    if resolved.model_id.is_some() {
+        sql.push_str(" AND model_id = ?");
+    }
+    sql.push_str(" GROUP BY grp");
+    let mut query = diesel::sql_query(sql)
+        .into_boxed()
+        .bind::<BigInt, _>(since)
+        .bind::<BigInt, _>(until);
+    if let Some(key_row) = resolved.key_row {
+        query = query.bind::<BigInt, _>(key_row);
+    }
+    if let Some(model_id) = resolved.model_id {
+        query = query.bind::<BigInt, _>(model_id);
+    }
+    Ok(query.load(conn)?)
+}
