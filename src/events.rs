@@ -311,14 +311,17 @@ impl<'a> Events<'a> {
                 reason: format!("{} events, at most {MAX_BATCH_LEN}", batch.len()),
             });
         }
-        let prepared = batch
+        // Every event is checked (fields and key) before any new model name
+        // is written, so a bad event leaves no trace at all.
+        let mut prepared = batch
             .iter()
             .enumerate()
-            .map(|(index, event)| {
-                self.prepare(event)
-                    .map_err(|reason| at_index(index, reason))
-            })
+            .map(|(index, event)| self.check(event).map_err(|reason| at_index(index, reason)))
             .collect::<Result<Vec<_>>>()?;
+        for (index, (prepared, event)) in prepared.iter_mut().zip(batch).enumerate() {
+            self.resolve_models(prepared, event)
+                .map_err(|reason| at_index(index, reason))?;
+        }
         let ids = self.record_prepared(&prepared)?;
         Ok((0..prepared.len() as i64)
             .map(|offset| EventId(ids.first.0 + offset))
@@ -332,6 +335,28 @@ impl<'a> Events<'a> {
 
     /// Validates an event and resolves its model and key to row ids.
     pub(crate) fn prepare(&self, event: &NewEvent) -> std::result::Result<PreparedEvent, Reason> {
+        let mut prepared = self.check(event)?;
+        self.resolve_models(&mut prepared, event)?;
+        Ok(prepared)
+    }
+
+    /// Sets the model ids of a checked event, adding new model names.
+    fn resolve_models(
+        &self,
+        prepared: &mut PreparedEvent,
+        event: &NewEvent,
+    ) -> std::result::Result<(), Reason> {
+        prepared.model_id = self.model_id(&event.model)?;
+        prepared.upstream_model_id = match &event.upstream_model {
+            None => None,
+            Some(name) => Some(self.model_id(name)?),
+        };
+        Ok(())
+    }
+
+    /// Validates an event's fields and resolves its key, writing nothing.
+    /// The model ids are left unset (0) for [`Events::resolve_models`].
+    fn check(&self, event: &NewEvent) -> std::result::Result<PreparedEvent, Reason> {
         let counted = |field: &'static str, value: i64| {
             i32::try_from(value)
                 .ok()
@@ -380,16 +405,11 @@ impl<'a> Events<'a> {
             None => None,
             Some(id) => Some(self.key_row_id(id)?),
         };
-        let model_id = self.model_id(&event.model)?;
-        let upstream_model_id = match &event.upstream_model {
-            None => None,
-            Some(name) => Some(self.model_id(name)?),
-        };
         Ok(PreparedEvent {
             ts: event.ts,
             key_row_id,
-            model_id,
-            upstream_model_id,
+            model_id: 0,
+            upstream_model_id: None,
             request_id: event.request_id.clone(),
             prompt_tokens,
             completion_tokens,

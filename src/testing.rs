@@ -61,6 +61,13 @@ impl TestStore {
         self.folder.path()
     }
 
+    /// Splits into the store and its folder, for tests that need to own the
+    /// store (to share it in an `Arc`, for instance). Keep the folder alive
+    /// as long as the store.
+    pub fn into_parts(self) -> (Store, TempDir) {
+        (self.store, self.folder)
+    }
+
     /// Closes the store (with its final checkpoint) and hands back the folder,
     /// so a test can inspect or reopen the files.
     ///

@@ -1,9 +1,12 @@
 //! keytally's integration tests: one crate, one module per concern.
 
 mod cli;
+mod events;
 mod hostile_files;
 mod keys;
 mod schema_details;
+mod secrets;
+mod sink;
 mod store_lifecycle;
 
 use std::path::Path;
