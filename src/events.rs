@@ -12,12 +12,12 @@ use diesel::prelude::*;
 use diesel::serialize::{self, Output, ToSql};
 use diesel::sql_types::BigInt;
 use diesel::sqlite::{Sqlite, SqliteValue};
-use diesel::upsert::excluded;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::keys::{self, validate_model_name, KeyId};
-use crate::schema::{events, models, usage_key_hourly, usage_model_hourly};
+use crate::schema::{events, models};
+use crate::sql::CachedSql;
 use crate::store::Store;
 use crate::time::{Timestamp, HOUR_MS};
 
@@ -34,12 +34,6 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 pub const MAX_THINKING_LEVEL_LEN: usize = 32;
 /// The most events one batch may hold.
 pub const MAX_BATCH_LEN: usize = 100_000;
-
-diesel::define_sql_function! {
-    /// SQLite's two-argument scalar `max`.
-    #[sql_name = "max"]
-    fn greatest(a: BigInt, b: BigInt) -> BigInt;
-}
 
 /// An event's id. Ids grow with every event recorded.
 #[derive(
@@ -700,7 +694,59 @@ struct Delta {
     latency_max: i64,
 }
 
+/// The rollup columns after the key columns, as the upserts below list them.
+macro_rules! rollup_upsert {
+    ($table:literal, $key:literal, $placeholders:literal) => {
+        concat!(
+            "INSERT INTO ",
+            $table,
+            " (",
+            $key,
+            ", requests, errors, prompt_tokens, ",
+            "completion_tokens, cache_read_tokens, cache_creation_tokens, reasoning_tokens, ",
+            "latency_ms_sum, latency_ms_max) VALUES (",
+            $placeholders,
+            "?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (",
+            $key,
+            ") DO UPDATE SET ",
+            "requests = requests + excluded.requests, errors = errors + excluded.errors, ",
+            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, ",
+            "completion_tokens = completion_tokens + excluded.completion_tokens, ",
+            "cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens, ",
+            "cache_creation_tokens = cache_creation_tokens + excluded.cache_creation_tokens, ",
+            "reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens, ",
+            "latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum, ",
+            "latency_ms_max = max(latency_ms_max, excluded.latency_ms_max)"
+        )
+    };
+}
+
+const ADD_TO_KEY_ROLLUP: &str = rollup_upsert!(
+    "usage_key_hourly",
+    "key_row_id, hour, model_id",
+    "?, ?, ?, "
+);
+const ADD_TO_MODEL_ROLLUP: &str = rollup_upsert!("usage_model_hourly", "hour, model_id", "?, ?, ");
+
 impl Delta {
+    /// The bind values of a rollup upsert: the key columns, then the sums.
+    fn binds(&self, key: &[i64]) -> Vec<i64> {
+        let mut binds = Vec::with_capacity(key.len() + 9);
+        binds.extend_from_slice(key);
+        binds.extend_from_slice(&[
+            self.requests,
+            self.errors,
+            self.prompt,
+            self.completion,
+            self.cache_read,
+            self.cache_creation,
+            self.reasoning,
+            self.latency_sum,
+            self.latency_max,
+        ]);
+        binds
+    }
+
     fn add(&mut self, event: &PreparedEvent) {
         self.requests += 1;
         self.errors += i64::from(event.status >= 400 || event.error.is_some());
@@ -757,69 +803,10 @@ pub(crate) fn insert_prepared(
             .add(event);
     }
     for ((key_row_id, hour, model_id), d) in by_key {
-        use usage_key_hourly::dsl as u;
-        diesel::insert_into(u::usage_key_hourly)
-            .values((
-                u::key_row_id.eq(key_row_id),
-                u::hour.eq(hour),
-                u::model_id.eq(model_id),
-                u::requests.eq(d.requests),
-                u::errors.eq(d.errors),
-                u::prompt_tokens.eq(d.prompt),
-                u::completion_tokens.eq(d.completion),
-                u::cache_read_tokens.eq(d.cache_read),
-                u::cache_creation_tokens.eq(d.cache_creation),
-                u::reasoning_tokens.eq(d.reasoning),
-                u::latency_ms_sum.eq(d.latency_sum),
-                u::latency_ms_max.eq(d.latency_max),
-            ))
-            .on_conflict((u::key_row_id, u::hour, u::model_id))
-            .do_update()
-            .set((
-                u::requests.eq(u::requests + excluded(u::requests)),
-                u::errors.eq(u::errors + excluded(u::errors)),
-                u::prompt_tokens.eq(u::prompt_tokens + excluded(u::prompt_tokens)),
-                u::completion_tokens.eq(u::completion_tokens + excluded(u::completion_tokens)),
-                u::cache_read_tokens.eq(u::cache_read_tokens + excluded(u::cache_read_tokens)),
-                u::cache_creation_tokens
-                    .eq(u::cache_creation_tokens + excluded(u::cache_creation_tokens)),
-                u::reasoning_tokens.eq(u::reasoning_tokens + excluded(u::reasoning_tokens)),
-                u::latency_ms_sum.eq(u::latency_ms_sum + excluded(u::latency_ms_sum)),
-                u::latency_ms_max.eq(greatest(u::latency_ms_max, excluded(u::latency_ms_max))),
-            ))
-            .execute(conn)?;
+        CachedSql::new(ADD_TO_KEY_ROLLUP, d.binds(&[key_row_id, hour, model_id])).execute(conn)?;
     }
     for ((hour, model_id), d) in by_model {
-        use usage_model_hourly::dsl as u;
-        diesel::insert_into(u::usage_model_hourly)
-            .values((
-                u::hour.eq(hour),
-                u::model_id.eq(model_id),
-                u::requests.eq(d.requests),
-                u::errors.eq(d.errors),
-                u::prompt_tokens.eq(d.prompt),
-                u::completion_tokens.eq(d.completion),
-                u::cache_read_tokens.eq(d.cache_read),
-                u::cache_creation_tokens.eq(d.cache_creation),
-                u::reasoning_tokens.eq(d.reasoning),
-                u::latency_ms_sum.eq(d.latency_sum),
-                u::latency_ms_max.eq(d.latency_max),
-            ))
-            .on_conflict((u::hour, u::model_id))
-            .do_update()
-            .set((
-                u::requests.eq(u::requests + excluded(u::requests)),
-                u::errors.eq(u::errors + excluded(u::errors)),
-                u::prompt_tokens.eq(u::prompt_tokens + excluded(u::prompt_tokens)),
-                u::completion_tokens.eq(u::completion_tokens + excluded(u::completion_tokens)),
-                u::cache_read_tokens.eq(u::cache_read_tokens + excluded(u::cache_read_tokens)),
-                u::cache_creation_tokens
-                    .eq(u::cache_creation_tokens + excluded(u::cache_creation_tokens)),
-                u::reasoning_tokens.eq(u::reasoning_tokens + excluded(u::reasoning_tokens)),
-                u::latency_ms_sum.eq(u::latency_ms_sum + excluded(u::latency_ms_sum)),
-                u::latency_ms_max.eq(greatest(u::latency_ms_max, excluded(u::latency_ms_max))),
-            ))
-            .execute(conn)?;
+        CachedSql::new(ADD_TO_MODEL_ROLLUP, d.binds(&[hour, model_id])).execute(conn)?;
     }
     Ok(InsertedIds { first })
 }

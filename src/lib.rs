@@ -9,16 +9,42 @@
 //! no `-wal` or `-shm` file is left behind.
 //!
 //! ```
-//! # fn main() -> keytally::Result<()> {
-//! let folder = tempfile::tempdir().map_err(|e| keytally::Error::Io {
-//!     path: std::env::temp_dir(),
-//!     source: e,
-//! })?;
-//! let store = keytally::Store::open(folder.path().join("keytally.db"))?;
-//! let status = store.status()?;
-//! assert_eq!(status.journal_mode, "wal");
-//! assert!(status.pending_migrations.is_empty());
-//! // ... serve requests ...
+//! use keytally::{NewEvent, NewKey, Rejection, Store, Timestamp, UsageFilter};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let folder = tempfile::tempdir()?;
+//! # let path = folder.path().join("keytally.db");
+//! // At startup, before the listener binds:
+//! let store = Store::open(&path)?;
+//!
+//! // An operator creates a key; its secret is shown this once.
+//! let created = store.keys().create(&NewKey::client("billing service"))?;
+//! let secret = created.secret.expose().to_owned();
+//!
+//! // On every request: resolve the presented secret...
+//! let key = match store.keys().resolve(&secret)? {
+//!     Ok(key) => key,
+//!     Err(Rejection::Malformed | Rejection::Unknown) => return Err("401".into()),
+//!     Err(Rejection::Revoked | Rejection::Expired) => return Err("403".into()),
+//! };
+//! assert!(key.may_use("gpt-4o"));
+//!
+//! // ...and record what it cost.
+//! let mut event = NewEvent::new(Timestamp::now(), "gpt-4o");
+//! event.key_id = Some(key.id);
+//! event.prompt_tokens = 1200;
+//! event.completion_tokens = 300;
+//! event.latency_ms = 840;
+//! store.events().record(&event)?;
+//!
+//! // Dashboards read usage per key, per model, or as a time series.
+//! let today = UsageFilter {
+//!     key: Some(key.id),
+//!     ..UsageFilter::between(Timestamp::now().plus_millis(-86_400_000), Timestamp::now().plus_millis(1))
+//! };
+//! assert_eq!(store.events().usage(&today)?.prompt_tokens, 1200);
+//!
+//! // On shutdown, after the listener has stopped:
 //! let report = store.close()?;
 //! assert!(report.checkpoint_complete);
 //! # Ok(())
@@ -34,6 +60,7 @@ mod location;
 pub mod migrations;
 mod secret;
 pub mod sink;
+mod sql;
 mod store;
 mod time;
 pub mod usage;
@@ -62,7 +89,7 @@ pub use location::{default_database_path, DB_FILE_NAME, DB_PATH_ENV};
 pub use secret::{Secret, DEFAULT_SECRET_PREFIX};
 pub use sink::{EventSink, SinkOptions, SinkReport, Ticket};
 pub use store::{
-    CloseReport, PooledConn, Status, Store, StoreOptions, DEFAULT_BUSY_TIMEOUT,
+    CheckpointReport, CloseReport, PooledConn, Status, Store, StoreOptions, DEFAULT_BUSY_TIMEOUT,
     DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_POOL_SIZE,
 };
 pub use time::Timestamp;

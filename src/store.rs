@@ -419,6 +419,19 @@ impl Store {
         })
     }
 
+    /// Runs `PRAGMA wal_checkpoint(TRUNCATE)`: copies the write-ahead log
+    /// into the database file and empties it, waiting up to the busy timeout
+    /// for readers and writers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Pool`] or [`Error::Database`]. A checkpoint that runs but
+    /// cannot complete is not an error: the report says so.
+    pub fn checkpoint(&self) -> Result<CheckpointReport> {
+        let mut conn = self.connection()?;
+        checkpoint_truncate(&mut conn)
+    }
+
     /// Closes the store: stops handing out connections, waits (up to the
     /// busy timeout) for checked-out ones to come back, closes the pool, then
     /// runs `PRAGMA wal_checkpoint(TRUNCATE)` on the last connection and
@@ -477,9 +490,7 @@ impl Store {
         // Keeps the query planner's statistics current, as SQLite advises on
         // closing; before the checkpoint, so anything it writes is included.
         conn.batch_execute("PRAGMA optimize")?;
-        let row: CheckpointRow =
-            diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)").get_result(&mut conn)?;
-        let checkpoint_complete = row.busy == 0 && row.log == row.checkpointed;
+        let checkpoint = checkpoint_truncate(&mut conn)?;
         // The checkpoint has emptied the log: closing the last connection
         // removes the sidecar files without any further work.
         drop(conn);
@@ -488,17 +499,17 @@ impl Store {
                 .map(|metadata| metadata.len() == 0)
                 .unwrap_or(true)
         });
-        if !checkpoint_complete {
+        if !checkpoint.complete {
             tracing::warn!(
-                log_frames = row.log,
-                checkpointed_frames = row.checkpointed,
+                log_frames = checkpoint.log_frames,
+                checkpointed_frames = checkpoint.checkpointed_frames,
                 "final checkpoint did not complete; another connection is still using the database"
             );
         }
         Ok(CloseReport {
-            checkpoint_complete,
-            log_frames: row.log,
-            checkpointed_frames: row.checkpointed,
+            checkpoint_complete: checkpoint.complete,
+            log_frames: checkpoint.log_frames,
+            checkpointed_frames: checkpoint.checkpointed_frames,
             connections_still_out,
             sidecars_gone,
         })
@@ -584,6 +595,27 @@ fn flush_last_used(
         return Err(error);
     }
     Ok(noted.len())
+}
+
+/// What a `wal_checkpoint(TRUNCATE)` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CheckpointReport {
+    /// Whether the whole log was copied into the database and emptied.
+    pub complete: bool,
+    /// Frames in the log when it ran (-1 if it could not start).
+    pub log_frames: i64,
+    /// Frames copied into the database.
+    pub checkpointed_frames: i64,
+}
+
+fn checkpoint_truncate(conn: &mut SqliteConnection) -> Result<CheckpointReport> {
+    let row: CheckpointRow =
+        diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)").get_result(conn)?;
+    Ok(CheckpointReport {
+        complete: row.busy == 0 && row.log == row.checkpointed,
+        log_frames: row.log,
+        checkpointed_frames: row.checkpointed,
+    })
 }
 
 /// Gives SQLite's "not a database" and "malformed" errors met while opening

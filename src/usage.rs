@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::events::{model_names, Events};
 use crate::keys::{self, KeyId};
+use crate::sql::CachedSql;
 use crate::time::{Timestamp, HOUR_MS};
 
 const DAY_MS: i64 = 24 * HOUR_MS;
@@ -365,17 +366,10 @@ fn rollup_rows(
         sql.push_str(" AND model_id = ?");
     }
     sql.push_str(" GROUP BY grp");
-    let mut query = diesel::sql_query(sql)
-        .into_boxed()
-        .bind::<BigInt, _>(from_hour)
-        .bind::<BigInt, _>(to_hour);
-    if let Some(key_row) = resolved.key_row {
-        query = query.bind::<BigInt, _>(key_row);
-    }
-    if let Some(model_id) = resolved.model_id {
-        query = query.bind::<BigInt, _>(model_id);
-    }
-    Ok(query.load(conn)?)
+    let mut binds = vec![from_hour, to_hour];
+    binds.extend(resolved.key_row);
+    binds.extend(resolved.model_id);
+    Ok(CachedSql::new(sql, binds).load(conn)?)
 }
 
 fn raw_rows(
@@ -412,15 +406,8 @@ fn raw_rows(
         sql.push_str(" AND model_id = ?");
     }
     sql.push_str(" GROUP BY grp");
-    let mut query = diesel::sql_query(sql)
-        .into_boxed()
-        .bind::<BigInt, _>(since)
-        .bind::<BigInt, _>(until);
-    if let Some(key_row) = resolved.key_row {
-        query = query.bind::<BigInt, _>(key_row);
-    }
-    if let Some(model_id) = resolved.model_id {
-        query = query.bind::<BigInt, _>(model_id);
-    }
-    Ok(query.load(conn)?)
+    let mut binds = vec![since, until];
+    binds.extend(resolved.key_row);
+    binds.extend(resolved.model_id);
+    Ok(CachedSql::new(sql, binds).load(conn)?)
 }

@@ -1,0 +1,214 @@
+//! The keytally workload (see the project's benchmark spec): the same logical
+//! work as the raw-SQLite reference, through keytally's public API and its
+//! real store (pragmas, permissions, migrations, pool). Prints one JSON line.
+//!
+//! `cargo bench --bench workload -- --keys 100000 --events 1000000`
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keytally::{KeyId, NewEvent, NewKey, Store, Timestamp, UsageFilter};
+
+const MODELS: [&str; 8] = [
+    "gpt-4o",
+    "gpt-4o-mini",
+    "o3",
+    "o4-mini",
+    "claude-sonnet-4",
+    "claude-opus-4",
+    "gemini-2.5-pro",
+    "gpt-4.1",
+];
+/// The reference's first event time, in ms.
+const T0: i64 = 1_790_000_000_000;
+const BATCH: usize = 1_000;
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+
+    fn range(&mut self, low: i64, high: i64) -> i64 {
+        low + self.below((high - low) as u64) as i64
+    }
+}
+
+fn event(rng: &mut Rng, keys: &[KeyId], ts: i64) -> BenchResult<NewEvent> {
+    let model = MODELS[rng.below(MODELS.len() as u64) as usize];
+    let mut event = NewEvent::new(Timestamp::from_millis(ts)?, model);
+    event.key_id = Some(keys[rng.below(keys.len() as u64) as usize]);
+    event.upstream_model = Some(model.to_owned());
+    event.prompt_tokens = rng.range(10, 4000);
+    event.completion_tokens = rng.range(1, 2000);
+    event.status = 200;
+    event.latency_ms = rng.range(50, 5000);
+    Ok(event)
+}
+
+fn arg(args: &[String], name: &str, default: u64) -> BenchResult<u64> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => Ok(args
+            .get(i + 1)
+            .ok_or(format!("{name} needs a value"))?
+            .parse()?),
+        None => Ok(default),
+    }
+}
+
+fn percentile(samples: &mut [u64], p: f64) -> u64 {
+    samples.sort_unstable();
+    samples[((samples.len() as f64 - 1.0) * p) as usize]
+}
+
+fn main() -> BenchResult<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let n_keys = arg(&args, "--keys", 100_000)?.max(100);
+    let n_events = arg(&args, "--events", 1_000_000)?.max(BATCH as u64);
+    let n_resolve = arg(&args, "--resolves", 200_000)?;
+    let n_single = arg(&args, "--singles", 20_000)?;
+    let n_usage = arg(&args, "--usage-queries", 20_000)?;
+    let mixed_seconds = arg(&args, "--mixed-seconds", 5)?;
+
+    let folder = tempfile::tempdir()?;
+    let path = folder.path().join("keytally.db");
+    let store = Arc::new(Store::open(&path)?);
+    let mut rng = Rng(7);
+
+    // Keys: real secrets, 1 % revoked (not timed).
+    let mut keys = Vec::with_capacity(n_keys as usize);
+    let mut secrets = Vec::with_capacity(n_keys as usize);
+    for i in 0..n_keys {
+        let created = store.keys().create(&NewKey::client(format!("key {i}")))?;
+        if i % 100 == 99 {
+            store.keys().revoke(created.key.id)?;
+        }
+        keys.push(created.key.id);
+        secrets.push(created.secret.expose().to_owned());
+    }
+
+    // record_batch: the event load, 1,000 events per committed batch.
+    let started = Instant::now();
+    let mut ts = T0;
+    let mut batch = Vec::with_capacity(BATCH);
+    for _ in 0..n_events / BATCH as u64 {
+        batch.clear();
+        for _ in 0..BATCH {
+            ts += 50;
+            batch.push(event(&mut rng, &keys, ts)?);
+        }
+        store.events().record_batch(&batch)?;
+    }
+    let loaded = (n_events / BATCH as u64) * BATCH as u64;
+    let record_batch_per_s = loaded as f64 / started.elapsed().as_secs_f64();
+    store.checkpoint()?;
+    let bytes_per_event = std::fs::metadata(&path)?.len() as f64 / loaded as f64;
+
+    // resolve: from the presented secret to the key, one at a time.
+    let mut latencies = Vec::with_capacity(n_resolve as usize);
+    let started = Instant::now();
+    for _ in 0..n_resolve {
+        let mut i = rng.below(n_keys) as usize;
+        if i % 100 == 99 {
+            i -= 1;
+        }
+        let one = Instant::now();
+        let key = store.keys().resolve(&secrets[i])?;
+        latencies.push(one.elapsed().as_nanos() as u64);
+        if key.map(|k| k.id) != Ok(keys[i]) {
+            return Err("resolve returned the wrong key".into());
+        }
+    }
+    let resolve_per_s = n_resolve as f64 / started.elapsed().as_secs_f64();
+    let resolve_p99_us = percentile(&mut latencies, 0.99) as f64 / 1000.0;
+
+    // record_single: each event committed on its own.
+    let started = Instant::now();
+    for _ in 0..n_single {
+        ts += 50;
+        store.events().record(&event(&mut rng, &keys, ts)?)?;
+    }
+    let record_single_per_s = n_single as f64 / started.elapsed().as_secs_f64();
+
+    // usage_key_window: one key's totals over a random 24-hour window.
+    let span = loaded as i64 * 50;
+    let started = Instant::now();
+    let mut checksum = 0i64;
+    for _ in 0..n_usage {
+        let key = keys[rng.below(n_keys) as usize];
+        let since = T0 + rng.range(0, span);
+        let totals = store.events().usage(&UsageFilter {
+            key: Some(key),
+            ..UsageFilter::between(
+                Timestamp::from_millis(since)?,
+                Timestamp::from_millis(since + 86_400_000)?,
+            )
+        })?;
+        checksum = checksum.wrapping_add(totals.requests + totals.prompt_tokens);
+    }
+    let usage_key_window_per_s = n_usage as f64 / started.elapsed().as_secs_f64();
+
+    // mixed: 2 resolving threads and 1 recording thread for a few seconds.
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let secrets = Arc::new(secrets);
+    let keys = Arc::new(keys);
+    let mut threads = Vec::new();
+    for thread in 0..3u64 {
+        let (store, stop, errors) = (Arc::clone(&store), Arc::clone(&stop), Arc::clone(&errors));
+        let (secrets, keys) = (Arc::clone(&secrets), Arc::clone(&keys));
+        threads.push(std::thread::spawn(move || -> u64 {
+            let mut rng = Rng(100 + thread);
+            let mut done = 0u64;
+            let mut ts = T0 + span + 1_000_000 * thread as i64;
+            while !stop.load(Ordering::Relaxed) {
+                let ok = if thread < 2 {
+                    let i = (rng.below(secrets.len() as u64 / 100) * 100) as usize;
+                    matches!(store.keys().resolve(&secrets[i]), Ok(Ok(_)))
+                } else {
+                    ts += 1;
+                    event(&mut rng, &keys, ts)
+                        .ok()
+                        .is_some_and(|e| store.events().record(&e).is_ok())
+                };
+                if ok {
+                    done += 1;
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            done
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(mixed_seconds));
+    stop.store(true, Ordering::Relaxed);
+    let counts: Vec<u64> = threads
+        .into_iter()
+        .map(|t| t.join().map_err(|_| "mixed thread panicked"))
+        .collect::<Result<_, _>>()?;
+    let mixed_resolve_per_s = (counts[0] + counts[1]) as f64 / mixed_seconds as f64;
+    let mixed_record_per_s = counts[2] as f64 / mixed_seconds as f64;
+    let sqlite = store.status()?.sqlite_version;
+    let store = Arc::into_inner(store).ok_or("store still shared")?;
+    let _ = store.close()?;
+
+    println!(
+        "{{\"impl\":\"keytally\",\"sqlite\":\"{sqlite}\",\"keys\":{n_keys},\"events\":{loaded},\
+         \"resolve_per_s\":{resolve_per_s:.0},\"resolve_p99_us\":{resolve_p99_us:.1},\
+         \"record_single_per_s\":{record_single_per_s:.0},\"record_batch_per_s\":{record_batch_per_s:.0},\
+         \"usage_key_window_per_s\":{usage_key_window_per_s:.0},\
+         \"mixed_resolve_per_s\":{mixed_resolve_per_s:.0},\"mixed_record_per_s\":{mixed_record_per_s:.0},\
+         \"mixed_errors\":{},\"bytes_per_event\":{bytes_per_event:.1}}}",
+        errors.load(Ordering::Relaxed)
+    );
+    eprintln!("usage checksum {checksum}");
+    Ok(())
+}
