@@ -27,6 +27,8 @@ pub const MAX_LABEL_CHARS: usize = 200;
 pub const MAX_MODEL_NAME_CHARS: usize = 200;
 /// The most model names one key may list.
 pub const MAX_ALLOWED_MODELS: usize = 256;
+/// How "any model" is stored.
+const ANY_MODEL_JSON: &str = r#"["*"]"#;
 /// The default grace period of a rotated-out secret.
 pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// The default page size of [`Keys::list`].
@@ -256,6 +258,10 @@ impl ToSql<Text, Sqlite> for AllowedModels {
 impl FromSql<Text, Sqlite> for AllowedModels {
     fn from_sql(value: SqliteValue<'_, '_, '_>) -> deserialize::Result<Self> {
         let text = <String as FromSql<Text, Sqlite>>::from_sql(value)?;
+        // Most keys allow any model; this runs on every resolve.
+        if text == ANY_MODEL_JSON {
+            return Ok(AllowedModels::Any);
+        }
         let names: Vec<String> = serde_json::from_str(&text)?;
         Ok(AllowedModels::from_names(&names)?)
     }
