@@ -284,7 +284,7 @@ impl Store {
         drop(pool.get()?);
         drop(first);
         let shared = Arc::new(Shared::default());
-        let flusher = spawn_flusher(
+        let flusher = spawn_maintenance(
             pool.clone(),
             Arc::clone(&shared),
             options.last_used_flush_interval,
@@ -531,32 +531,53 @@ impl Drop for Store {
     }
 }
 
-/// Starts the thread that writes noted `last_used_at` times every `interval`,
-/// and once more when the store closes.
-fn spawn_flusher(
+/// How often the maintenance thread checkpoints the write-ahead log.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Starts the store's maintenance thread. Every 200 ms it runs a passive
+/// checkpoint, so that committing writers rarely have to (their automatic
+/// checkpoint is only a backstop, see `connection.rs`); every `flush_interval`
+/// it writes the `last_used_at` times noted by resolves; and it does both
+/// once more when the store closes.
+fn spawn_maintenance(
     pool: Pool<ConnectionManager<SqliteConnection>>,
     shared: Arc<Shared>,
-    interval: Duration,
+    flush_interval: Duration,
 ) -> Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
-        .name("keytally-last-used".to_owned())
-        .spawn(move || loop {
-            let stopping = {
-                let guard = shared
-                    .stopping
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let (guard, _) = shared
-                    .wake_flusher
-                    .wait_timeout_while(guard, interval, |stopping| !*stopping)
-                    .unwrap_or_else(PoisonError::into_inner);
-                *guard
-            };
-            if let Err(error) = flush_last_used(&pool, &shared) {
-                tracing::warn!(%error, "could not write last_used_at; will retry");
-            }
-            if stopping {
-                break;
+        .name("keytally-maintenance".to_owned())
+        .spawn(move || {
+            let mut last_flush = Instant::now();
+            loop {
+                let stopping = {
+                    let guard = shared
+                        .stopping
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    let tick = CHECKPOINT_INTERVAL.min(flush_interval);
+                    let (guard, _) = shared
+                        .wake_flusher
+                        .wait_timeout_while(guard, tick, |stopping| !*stopping)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    *guard
+                };
+                if stopping || last_flush.elapsed() >= flush_interval {
+                    last_flush = Instant::now();
+                    if let Err(error) = flush_last_used(&pool, &shared) {
+                        tracing::warn!(%error, "could not write last_used_at; will retry");
+                    }
+                }
+                if stopping {
+                    break;
+                }
+                let checkpoint = pool.get().map_err(Error::from).and_then(|mut conn| {
+                    diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)")
+                        .execute(&mut *conn)
+                        .map_err(Error::from)
+                });
+                if let Err(error) = checkpoint {
+                    tracing::debug!(%error, "background checkpoint did not run");
+                }
             }
         })
         .map_err(|source| Error::Io {
