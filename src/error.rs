@@ -139,6 +139,20 @@ pub enum Error {
         message: String,
     },
 
+    /// A backup destination exists and replacing it was not asked for.
+    #[error("{} exists; choose another destination, or pass --force to replace it", path.display())]
+    DestinationExists {
+        /// The destination.
+        path: PathBuf,
+    },
+
+    /// Another process has the database open, so it cannot be replaced.
+    #[error("database {} is open in another process; stop it (the gateway) first, then restore", path.display())]
+    InUse {
+        /// The database.
+        path: PathBuf,
+    },
+
     /// No key has this id.
     #[error("no key with id {id}")]
     KeyNotFound {

@@ -133,6 +133,93 @@ impl NewEvent {
     }
 }
 
+/// One line of `keytally events ingest`: the event's fields by their column
+/// names, `ts` as RFC 3339 or integer Unix milliseconds.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventLine {
+    ts: TimeField,
+    #[serde(default)]
+    key_id: Option<String>,
+    model: String,
+    #[serde(default)]
+    upstream_model: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
+    #[serde(default)]
+    prompt_tokens: i64,
+    #[serde(default)]
+    completion_tokens: i64,
+    #[serde(default)]
+    cache_read_tokens: i64,
+    #[serde(default)]
+    cache_creation_tokens: i64,
+    #[serde(default)]
+    reasoning_tokens: i64,
+    status: i64,
+    #[serde(default)]
+    latency_ms: i64,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    usage_unknown: bool,
+    #[serde(default)]
+    thinking_level: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum TimeField {
+    Millis(i64),
+    Text(String),
+}
+
+/// The longest JSON line [`parse_json_line`] reads, in bytes.
+pub const MAX_JSON_LINE_LEN: usize = 16 * 1024;
+
+/// Parses one JSON Lines event: an object whose fields are the event's
+/// columns (`ts` and `model` and `status` required; `ts` as RFC 3339 or Unix
+/// milliseconds; `key_id` a UUID or null). Field values are checked fully
+/// when the event is recorded.
+///
+/// # Errors
+///
+/// [`Error::InvalidInput`] naming what is wrong.
+pub fn parse_json_line(line: &str) -> Result<NewEvent> {
+    if line.len() > MAX_JSON_LINE_LEN {
+        return Err(Error::InvalidInput {
+            field: "line",
+            reason: format!("{} bytes, at most {MAX_JSON_LINE_LEN}", line.len()),
+        });
+    }
+    let parsed: EventLine = serde_json::from_str(line).map_err(|e| Error::InvalidInput {
+        field: "line",
+        reason: e.to_string(),
+    })?;
+    let ts = match parsed.ts {
+        TimeField::Millis(millis) => Timestamp::from_millis(millis)?,
+        TimeField::Text(text) => Timestamp::parse(&text)?,
+    };
+    let key_id = parsed.key_id.map(|id| id.parse::<KeyId>()).transpose()?;
+    Ok(NewEvent {
+        ts,
+        key_id,
+        model: parsed.model,
+        upstream_model: parsed.upstream_model,
+        request_id: parsed.request_id,
+        prompt_tokens: parsed.prompt_tokens,
+        completion_tokens: parsed.completion_tokens,
+        cache_read_tokens: parsed.cache_read_tokens,
+        cache_creation_tokens: parsed.cache_creation_tokens,
+        reasoning_tokens: parsed.reasoning_tokens,
+        status: parsed.status,
+        latency_ms: parsed.latency_ms,
+        error: parsed.error,
+        usage_unknown: parsed.usage_unknown,
+        thinking_level: parsed.thinking_level,
+    })
+}
+
 /// A recorded event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Event {
@@ -565,6 +652,21 @@ impl<'a> Events<'a> {
     /// [`Error::InvalidInput`] for a zero batch, or the store's errors;
     /// batches deleted before the error stay deleted.
     pub fn prune(&self, cutoff: Timestamp, batch: u32) -> Result<PruneReport> {
+        self.prune_with_progress(cutoff, batch, |_| {})
+    }
+
+    /// [`Events::prune`], calling `progress` with the running total after
+    /// each batch.
+    ///
+    /// # Errors
+    ///
+    /// As [`Events::prune`].
+    pub fn prune_with_progress(
+        &self,
+        cutoff: Timestamp,
+        batch: u32,
+        mut progress: impl FnMut(u64),
+    ) -> Result<PruneReport> {
         if batch == 0 {
             return Err(Error::InvalidInput {
                 field: "batch",
@@ -584,6 +686,7 @@ impl<'a> Events<'a> {
             })?;
             report.events_deleted += deleted as u64;
             report.batches += 1;
+            progress(report.events_deleted);
             if deleted < batch as usize {
                 return Ok(report);
             }

@@ -51,6 +51,7 @@
 //! # }
 //! ```
 
+pub mod backup;
 mod connection;
 mod error;
 pub mod events;
@@ -77,6 +78,7 @@ pub mod testing;
 )]
 pub mod schema;
 
+pub use backup::{restore, BackupReport, CheckReport, RestoreReport};
 pub use connection::Synchronous;
 pub use error::{Error, Result};
 pub use events::{Event, EventCursor, EventFilter, EventId, Events, NewEvent, PruneReport};

@@ -202,3 +202,33 @@ fn mark_if_new(conn: &mut SqliteConnection, path: &Path) -> Result<SchemaState> 
     }
     Ok(state)
 }
+
+/// The migrations that opening the database at `path` would apply, without
+/// applying them (or creating the file). Refuses what [`crate::Store::open`]
+/// refuses.
+///
+/// # Errors
+///
+/// As [`crate::Store::open`].
+pub fn pending_for(path: &Path) -> Result<Vec<String>> {
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_symlink() => {
+            return Err(Error::Symlink {
+                path: path.to_path_buf(),
+            })
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return known_versions(),
+        Err(e) => return Err(Error::io(path, e)),
+    }
+    if crate::files::inspect_header(path)? == crate::files::HeaderVerdict::Empty {
+        return known_versions();
+    }
+    let setup = crate::connection::ConnectionSetup {
+        path: path.to_path_buf(),
+        synchronous: crate::Synchronous::Normal,
+        busy_timeout: crate::DEFAULT_BUSY_TIMEOUT,
+    };
+    let mut conn = setup.establish()?;
+    Ok(inspect_read_only(&mut conn, path)?.pending)
+}

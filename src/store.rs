@@ -77,6 +77,17 @@ impl StoreOptions {
         self
     }
 
+    /// The same options for another database path.
+    pub(crate) fn with_path(mut self, path: &Path) -> Self {
+        self.path = path.to_path_buf();
+        self
+    }
+
+    /// The database path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Sets `PRAGMA synchronous` for every connection.
     #[must_use]
     pub fn synchronous(mut self, synchronous: Synchronous) -> Self {

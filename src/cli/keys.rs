@@ -1,0 +1,181 @@
+//! `keytally keys …`.
+
+use std::io::Read;
+
+use keytally::{Key, KeyFilter, KeyState, KeyUpdate, NewKey, Store, Timestamp};
+use serde_json::json;
+
+use super::{parse, CliResult, Failure, Output};
+use crate::KeysCommand;
+
+pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
+    match command {
+        KeysCommand::Create(args) => {
+            let new = NewKey {
+                label: args.label.clone(),
+                tier: args.tier.parse()?,
+                allowed_models: parse::models(&args.models)?,
+                expires_at: args
+                    .expires_in
+                    .as_deref()
+                    .map(|text| parse::duration(text).map(parse::from_now))
+                    .transpose()?,
+                rate_limit_override: args.rate_limit,
+            };
+            let created = store.keys().create(&new)?;
+            out.print(
+                &json!({ "key": created.key, "secret": created.secret.expose() }),
+                || {
+                    format!(
+                        "{}secret: {}\n(the secret is shown this once; store it now)",
+                        key_text(&created.key),
+                        created.secret.expose()
+                    )
+                },
+            );
+            Ok(())
+        }
+        KeysCommand::List { all } => {
+            let keys = all_keys(store, !*all)?;
+            out.print(&keys, || {
+                if keys.is_empty() {
+                    return "no keys".to_owned();
+                }
+                keys.iter()
+                    .map(|key| {
+                        format!(
+                            "{}  {:<7} {:<6} {:<8} {}\n",
+                            key.id,
+                            key.display_prefix,
+                            key.tier.as_str(),
+                            state_name(key),
+                            key.label
+                        )
+                    })
+                    .collect()
+            });
+            Ok(())
+        }
+        KeysCommand::Show { id } => {
+            let key = store.keys().get(parse::key_id(id)?)?;
+            out.print(&key, || key_text(&key));
+            Ok(())
+        }
+        KeysCommand::Revoke { id } => {
+            let key = store.keys().revoke(parse::key_id(id)?)?;
+            out.print(&key, || format!("revoked {}", key.id));
+            Ok(())
+        }
+        KeysCommand::Rotate { id, grace } => {
+            let rotated = store
+                .keys()
+                .rotate(parse::key_id(id)?, parse::duration(grace)?)?;
+            out.print(
+                &json!({ "key": rotated.key, "secret": rotated.secret.expose(), "grace": grace }),
+                || {
+                    format!(
+                        "{}secret: {}\n(the old secret keeps working for {grace}; the new one is shown this once)",
+                        key_text(&rotated.key),
+                        rotated.secret.expose()
+                    )
+                },
+            );
+            Ok(())
+        }
+        KeysCommand::Update(args) => {
+            let update = KeyUpdate {
+                label: args.label.clone(),
+                allowed_models: args.models.as_deref().map(parse::models).transpose()?,
+                expires_at: if args.no_expiry {
+                    Some(None)
+                } else {
+                    args.expires_in
+                        .as_deref()
+                        .map(|text| parse::duration(text).map(|d| Some(parse::from_now(d))))
+                        .transpose()?
+                },
+                rate_limit_override: if args.default_rate_limit {
+                    Some(None)
+                } else {
+                    args.rate_limit.map(Some)
+                },
+            };
+            let key = store.keys().update(parse::key_id(&args.id)?, &update)?;
+            out.print(&key, || key_text(&key));
+            Ok(())
+        }
+        KeysCommand::Resolve => {
+            // From stdin, never argv, where `ps` would show it.
+            let mut input = String::new();
+            std::io::stdin()
+                .take(4096)
+                .read_to_string(&mut input)
+                .map_err(|source| keytally::Error::Io {
+                    path: "(stdin)".into(),
+                    source,
+                })?;
+            let secret = input.lines().next().unwrap_or("").trim();
+            match store.keys().resolve(secret)? {
+                Ok(key) => {
+                    out.print(&key, || {
+                        format!(
+                            "id:             {}\ntier:           {}\nallowed_models: {}",
+                            key.id,
+                            key.tier,
+                            key.allowed_models.names().join(",")
+                        )
+                    });
+                    Ok(())
+                }
+                Err(rejection) => Err(Failure::Verdict {
+                    message: format!("key rejected: {rejection}"),
+                    json: json!({ "error": rejection.as_str() }),
+                }),
+            }
+        }
+    }
+}
+
+fn all_keys(store: &Store, active_only: bool) -> CliResult<Vec<Key>> {
+    let mut keys = Vec::new();
+    let mut filter = KeyFilter {
+        state: active_only.then_some(KeyState::Active),
+        limit: Some(1000),
+        ..KeyFilter::default()
+    };
+    loop {
+        let page = store.keys().list(&filter)?;
+        let Some(last) = page.last() else {
+            return Ok(keys);
+        };
+        filter.after = Some(last.id);
+        keys.extend(page);
+    }
+}
+
+fn state_name(key: &Key) -> &'static str {
+    match key.state_at(Timestamp::now()) {
+        KeyState::Active => "active",
+        KeyState::Revoked => "revoked",
+        KeyState::Expired => "expired",
+    }
+}
+
+fn key_text(key: &Key) -> String {
+    let or_none = |t: Option<Timestamp>| t.map_or_else(|| "-".to_owned(), |t| t.to_string());
+    format!(
+        "id:             {}\nprefix:         {}\ntier:           {}\nstate:          {}\nlabel:          {}\nallowed_models: {}\nrate_limit:     {}\ncreated_at:     {}\nexpires_at:     {}\nrevoked_at:     {}\nlast_used_at:   {}\n",
+        key.id,
+        key.display_prefix,
+        key.tier,
+        state_name(key),
+        key.label,
+        key.allowed_models.names().join(","),
+        key.rate_limit_override
+            .map_or_else(|| "default".to_owned(), |n| n.to_string()),
+        key.created_at,
+        or_none(key.expires_at),
+        or_none(key.revoked_at),
+        or_none(key.last_used_at),
+    )
+}

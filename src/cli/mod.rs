@@ -1,0 +1,99 @@
+//! The commands of the `keytally` binary. No SQL here: everything goes
+//! through the library.
+
+mod events;
+mod keys;
+mod ops;
+mod output;
+mod parse;
+
+use std::path::PathBuf;
+
+pub use output::Output;
+
+use crate::{Cli, Command};
+
+/// Why a command failed: a library error, or a verdict the command reports
+/// (a rejected secret, a failed check).
+#[derive(Debug)]
+pub enum Failure {
+    /// The library returned an error.
+    Library(keytally::Error),
+    /// The command ran and its answer is a failure.
+    Verdict {
+        /// The message for stderr.
+        message: String,
+        /// The JSON object printed on stderr with `--json`.
+        json: serde_json::Value,
+    },
+}
+
+impl From<keytally::Error> for Failure {
+    fn from(error: keytally::Error) -> Self {
+        Failure::Library(error)
+    }
+}
+
+/// The result of a command.
+pub type CliResult<T = ()> = Result<T, Failure>;
+
+/// Sends the library's log lines (warnings by default, `KEYTALLY_LOG` to
+/// change) to stderr.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYTALLY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn database_path(cli: &Cli) -> Result<PathBuf, keytally::Error> {
+    cli.db
+        .clone()
+        .or_else(keytally::default_database_path)
+        .ok_or_else(|| keytally::Error::InvalidInput {
+            field: "--db",
+            reason: "no database path: pass --db PATH, or set KEYTALLY_DB, XDG_DATA_HOME or HOME"
+                .to_owned(),
+        })
+}
+
+/// Runs the command `cli` names.
+pub fn run(cli: &Cli, out: &Output) -> CliResult {
+    let path = database_path(cli)?;
+    match &cli.command {
+        Command::Migrate { dry_run: true } => return ops::migrate_dry_run(&path, out),
+        Command::Restore { src } => return ops::restore(&path, src, out),
+        _ => {}
+    }
+    let store = keytally::Store::open(&path)?;
+    let outcome = match &cli.command {
+        Command::Status => ops::status(&store, out),
+        Command::Migrate { .. } => ops::migrate(&store, out),
+        Command::Check => ops::check(&store, out),
+        Command::Checkpoint => ops::checkpoint(&store, out),
+        Command::Keys(command) => keys::run(&store, command, out),
+        Command::Backup { dest, force } => ops::backup(&store, dest, *force, out),
+        Command::Events(command) => return events::run(store, command, out),
+        Command::Demo => return ops::demo(store, out),
+        Command::Restore { .. } => Ok(()),
+    };
+    close(store, outcome)
+}
+
+/// Closes the store with its final checkpoint, keeping the command's
+/// outcome first.
+fn close(store: keytally::Store, outcome: CliResult) -> CliResult {
+    let report = store.close();
+    outcome?;
+    let report = report?;
+    if !report.checkpoint_complete {
+        eprintln!(
+            "keytally: warning: the final checkpoint did not complete; another process is using \
+             the database, and the write-ahead log will be checkpointed by the last one to close it"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! Printing: text for people, one JSON value for programs, errors on stderr,
+//! and progress bars only on a terminal.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::json;
+
+use super::Failure;
+
+/// Where and how a command prints.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    json: bool,
+}
+
+impl Output {
+    /// Text output, or JSON with `json`.
+    pub fn new(json: bool) -> Output {
+        Output { json }
+    }
+
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// Prints `value` as one line of JSON with `--json`, else `text()`.
+    pub fn print<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) {
+        if self.json {
+            match serde_json::to_string(value) {
+                Ok(line) => println!("{line}"),
+                Err(error) => eprintln!("keytally: cannot print JSON: {error}"),
+            }
+        } else {
+            let text = text();
+            if text.ends_with('\n') {
+                print!("{text}");
+            } else {
+                println!("{text}");
+            }
+        }
+    }
+
+    /// Prints a failure on stderr.
+    pub fn error(&self, failure: &Failure) {
+        match (failure, self.json) {
+            (Failure::Library(error), true) => {
+                eprintln!("{}", json!({ "error": error.to_string() }))
+            }
+            (Failure::Library(error), false) => eprintln!("keytally: {error}"),
+            (Failure::Verdict { json, .. }, true) => eprintln!("{json}"),
+            (Failure::Verdict { message, .. }, false) => eprintln!("keytally: {message}"),
+        }
+    }
+
+    /// A spinner counting `unit`, shown only when stdout is a terminal.
+    pub fn progress(&self, unit: &'static str) -> ProgressBar {
+        if !std::io::stdout().is_terminal() {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new_spinner();
+        if let Ok(style) = ProgressStyle::with_template(&format!(
+            "{{spinner}} {{pos}} {unit} {{msg}} ({{elapsed}})"
+        )) {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    }
+}

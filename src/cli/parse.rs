@@ -1,0 +1,83 @@
+//! Parsing command-line values: durations, times, key ids, model lists.
+
+use std::time::Duration;
+
+use keytally::{AllowedModels, Error, KeyId, Timestamp};
+
+/// A duration such as `90s`, `15m`, `24h`, `30d` or `0`.
+pub fn duration(text: &str) -> Result<Duration, Error> {
+    let invalid = || Error::InvalidInput {
+        field: "duration",
+        reason: format!("{text:?} is not a duration such as 90s, 15m, 24h or 30d"),
+    };
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(invalid)?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(invalid()),
+    };
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(invalid)
+}
+
+/// A time: RFC 3339, Unix milliseconds, or a duration ago (`7d`).
+pub fn time(text: &str) -> Result<Timestamp, Error> {
+    if let Ok(ago) = duration(text) {
+        if text.trim() != "0" {
+            return Ok(ago_from_now(ago));
+        }
+    }
+    Timestamp::parse(text)
+}
+
+/// Now minus `ago` (saturating at the epoch).
+pub fn ago_from_now(ago: Duration) -> Timestamp {
+    let millis = i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);
+    Timestamp::now().plus_millis(-millis.min(Timestamp::now().as_millis()))
+}
+
+/// Now plus `later`.
+pub fn from_now(later: Duration) -> Timestamp {
+    Timestamp::now().plus_millis(i64::try_from(later.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A key id.
+pub fn key_id(text: &str) -> Result<KeyId, Error> {
+    text.parse()
+}
+
+/// `*` or comma-separated model names.
+pub fn models(text: &str) -> Result<AllowedModels, Error> {
+    let names: Vec<&str> = text.split(',').map(str::trim).collect();
+    AllowedModels::from_names(&names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() -> Result<(), Error> {
+        assert_eq!(duration("90s")?, Duration::from_secs(90));
+        assert_eq!(duration("24h")?, Duration::from_secs(86_400));
+        assert_eq!(duration("60d")?, Duration::from_secs(60 * 86_400));
+        assert_eq!(duration("0")?, Duration::ZERO);
+        for bad in ["", "d", "12", "5y", "-3d", "99999999999999999999d"] {
+            assert!(duration(bad).is_err(), "{bad:?} accepted");
+        }
+        Ok(())
+    }
+}
