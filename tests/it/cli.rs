@@ -10,7 +10,7 @@ use tempfile::TempDir;
 
 use crate::{mode_of, sidecar, TestResult};
 
-const BIN: &str = env!("CARGO_BIN_EXE_keytally");
+pub const BIN: &str = env!("CARGO_BIN_EXE_keytally");
 
 /// Runs the binary under `sh` with the given umask, so the test also proves
 /// that keytally does not rely on the caller's umask.
@@ -25,15 +25,15 @@ fn keytally_with_umask(umask: &str, args: &[&str]) -> std::io::Result<Output> {
         .output()
 }
 
-fn keytally(args: &[&str]) -> std::io::Result<Output> {
+pub fn keytally(args: &[&str]) -> std::io::Result<Output> {
     keytally_with_umask("077", args)
 }
 
-fn path_arg(path: &Path) -> Result<&str, Box<dyn std::error::Error>> {
+pub fn path_arg(path: &Path) -> Result<&str, Box<dyn std::error::Error>> {
     Ok(path.to_str().ok_or("path is not UTF-8")?)
 }
 
-fn json_of(output: &Output) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+pub fn json_of(output: &Output) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     Ok(serde_json::from_slice(&output.stdout)?)
 }
 

@@ -1,9 +1,11 @@
 //! keytally's integration tests: one crate, one module per concern.
 
+mod backup;
 mod cli;
 mod events;
 mod hostile_files;
 mod keys;
+mod operator_cli;
 mod schema_details;
 mod secrets;
 mod sink;
