@@ -675,15 +675,9 @@ impl<'a> Events<'a> {
         }
         let mut report = PruneReport::default();
         loop {
-            let deleted = self.store.write(|conn| {
-                Ok(diesel::sql_query(
-                    "DELETE FROM events WHERE id IN \
-                     (SELECT id FROM events WHERE ts < ? ORDER BY ts LIMIT ?)",
-                )
-                .bind::<BigInt, _>(cutoff)
-                .bind::<BigInt, _>(i64::from(batch))
-                .execute(conn)?)
-            })?;
+            let deleted = self
+                .store
+                .write(|conn| delete_events_before(conn, cutoff, batch))?;
             report.events_deleted += deleted as u64;
             report.batches += 1;
             progress(report.events_deleted);
@@ -711,24 +705,9 @@ impl<'a> Events<'a> {
         let cutoff_hour = cutoff.as_millis().div_euclid(HOUR_MS);
         let mut total = 0u64;
         loop {
-            let deleted = self.store.write(|conn| {
-                let by_key = diesel::sql_query(
-                    "DELETE FROM usage_key_hourly WHERE (key_row_id, hour, model_id) IN \
-                     (SELECT key_row_id, hour, model_id FROM usage_key_hourly \
-                      WHERE hour < ? LIMIT ?)",
-                )
-                .bind::<BigInt, _>(cutoff_hour)
-                .bind::<BigInt, _>(i64::from(batch))
-                .execute(conn)?;
-                let by_model = diesel::sql_query(
-                    "DELETE FROM usage_model_hourly WHERE (hour, model_id) IN \
-                     (SELECT hour, model_id FROM usage_model_hourly WHERE hour < ? LIMIT ?)",
-                )
-                .bind::<BigInt, _>(cutoff_hour)
-                .bind::<BigInt, _>(i64::from(batch))
-                .execute(conn)?;
-                Ok(by_key + by_model)
-            })?;
+            let deleted = self
+                .store
+                .write(|conn| delete_rollups_before(conn, cutoff_hour, batch))?;
             total += deleted as u64;
             if deleted == 0 {
                 return Ok(total);
@@ -736,6 +715,42 @@ impl<'a> Events<'a> {
             std::thread::yield_now();
         }
     }
+}
+
+/// Deletes at most `batch` raw events older than `cutoff`, inside the
+/// caller's write transaction. Returns how many it deleted.
+pub(crate) fn delete_events_before(
+    conn: &mut SqliteConnection,
+    cutoff: Timestamp,
+    batch: u32,
+) -> Result<usize> {
+    Ok(CachedSql::new(
+        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? ORDER BY ts LIMIT ?)",
+        vec![cutoff.as_millis(), i64::from(batch)],
+    )
+    .execute(conn)?)
+}
+
+/// Deletes at most `batch` rows of each rollup table for hours before
+/// `cutoff_hour`, inside the caller's write transaction.
+pub(crate) fn delete_rollups_before(
+    conn: &mut SqliteConnection,
+    cutoff_hour: i64,
+    batch: u32,
+) -> Result<usize> {
+    let by_key = CachedSql::new(
+        "DELETE FROM usage_key_hourly WHERE (key_row_id, hour, model_id) IN \
+         (SELECT key_row_id, hour, model_id FROM usage_key_hourly WHERE hour < ? LIMIT ?)",
+        vec![cutoff_hour, i64::from(batch)],
+    )
+    .execute(conn)?;
+    let by_model = CachedSql::new(
+        "DELETE FROM usage_model_hourly WHERE (hour, model_id) IN \
+         (SELECT hour, model_id FROM usage_model_hourly WHERE hour < ? LIMIT ?)",
+        vec![cutoff_hour, i64::from(batch)],
+    )
+    .execute(conn)?;
+    Ok(by_key + by_model)
 }
 
 /// Why an event was rejected.

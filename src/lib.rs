@@ -91,8 +91,8 @@ pub use location::{default_database_path, DB_FILE_NAME, DB_PATH_ENV};
 pub use secret::{Secret, DEFAULT_SECRET_PREFIX};
 pub use sink::{EventSink, SinkOptions, SinkReport, Ticket};
 pub use store::{
-    CheckpointReport, CloseReport, PooledConn, Status, Store, StoreOptions, DEFAULT_BUSY_TIMEOUT,
-    DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_POOL_SIZE,
+    CheckpointReport, CloseReport, PooledConn, Retention, Status, Store, StoreOptions,
+    DEFAULT_BUSY_TIMEOUT, DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_POOL_SIZE,
 };
 pub use time::Timestamp;
 pub use usage::{Bucket, GroupUsage, Totals, UsageFilter};

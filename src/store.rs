@@ -41,6 +41,31 @@ pub struct StoreOptions {
     pool_size: u32,
     secret_prefix: String,
     last_used_flush_interval: Duration,
+    retention: Retention,
+}
+
+/// How long data is kept, enforced by the store's maintenance thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Raw events older than this are deleted; `None` keeps them forever.
+    /// Default: 60 days.
+    pub raw_events: Option<Duration>,
+    /// Rollup hours older than this are deleted; `None` (the default) keeps
+    /// them forever.
+    pub rollups: Option<Duration>,
+    /// How often the sweep runs; the first one runs one interval after the
+    /// store opens. Default: one hour.
+    pub sweep_interval: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            raw_events: Some(crate::events::DEFAULT_RAW_RETENTION),
+            rollups: None,
+            sweep_interval: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// The default interval at which noted `last_used_at` times are written.
@@ -57,7 +82,21 @@ impl StoreOptions {
             pool_size: DEFAULT_POOL_SIZE,
             secret_prefix: crate::secret::DEFAULT_SECRET_PREFIX.to_owned(),
             last_used_flush_interval: DEFAULT_LAST_USED_FLUSH_INTERVAL,
+            retention: Retention::default(),
         }
+    }
+
+    /// Sets how long raw events and rollups are kept (default: raw events 60
+    /// days, rollups forever, swept hourly). A zero duration means forever.
+    #[must_use]
+    pub fn retention(mut self, retention: Retention) -> Self {
+        let forever_if_zero = |d: Option<Duration>| d.filter(|d| !d.is_zero());
+        self.retention = Retention {
+            raw_events: forever_if_zero(retention.raw_events),
+            rollups: forever_if_zero(retention.rollups),
+            sweep_interval: retention.sweep_interval.max(Duration::from_millis(10)),
+        };
+        self
     }
 
     /// Sets the prefix of new secrets (default `kt_`): 1 to 16 ASCII
@@ -299,6 +338,7 @@ impl Store {
             pool.clone(),
             Arc::clone(&shared),
             options.last_used_flush_interval,
+            options.retention,
         )?;
         Ok(Store {
             setup,
@@ -554,11 +594,13 @@ fn spawn_maintenance(
     pool: Pool<ConnectionManager<SqliteConnection>>,
     shared: Arc<Shared>,
     flush_interval: Duration,
+    retention: Retention,
 ) -> Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("keytally-maintenance".to_owned())
         .spawn(move || {
             let mut last_flush = Instant::now();
+            let mut last_sweep = Instant::now();
             loop {
                 let stopping = {
                     let guard = shared
@@ -581,6 +623,12 @@ fn spawn_maintenance(
                 if stopping {
                     break;
                 }
+                if last_sweep.elapsed() >= retention.sweep_interval {
+                    last_sweep = Instant::now();
+                    if let Err(error) = sweep(&pool, &shared, &retention) {
+                        tracing::warn!(%error, "retention sweep failed; will retry");
+                    }
+                }
                 let checkpoint = pool.get().map_err(Error::from).and_then(|mut conn| {
                     diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)")
                         .execute(&mut *conn)
@@ -595,6 +643,55 @@ fn spawn_maintenance(
             path: PathBuf::from("(thread)"),
             source,
         })
+}
+
+/// Deletes what the retention policy no longer keeps, 1,000 rows per write
+/// transaction, stopping early when the store starts closing.
+fn sweep(
+    pool: &Pool<ConnectionManager<SqliteConnection>>,
+    shared: &Shared,
+    retention: &Retention,
+) -> Result<()> {
+    let stopping = || {
+        *shared
+            .stopping
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    };
+    let batch = crate::events::DEFAULT_PRUNE_BATCH;
+    let cutoff = |age: Duration| {
+        crate::Timestamp::now().plus_millis(-i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
+    };
+    if let Some(age) = retention.raw_events {
+        let cutoff = cutoff(age);
+        let mut deleted = 0;
+        loop {
+            let mut conn = pool.get()?;
+            let n = (*conn).immediate_transaction(|conn| {
+                crate::events::delete_events_before(conn, cutoff, batch)
+            })?;
+            deleted += n;
+            if n < batch as usize || stopping() {
+                break;
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, %cutoff, "retention: deleted raw events");
+        }
+    }
+    if let Some(age) = retention.rollups {
+        let cutoff_hour = cutoff(age).as_millis().div_euclid(crate::time::HOUR_MS);
+        loop {
+            let mut conn = pool.get()?;
+            let n = (*conn).immediate_transaction(|conn| {
+                crate::events::delete_rollups_before(conn, cutoff_hour, batch)
+            })?;
+            if n == 0 || stopping() {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes the noted `last_used_at` times in one transaction. On failure the

@@ -547,3 +547,42 @@ fn usage_rejects_an_inverted_window_and_an_unknown_key(store: TestStore) -> Test
     );
     Ok(())
 }
+
+#[rstest]
+fn the_maintenance_thread_enforces_retention() -> TestResult {
+    let store = TestStore::with_options(|options| {
+        options.retention(keytally::Retention {
+            raw_events: Some(std::time::Duration::from_secs(3600)),
+            rollups: Some(std::time::Duration::from_secs(10 * 24 * 3600)),
+            sweep_interval: std::time::Duration::from_millis(20),
+        })
+    })?;
+    let now = Timestamp::now().as_millis();
+    let batch: Vec<NewEvent> = [now - 20 * 24 * HOUR, now - 2 * HOUR, now - 1000, now - 2000]
+        .iter()
+        .map(|t| Ok(NewEvent::new(ts(*t)?, "o3")))
+        .collect::<Result<_, Error>>()?;
+    store.events().record_batch(&batch)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = store.events().list(&EventFilter::default())?;
+        if left.len() == 2 {
+            assert!(left.iter().all(|e| e.ts.as_millis() >= now - 2000));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} events left",
+            left.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Rollups of the last ten days stay; the 20-day-old hour goes.
+    let window = UsageFilter::between(ts(now - 30 * 24 * HOUR)?, ts(now + HOUR)?);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.events().usage(&window)?.requests != 3 {
+        assert!(std::time::Instant::now() < deadline, "rollups not swept");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
+}
