@@ -32,8 +32,15 @@ fn run(db: &Path, args: &[&str], input: &str) -> Result<Output, Box<dyn std::err
     Ok(child.wait_with_output()?)
 }
 
+/// The JSON error object: the last line on stderr (log lines may precede it).
 fn stderr_json(output: &Output) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    Ok(serde_json::from_slice(&output.stderr)?)
+    let text = String::from_utf8(output.stderr.clone())?;
+    let last = text
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("");
+    Ok(serde_json::from_str(last)?)
 }
 
 fn database(folder: &TempDir) -> PathBuf {
@@ -450,5 +457,58 @@ fn demo_runs_on_a_fresh_database(folder: TempDir) -> TestResult {
     assert!(text.contains("recorded 5000 events"), "{text}");
     assert!(text.contains("usage by model"));
     assert!(text.contains("usage by hour"));
+    Ok(())
+}
+
+#[rstest]
+fn event_queries_refuse_bad_arguments(folder: TempDir) -> TestResult {
+    let db = database(&folder);
+    let bad_key = run(&db, &["events", "list", "--key", "not-a-uuid"], "")?;
+    assert_eq!(bad_key.status.code(), Some(1));
+    assert!(String::from_utf8(bad_key.stderr)?.contains("not a UUID"));
+    let unknown_key = run(
+        &db,
+        &[
+            "events",
+            "usage",
+            "--since",
+            "1d",
+            "--key",
+            "0190f0f0-0000-7000-8000-000000000000",
+        ],
+        "",
+    )?;
+    assert_eq!(unknown_key.status.code(), Some(1));
+    let inverted = run(
+        &db,
+        &["events", "usage", "--since", "1d", "--until", "2d"],
+        "",
+    )?;
+    assert_eq!(inverted.status.code(), Some(1));
+    assert!(String::from_utf8(inverted.stderr)?.contains("before since"));
+    let missing_since = run(&db, &["events", "usage"], "")?;
+    assert_eq!(missing_since.status.code(), Some(2), "usage error");
+    let bad_group = run(
+        &db,
+        &["events", "usage", "--since", "1d", "--by", "week"],
+        "",
+    )?;
+    assert_eq!(bad_group.status.code(), Some(2));
+    Ok(())
+}
+
+#[rstest]
+fn checkpoint_reports_a_reader_that_blocks_it(folder: TempDir) -> TestResult {
+    use diesel::connection::SimpleConnection;
+    let db = database(&folder);
+    create_key(&db, &[])?;
+    // Another connection holds an old snapshot while a write lands after it.
+    let mut reader = crate::raw_connection(&db)?;
+    reader.batch_execute("PRAGMA journal_mode = WAL; BEGIN; SELECT count(*) FROM keys;")?;
+    create_key(&db, &[])?;
+    let output = run(&db, &["checkpoint"], "")?;
+    reader.batch_execute("COMMIT")?;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(stderr_json(&output)?["error"], "checkpoint incomplete");
     Ok(())
 }
