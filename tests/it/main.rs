@@ -2,7 +2,8 @@
 
 mod backup;
 mod cli;
-mod events;
+mod crash;
+pub mod events;
 mod hostile_files;
 mod keys;
 mod operator_cli;

@@ -1,0 +1,151 @@
+//! Crash loop: a real child process writes keys and event batches and is
+//! killed with SIGKILL at random moments. After every kill the store opens,
+//! passes `integrity_check`, holds every write the child acknowledged, and
+//! holds no batch in part.
+//!
+//! 50 kills by default; `KEYTALLY_CRASH_KILLS=5000` for a long run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use diesel::{QueryableByName, RunQueryDsl};
+use keytally::testing::folder;
+use keytally::{KeyId, Store};
+use rstest::rstest;
+use tempfile::TempDir;
+
+use crate::TestResult;
+
+/// Events per batch, as the child writes them.
+const BATCH: usize = 20;
+
+/// The crash test's child program, built by `cargo test` from
+/// `examples/crash_writer.rs`.
+pub fn crash_writer() -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe()?;
+    let profile = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or("test binary has no profile folder")?;
+    let path = profile.join("examples").join("crash_writer");
+    if !path.exists() {
+        return Err(format!(
+            "{} is missing: run the tests with `cargo test`",
+            path.display()
+        )
+        .into());
+    }
+    Ok(path)
+}
+
+/// Every batch number present, with how many of its events are present.
+fn batches(store: &Store) -> Result<BTreeMap<u64, usize>, Box<dyn std::error::Error>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        batch: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = store.connection()?;
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT substr(request_id, 2, instr(request_id, '-') - 2) AS batch, count(*) AS n \
+         FROM events GROUP BY batch",
+    )
+    .load(&mut *conn)?;
+    let mut counts = BTreeMap::new();
+    for row in rows {
+        counts.insert(row.batch.parse()?, usize::try_from(row.n)?);
+    }
+    Ok(counts)
+}
+
+/// Reports of one crash-loop run, for `docs/reliability.md`.
+#[derive(Debug, Default)]
+pub struct CrashFigures {
+    /// Child processes killed.
+    pub kills: u64,
+    /// Batches the children acknowledged (all found after the kills).
+    pub acknowledged_batches: u64,
+    /// Keys the children acknowledged (all found after the kills).
+    pub acknowledged_keys: u64,
+}
+
+#[rstest]
+fn acknowledged_writes_survive_sigkill(folder: TempDir) -> TestResult {
+    let kills: u64 = std::env::var("KEYTALLY_CRASH_KILLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(50);
+    let writer = crash_writer()?;
+    let db = folder.path().join("crash.db");
+    let mut acked_batches: BTreeSet<u64> = BTreeSet::new();
+    let mut acked_keys: BTreeSet<KeyId> = BTreeSet::new();
+    let mut rng = crate::events::Rng::new(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64,
+    );
+    let mut figures = CrashFigures::default();
+    for round in 0..kills {
+        let first_batch = round * 1_000_000;
+        let mut child = Command::new(&writer)
+            .arg(&db)
+            .arg(first_batch.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let reader = std::thread::spawn(move || {
+            // Only whole lines count: a line cut by the kill was never
+            // acknowledged.
+            BufReader::new(stdout)
+                .split(b'\n')
+                .map_while(Result::ok)
+                .filter_map(|line| String::from_utf8(line).ok())
+                .collect::<Vec<String>>()
+        });
+        std::thread::sleep(Duration::from_millis(10 + rng.below(150)));
+        child.kill()?;
+        let status = child.wait()?;
+        assert!(!status.success(), "the child ended by itself: {status:?}");
+        let lines = reader.join().map_err(|_| "reader panicked")?;
+        for line in lines {
+            if let Some(number) = line.strip_prefix("batch ") {
+                acked_batches.insert(number.parse()?);
+            } else if let Some(id) = line.strip_prefix("key ") {
+                acked_keys.insert(id.parse()?);
+            }
+        }
+        figures.kills += 1;
+
+        let store = Store::open(&db)?;
+        let check = store.check()?;
+        assert!(check.healthy(), "after kill {round}: {:?}", check.problems);
+        let present = batches(&store)?;
+        for (number, count) in &present {
+            assert_eq!(*count, BATCH, "after kill {round}: batch {number} is torn");
+        }
+        for number in &acked_batches {
+            assert!(
+                present.contains_key(number),
+                "after kill {round}: acknowledged batch {number} is lost"
+            );
+        }
+        for id in &acked_keys {
+            store.keys().get(*id)?;
+        }
+        let _ = store.close()?;
+    }
+    figures.acknowledged_batches = acked_batches.len() as u64;
+    figures.acknowledged_keys = acked_keys.len() as u64;
+    assert!(
+        figures.acknowledged_batches > 0,
+        "the child never got to write: {figures:?}"
+    );
+    eprintln!("crash loop: {figures:?}");
+    Ok(())
+}
