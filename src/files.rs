@@ -97,6 +97,12 @@ pub(crate) fn prepare_database_path(database: &Path) -> Result<()> {
             Err(e) => return Err(Error::io(path, e)),
         }
     }
+    if let Some(folder) = database.parent().filter(|p| !p.as_os_str().is_empty()) {
+        check_writable(folder)?;
+    }
+    if database.exists() {
+        check_writable(database)?;
+    }
     match OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -118,6 +124,28 @@ pub(crate) fn prepare_database_path(database: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(Error::io(database, e)),
     }
+}
+
+/// Refuses a folder or file this process cannot write: SQLite would open
+/// the database read-only, or fail later to create its `-wal` and `-shm`.
+fn check_writable(path: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "the path holds a NUL byte"),
+        });
+    };
+    // SAFETY: access(2) reads the NUL-terminated path and nothing else.
+    let status = unsafe { libc::access(c_path.as_ptr(), libc::W_OK) };
+    if status == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    Err(Error::Permission {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Sets every existing database file (the database, `-wal`, `-shm`) whose
@@ -256,4 +284,123 @@ pub(crate) fn inspect_header(database: &Path) -> Result<HeaderVerdict> {
             detail: format!("application id {other:#010x}, keytally's is {APPLICATION_ID:#010x}"),
         }),
     }
+}
+
+const WAL_HEADER_LEN: u64 = 32;
+const WAL_FRAME_HEADER_LEN: usize = 24;
+
+/// Reads an existing `-wal` file (before SQLite replays it) and refuses one
+/// that cannot belong to this database: a different page size, or a copy of
+/// page 1 whose application id differs from the database's. SQLite itself
+/// would replay such a log into the database. A log of another keytally
+/// database with the same page size cannot be told apart this way.
+pub(crate) fn inspect_wal(database: &Path) -> Result<()> {
+    let wal = sidecar(database, SIDECAR_SUFFIXES[0]);
+    let file = match File::open(&wal) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(&wal, e)),
+    };
+    let length = file.metadata().map_err(|e| Error::io(&wal, e))?.len();
+    if length < WAL_HEADER_LEN {
+        return Ok(());
+    }
+    let mut reader = io::BufReader::new(file);
+    let mut header = [0u8; WAL_HEADER_LEN as usize];
+    reader
+        .read_exact(&mut header)
+        .map_err(|e| Error::io(&wal, e))?;
+    let u32_at = |bytes: &[u8], offset: usize| {
+        u32::from_be_bytes([
+            bytes[offset],
+            bytes[offset + 1],
+            bytes[offset + 2],
+            bytes[offset + 3],
+        ])
+    };
+    let magic = u32_at(&header, 0);
+    if magic != 0x377f_0682 && magic != 0x377f_0683 {
+        // SQLite ignores a log without a valid header.
+        return Ok(());
+    }
+    let foreign = |detail: String| Error::Foreign {
+        path: wal.clone(),
+        detail,
+    };
+    let wal_page_size = u64::from(u32_at(&header, 8));
+    let (database_page_size, database_application_id) = database_identity(database)?;
+    if let Some(page_size) = database_page_size {
+        if wal_page_size != page_size {
+            return Err(foreign(format!(
+                "its pages are {wal_page_size} bytes, the database's {page_size}: it belongs to another database"
+            )));
+        }
+    }
+    if !(512..=65_536).contains(&wal_page_size) || !wal_page_size.is_power_of_two() {
+        return Ok(());
+    }
+    let (salt_1, salt_2) = (u32_at(&header, 16), u32_at(&header, 20));
+    let frame_data = usize::try_from(wal_page_size).unwrap_or(65_536);
+    let mut frame_header = [0u8; WAL_FRAME_HEADER_LEN];
+    let mut page_start = vec![0u8; HEADER_LEN];
+    loop {
+        match reader.read_exact(&mut frame_header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(Error::io(&wal, e)),
+        }
+        // Frames whose salts differ are left over from an earlier log and
+        // are ignored by SQLite; so is everything after them.
+        if u32_at(&frame_header, 8) != salt_1 || u32_at(&frame_header, 12) != salt_2 {
+            return Ok(());
+        }
+        let page_number = u32_at(&frame_header, 0);
+        let mut skip = frame_data;
+        if page_number == 1 {
+            match reader.read_exact(&mut page_start) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(Error::io(&wal, e)),
+            }
+            skip -= HEADER_LEN;
+            let application_id = u32_at(&page_start, 68);
+            let acceptable = match database_application_id {
+                Some(expected) => application_id == expected,
+                None => application_id == APPLICATION_ID || application_id == 0,
+            };
+            if page_start[..16] != SQLITE_MAGIC[..] || !acceptable {
+                return Err(foreign(format!(
+                    "it holds a page 1 with application id {application_id:#010x}: it belongs to another database"
+                )));
+            }
+        }
+        reader
+            .seek_relative(i64::try_from(skip).unwrap_or(i64::MAX))
+            .map_err(|e| Error::io(&wal, e))?;
+    }
+}
+
+/// The page size and application id of a database with a valid header, or
+/// `None` for an empty file.
+fn database_identity(database: &Path) -> Result<(Option<u64>, Option<u32>)> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut file = match File::open(database) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((None, None)),
+        Err(e) => return Err(Error::io(database, e)),
+    };
+    match file.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok((None, None)),
+        Err(e) => return Err(Error::io(database, e)),
+    }
+    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65_536,
+        size => u64::from(size),
+    };
+    let application_id = u32::from_be_bytes([header[68], header[69], header[70], header[71]]);
+    Ok((
+        Some(page_size),
+        (application_id != 0).then_some(application_id),
+    ))
 }

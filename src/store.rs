@@ -295,6 +295,7 @@ impl Store {
         files::prepare_database_path(&path)?;
         // Refuse what is not ours before SQLite (or a chmod) touches it.
         files::inspect_header(&path)?;
+        files::inspect_wal(&path)?;
         let tightened_at_open = files::tighten_modes(&path)?;
         let setup = ConnectionSetup {
             path: path.clone(),

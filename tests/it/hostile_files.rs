@@ -159,3 +159,76 @@ fn dangling_symlink_is_refused_and_nothing_is_created(folder: TempDir) -> TestRe
     assert!(!target.exists());
     Ok(())
 }
+
+/// Writes a write-ahead log of another database (with `setup` run first)
+/// next to `database`.
+fn plant_foreign_wal(
+    folder: &TempDir,
+    database: &Path,
+    setup: &str,
+) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let other = folder.path().join("other.db");
+    let mut conn = raw_connection(&other)?;
+    conn.batch_execute(setup)?;
+    conn.batch_execute(
+        "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; \
+         CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('not yours');",
+    )?;
+    // Copy the log while its connection is open, as a crash would leave it.
+    let wal = std::fs::read(sidecar(&other, "-wal"))?;
+    assert!(!wal.is_empty());
+    std::fs::write(sidecar(database, "-wal"), &wal)?;
+    drop(conn);
+    Ok(wal)
+}
+
+#[rstest]
+#[case::another_application("PRAGMA application_id = 42;")]
+#[case::another_page_size("PRAGMA page_size = 1024;")]
+fn a_wal_of_another_database_is_refused(folder: TempDir, #[case] setup: &str) -> TestResult {
+    let path = keytally_database(&folder)?;
+    let before = std::fs::read(&path)?;
+    let wal = plant_foreign_wal(&folder, &path, setup)?;
+    let error = match Store::open(&path) {
+        Ok(_) => return Err("a foreign -wal was replayed".into()),
+        Err(error) => error,
+    };
+    let Error::Foreign { path: refused, .. } = &error else {
+        return Err(format!("unexpected error {error:?}").into());
+    };
+    assert_eq!(refused, &sidecar(&path, "-wal"));
+    assert!(
+        error.to_string().contains("belongs to another database"),
+        "{error}"
+    );
+    assert_eq!(std::fs::read(&path)?, before);
+    assert_eq!(std::fs::read(sidecar(&path, "-wal"))?, wal);
+    Ok(())
+}
+
+#[rstest]
+fn a_read_only_folder_is_a_clear_error_at_open(folder: TempDir) -> TestResult {
+    let mount_point = folder.path().join("ro");
+    let tmpfs = match crate::tmpfs::Tmpfs::mount(&mount_point, "4m") {
+        Ok(tmpfs) => tmpfs,
+        Err(why) => {
+            eprintln!("skipped a_read_only_folder_is_a_clear_error_at_open: {why}");
+            return Ok(());
+        }
+    };
+    let path = mount_point.join("keytally.db");
+    assert!(Store::open(&path)?.close()?.checkpoint_complete);
+    let before = std::fs::read(&path)?;
+    tmpfs.make_read_only()?;
+    let error = match Store::open(&path) {
+        Ok(_) => return Err("a database on a read-only filesystem was opened".into()),
+        Err(error) => error,
+    };
+    assert!(matches!(error, Error::Permission { .. }), "{error:?}");
+    assert!(
+        error.to_string().contains("Read-only file system"),
+        "{error}"
+    );
+    assert_eq!(std::fs::read(&path)?, before);
+    Ok(())
+}

@@ -4,6 +4,7 @@ mod backup;
 mod cli;
 mod crash;
 pub mod events;
+mod full_disk;
 mod hostile_files;
 mod keys;
 mod operator_cli;
@@ -11,6 +12,7 @@ mod schema_details;
 mod secrets;
 mod sink;
 mod store_lifecycle;
+pub mod tmpfs;
 
 use std::path::Path;
 
