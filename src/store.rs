@@ -481,7 +481,7 @@ impl Store {
     /// cannot complete is not an error: the report says so.
     pub fn checkpoint(&self) -> Result<CheckpointReport> {
         let mut conn = self.connection()?;
-        checkpoint_truncate(&mut conn)
+        checkpoint_truncate(&mut conn, self.setup.busy_timeout)
     }
 
     /// Closes the store: stops handing out connections, waits (up to the
@@ -542,7 +542,7 @@ impl Store {
         // Keeps the query planner's statistics current, as SQLite advises on
         // closing; before the checkpoint, so anything it writes is included.
         conn.batch_execute("PRAGMA optimize")?;
-        let checkpoint = checkpoint_truncate(&mut conn)?;
+        let checkpoint = checkpoint_truncate(&mut conn, setup.busy_timeout)?;
         // The checkpoint has emptied the log: closing the last connection
         // removes the sidecar files without any further work.
         drop(conn);
@@ -738,9 +738,19 @@ pub struct CheckpointReport {
     pub checkpointed_frames: i64,
 }
 
-fn checkpoint_truncate(conn: &mut SqliteConnection) -> Result<CheckpointReport> {
-    let row: CheckpointRow =
-        diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)").get_result(conn)?;
+/// Runs `wal_checkpoint(TRUNCATE)`. While it waits for readers it blocks
+/// every writer, so it waits only a quarter of the writers' busy timeout:
+/// a writer queued behind it never runs out of patience.
+fn checkpoint_truncate(
+    conn: &mut SqliteConnection,
+    busy_timeout: Duration,
+) -> Result<CheckpointReport> {
+    let full_ms = busy_timeout.as_millis().min(i32::MAX as u128);
+    conn.batch_execute(&format!("PRAGMA busy_timeout = {}", full_ms / 4))?;
+    let row =
+        diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)").get_result::<CheckpointRow>(conn);
+    conn.batch_execute(&format!("PRAGMA busy_timeout = {full_ms}"))?;
+    let row = row?;
     Ok(CheckpointReport {
         complete: row.busy == 0 && row.log == row.checkpointed,
         log_frames: row.log,

@@ -2,7 +2,8 @@
 
 mod backup;
 mod cli;
-mod crash;
+mod contention;
+pub mod crash;
 pub mod events;
 mod full_disk;
 mod hostile_files;
