@@ -7,6 +7,7 @@ pub mod crash;
 pub mod events;
 mod full_disk;
 mod hostile_files;
+mod hostile_input;
 mod keys;
 mod operator_cli;
 mod schema_details;
