@@ -371,9 +371,8 @@ impl<'a> Events<'a> {
     /// or the store's errors. Nothing is written on error.
     pub fn record(&self, event: &NewEvent) -> Result<EventId> {
         let prepared = self.prepare(event).map_err(|reason| at_index(0, reason))?;
-        let mut conn = self.store.connection()?;
-        (*conn)
-            .immediate_transaction(|conn| insert_prepared(conn, std::slice::from_ref(&prepared)))
+        self.store
+            .write(|conn| insert_prepared(conn, std::slice::from_ref(&prepared)))
             .map(|ids| ids.first)
     }
 
@@ -410,8 +409,7 @@ impl<'a> Events<'a> {
     }
 
     pub(crate) fn record_prepared(&self, prepared: &[PreparedEvent]) -> Result<InsertedIds> {
-        let mut conn = self.store.connection()?;
-        (*conn).immediate_transaction(|conn| insert_prepared(conn, prepared))
+        self.store.write(|conn| insert_prepared(conn, prepared))
     }
 
     /// Validates an event and resolves its model and key to row ids.

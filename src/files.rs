@@ -264,8 +264,14 @@ pub(crate) fn inspect_header(database: &Path) -> Result<HeaderVerdict> {
     let page_count = u64::from(u32_at(28));
     let valid_for = u32_at(92);
     // The page count in the header is only meaningful when the header says it
-    // is current; older writers leave it stale.
-    if valid_for == change_counter && page_count * page_size > length {
+    // is current (older writers leave it stale), and only while no other
+    // connection can be writing: a checkpoint writes page 1 before it extends
+    // the file, so a live database can look truncated for a moment. A live
+    // WAL database has its -wal or -shm beside it.
+    let live = SIDECAR_SUFFIXES
+        .iter()
+        .any(|suffix| sidecar(database, suffix).exists());
+    if !live && valid_for == change_counter && page_count * page_size > length {
         return Err(corrupt(format!(
             "the header promises {page_count} pages of {page_size} bytes but the file is {length} bytes long (truncated)"
         )));

@@ -194,6 +194,8 @@ pub(crate) struct Shared {
     pub(crate) key_rows: RwLock<HashMap<KeyId, i64>>,
     /// Model names to their ids. Models are never deleted.
     pub(crate) model_ids: RwLock<HashMap<String, i64>>,
+    /// Taken by every writer of this store before `BEGIN IMMEDIATE`.
+    write_gate: Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -416,7 +418,8 @@ impl Store {
     /// Runs `f` in a write transaction (`BEGIN IMMEDIATE`): it takes the
     /// write lock up front, waiting up to the busy timeout, so it never fails
     /// half-way with "database is locked". Commits if `f` returns `Ok`, rolls
-    /// back otherwise.
+    /// back otherwise. Writers of one store queue in this process before
+    /// they ask SQLite for the lock; `f` must not call `write` again.
     ///
     /// # Errors
     ///
@@ -424,7 +427,7 @@ impl Store {
     /// [`Error::Pool`].
     pub fn write<T>(&self, f: impl FnOnce(&mut SqliteConnection) -> Result<T>) -> Result<T> {
         let mut conn = self.connection()?;
-        (*conn).immediate_transaction(f)
+        write_with(&self.shared, &mut conn, f)
     }
 
     /// Runs `f` in a read transaction, which sees one consistent snapshot.
@@ -471,9 +474,10 @@ impl Store {
         })
     }
 
-    /// Runs `PRAGMA wal_checkpoint(TRUNCATE)`: copies the write-ahead log
-    /// into the database file and empties it, waiting up to the busy timeout
-    /// for readers and writers.
+    /// Copies the write-ahead log into the database file (a passive
+    /// checkpoint, which blocks nobody) and empties it if no reader still
+    /// needs it (`wal_checkpoint(TRUNCATE)`, without waiting: while it waits
+    /// it would block every writer).
     ///
     /// # Errors
     ///
@@ -481,7 +485,7 @@ impl Store {
     /// cannot complete is not an error: the report says so.
     pub fn checkpoint(&self) -> Result<CheckpointReport> {
         let mut conn = self.connection()?;
-        checkpoint_truncate(&mut conn, self.setup.busy_timeout)
+        checkpoint_truncate(&mut conn, self.setup.busy_timeout, Duration::ZERO)
     }
 
     /// Closes the store: stops handing out connections, waits (up to the
@@ -542,7 +546,9 @@ impl Store {
         // Keeps the query planner's statistics current, as SQLite advises on
         // closing; before the checkpoint, so anything it writes is included.
         conn.batch_execute("PRAGMA optimize")?;
-        let checkpoint = checkpoint_truncate(&mut conn, setup.busy_timeout)?;
+        // Nothing else of this process uses the database any more; another
+        // process may be between two statements, so wait a little for it.
+        let checkpoint = checkpoint_truncate(&mut conn, setup.busy_timeout, setup.busy_timeout)?;
         // The checkpoint has emptied the log: closing the last connection
         // removes the sidecar files without any further work.
         drop(conn);
@@ -646,6 +652,22 @@ fn spawn_maintenance(
         })
 }
 
+/// Runs `f` in `BEGIN IMMEDIATE` on `conn` once this process's other writers
+/// are done. Writers in one process then queue on a lock that wakes them in
+/// turn, instead of polling SQLite's lock with growing sleeps, where an
+/// unlucky writer can starve for the whole busy timeout.
+fn write_with<T>(
+    shared: &Shared,
+    conn: &mut SqliteConnection,
+    f: impl FnOnce(&mut SqliteConnection) -> Result<T>,
+) -> Result<T> {
+    let _gate = shared
+        .write_gate
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    conn.immediate_transaction(f)
+}
+
 /// Deletes what the retention policy no longer keeps, 1,000 rows per write
 /// transaction, stopping early when the store starts closing.
 fn sweep(
@@ -668,7 +690,7 @@ fn sweep(
         let mut deleted = 0;
         loop {
             let mut conn = pool.get()?;
-            let n = (*conn).immediate_transaction(|conn| {
+            let n = write_with(shared, &mut conn, |conn| {
                 crate::events::delete_events_before(conn, cutoff, batch)
             })?;
             deleted += n;
@@ -684,7 +706,7 @@ fn sweep(
         let cutoff_hour = cutoff(age).as_millis().div_euclid(crate::time::HOUR_MS);
         loop {
             let mut conn = pool.get()?;
-            let n = (*conn).immediate_transaction(|conn| {
+            let n = write_with(shared, &mut conn, |conn| {
                 crate::events::delete_rollups_before(conn, cutoff_hour, batch)
             })?;
             if n == 0 || stopping() {
@@ -711,7 +733,9 @@ fn flush_last_used(
         return Ok(0);
     }
     let written = pool.get().map_err(Error::from).and_then(|mut conn| {
-        (*conn).immediate_transaction(|conn| keys::write_last_used(conn, &noted))
+        write_with(shared, &mut conn, |conn| {
+            keys::write_last_used(conn, &noted)
+        })
     });
     if let Err(error) = written {
         let mut pending = shared
@@ -738,23 +762,29 @@ pub struct CheckpointReport {
     pub checkpointed_frames: i64,
 }
 
-/// Runs `wal_checkpoint(TRUNCATE)`. While it waits for readers it blocks
-/// every writer, so it waits only a quarter of the writers' busy timeout:
-/// a writer queued behind it never runs out of patience.
+/// Copies the log into the database with a passive checkpoint (which never
+/// blocks anyone), then empties it with `wal_checkpoint(TRUNCATE)`. TRUNCATE
+/// blocks every new writer while it waits for readers, so it waits at most
+/// `truncate_wait`: far less than the writers' own busy timeout, so that a
+/// writer queued behind it does not run out of patience.
 fn checkpoint_truncate(
     conn: &mut SqliteConnection,
     busy_timeout: Duration,
+    truncate_wait: Duration,
 ) -> Result<CheckpointReport> {
+    let passive: CheckpointRow =
+        diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)").get_result(conn)?;
     let full_ms = busy_timeout.as_millis().min(i32::MAX as u128);
-    conn.batch_execute(&format!("PRAGMA busy_timeout = {}", full_ms / 4))?;
+    let wait_ms = truncate_wait.as_millis().min(full_ms / 4);
+    conn.batch_execute(&format!("PRAGMA busy_timeout = {wait_ms}"))?;
     let row =
         diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)").get_result::<CheckpointRow>(conn);
     conn.batch_execute(&format!("PRAGMA busy_timeout = {full_ms}"))?;
     let row = row?;
     Ok(CheckpointReport {
         complete: row.busy == 0 && row.log == row.checkpointed,
-        log_frames: row.log,
-        checkpointed_frames: row.checkpointed,
+        log_frames: passive.log.max(row.log),
+        checkpointed_frames: passive.checkpointed.max(row.checkpointed),
     })
 }
 

@@ -39,11 +39,11 @@ struct ModelCount {
 }
 
 /// Whether an operation succeeded; a failure is printed for the report.
-fn report<T>(outcome: Result<T, String>) -> bool {
+fn report<T>(what: &str, outcome: Result<T, String>) -> bool {
     match outcome {
         Ok(_) => true,
         Err(error) => {
-            eprintln!("contention: an operation failed: {error}");
+            eprintln!("contention: {what} failed: {error}");
             false
         }
     }
@@ -142,6 +142,7 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
                 i += 1;
                 let ok = match t {
                     0..=2 => report(
+                        "resolve",
                         store
                             .keys()
                             .resolve(&secrets[(i as usize * 7 + t as usize) % secrets.len()])
@@ -153,7 +154,10 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
                         let mut event = NewEvent::new(Timestamp::now(), format!("thread-{t}"));
                         event.prompt_tokens = 5;
                         event.request_id = Some(request_id.clone());
-                        let ok = report(store.events().record(&event).map_err(|e| e.to_string()));
+                        let ok = report(
+                            "record",
+                            store.events().record(&event).map_err(|e| e.to_string()),
+                        );
                         if ok {
                             acked.push(request_id);
                         }
@@ -162,6 +166,7 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
                     5 => {
                         std::thread::sleep(Duration::from_millis(20));
                         report(
+                            "prune",
                             store
                                 .events()
                                 .prune(Timestamp::now().plus_millis(-7 * 86_400_000), 1000)
@@ -170,11 +175,12 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
                     }
                     6 => {
                         std::thread::sleep(Duration::from_millis(50));
-                        report(store.checkpoint().map_err(|e| e.to_string()))
+                        report("checkpoint", store.checkpoint().map_err(|e| e.to_string()))
                     }
                     _ => {
                         std::thread::sleep(Duration::from_millis(100));
                         report(
+                            "backup",
                             store
                                 .backup_to(
                                     &folder_path.join(format!("thread-backup-{}.db", i % 3)),

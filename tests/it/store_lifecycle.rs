@@ -228,3 +228,46 @@ fn writes_take_the_lock_up_front(store: TestStore) -> TestResult {
     })?;
     Ok(())
 }
+
+#[rstest]
+fn a_checkpoint_blocked_by_a_reader_gives_way_to_writers(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    let store = Arc::new(
+        StoreOptions::new(&path)
+            .busy_timeout(std::time::Duration::from_millis(400))
+            .open()?,
+    );
+    store.write(|conn| {
+        diesel::sql_query("INSERT INTO models (name) VALUES ('a')").execute(conn)?;
+        Ok(())
+    })?;
+    // A reader holds an old snapshot, so TRUNCATE has to wait for it; while
+    // it waits it blocks writers.
+    let mut reader = crate::raw_connection(&path)?;
+    diesel::connection::SimpleConnection::batch_execute(&mut reader, "BEGIN")?;
+    let row: IntValue =
+        diesel::sql_query("SELECT count(*) AS value FROM models").get_result(&mut reader)?;
+    assert_eq!(row.value, 1);
+    store.write(|conn| {
+        diesel::sql_query("INSERT INTO models (name) VALUES ('b')").execute(conn)?;
+        Ok(())
+    })?;
+    let checkpointer = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || store.checkpoint())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // A writer queued behind the checkpoint must get through.
+    let written = store.write(|conn| {
+        diesel::sql_query("INSERT INTO models (name) VALUES ('c')").execute(conn)?;
+        Ok(())
+    });
+    let report = checkpointer.join().map_err(|_| "checkpoint panicked")??;
+    diesel::connection::SimpleConnection::batch_execute(&mut reader, "COMMIT")?;
+    assert!(written.is_ok(), "the writer got {written:?}");
+    assert!(
+        !report.complete,
+        "the reader should have kept it from completing"
+    );
+    Ok(())
+}
