@@ -177,17 +177,7 @@ impl EventSink {
     ///
     /// [`Error::BatchFailed`] with the reason the batch was not committed.
     pub fn wait(&self, ticket: Ticket) -> Result<()> {
-        let progress = self
-            .state
-            .settled
-            .wait_while(
-                self.state
-                    .progress
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-                |progress| progress.settled_through < ticket.0,
-            )
-            .unwrap_or_else(PoisonError::into_inner);
+        let progress = self.settled_through(ticket.0);
         match progress
             .failures
             .iter()
@@ -207,17 +197,7 @@ impl EventSink {
     /// [`Error::BatchFailed`] if any batch failed since the sink started.
     pub fn flush(&self) -> Result<()> {
         let last = self.submitted.load(Ordering::Acquire);
-        let progress = self
-            .state
-            .settled
-            .wait_while(
-                self.state
-                    .progress
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-                |progress| progress.settled_through < last,
-            )
-            .unwrap_or_else(PoisonError::into_inner);
+        let progress = self.settled_through(last);
         match progress.failures.front() {
             Some(range) => Err(Error::BatchFailed {
                 message: format!(
@@ -227,6 +207,20 @@ impl EventSink {
             }),
             None => Ok(()),
         }
+    }
+
+    /// Waits until every ticket up to `last` has been committed or failed.
+    fn settled_through(&self, last: u64) -> std::sync::MutexGuard<'_, Progress> {
+        self.state
+            .settled
+            .wait_while(
+                self.state
+                    .progress
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+                |progress| progress.settled_through < last,
+            )
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Events submitted and not yet settled (queued or in the batch being

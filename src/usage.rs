@@ -350,7 +350,7 @@ fn rollup_rows(
         Grouping::Time(Bucket::Hour) => format!("hour * {HOUR_MS}"),
         Grouping::Time(Bucket::Day) => format!("(hour / 24) * {DAY_MS}"),
     };
-    let mut sql = format!(
+    let sql = format!(
         "SELECT {group} AS grp, sum(requests) AS requests, sum(errors) AS errors, \
          sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, \
          sum(cache_read_tokens) AS cache_read_tokens, \
@@ -359,6 +359,18 @@ fn rollup_rows(
          max(latency_ms_max) AS latency_ms_max \
          FROM {table} WHERE hour >= ? AND hour < ?"
     );
+    load_grouped(conn, sql, resolved, from_hour, to_hour)
+}
+
+/// Adds the key and model filters and the grouping to `sql` (which ends in a
+/// WHERE clause with the window's two placeholders) and runs it.
+fn load_grouped(
+    conn: &mut SqliteConnection,
+    mut sql: String,
+    resolved: &Resolved,
+    from: i64,
+    to: i64,
+) -> Result<Vec<GroupRow>> {
     if resolved.key_row.is_some() {
         sql.push_str(" AND key_row_id = ?");
     }
@@ -366,7 +378,7 @@ fn rollup_rows(
         sql.push_str(" AND model_id = ?");
     }
     sql.push_str(" GROUP BY grp");
-    let mut binds = vec![from_hour, to_hour];
+    let mut binds = vec![from, to];
     binds.extend(resolved.key_row);
     binds.extend(resolved.model_id);
     Ok(CachedSql::new(sql, binds).load(conn)?)
@@ -389,7 +401,7 @@ fn raw_rows(
         Grouping::Time(Bucket::Hour) => format!("(ts / {HOUR_MS}) * {HOUR_MS}"),
         Grouping::Time(Bucket::Day) => format!("(ts / {DAY_MS}) * {DAY_MS}"),
     };
-    let mut sql = format!(
+    let sql = format!(
         "SELECT {group} AS grp, count(*) AS requests, \
          sum(status >= 400 OR error IS NOT NULL) AS errors, \
          sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, \
@@ -399,15 +411,5 @@ fn raw_rows(
          max(latency_ms) AS latency_ms_max \
          FROM events WHERE ts >= ? AND ts < ?"
     );
-    if resolved.key_row.is_some() {
-        sql.push_str(" AND key_row_id = ?");
-    }
-    if resolved.model_id.is_some() {
-        sql.push_str(" AND model_id = ?");
-    }
-    sql.push_str(" GROUP BY grp");
-    let mut binds = vec![since, until];
-    binds.extend(resolved.key_row);
-    binds.extend(resolved.model_id);
-    Ok(CachedSql::new(sql, binds).load(conn)?)
+    load_grouped(conn, sql, resolved, since, until)
 }
