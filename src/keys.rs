@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::schema::{key_secrets, keys};
 use crate::secret::{self, Secret};
+use crate::sql::CachedSql;
 use crate::store::Store;
 use crate::time::Timestamp;
 
@@ -796,19 +797,14 @@ pub(crate) fn ids_of(conn: &mut SqliteConnection, row_ids: &[i64]) -> Result<Has
 }
 
 /// Writes noted `last_used_at` times, never moving one backwards.
-pub(crate) fn write_last_used(
-    conn: &mut SqliteConnection,
-    noted: &HashMap<i64, i64>,
-) -> Result<()> {
-    for (&row_id, &millis) in noted {
-        diesel::update(
-            keys::table.filter(keys::row_id.eq(row_id)).filter(
-                keys::last_used_at
-                    .is_null()
-                    .or(keys::last_used_at.lt(Timestamp::from_stored(millis))),
-            ),
+pub(crate) fn write_last_used(conn: &mut SqliteConnection, noted: &[(i64, i64)]) -> Result<()> {
+    for &(row_id, millis) in noted {
+        // Diesel does not keep an UPDATE prepared; this runs once per key.
+        CachedSql::new(
+            "UPDATE keys SET last_used_at = ? WHERE row_id = ? \
+             AND (last_used_at IS NULL OR last_used_at < ?)",
+            vec![millis, row_id, millis],
         )
-        .set(keys::last_used_at.eq(Timestamp::from_stored(millis)))
         .execute(conn)?;
     }
     Ok(())

@@ -732,24 +732,29 @@ fn flush_last_used(
     if noted.is_empty() {
         return Ok(0);
     }
-    let written = pool.get().map_err(Error::from).and_then(|mut conn| {
-        write_with(shared, &mut conn, |conn| {
-            keys::write_last_used(conn, &noted)
-        })
-    });
-    if let Err(error) = written {
-        let mut pending = shared
-            .last_used
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (row_id, millis) in noted {
-            let entry = pending.entry(row_id).or_insert(millis);
-            *entry = (*entry).max(millis);
+    let noted: Vec<(i64, i64)> = noted.into_iter().collect();
+    // Short transactions, so that recording never waits long behind them.
+    for (index, chunk) in noted.chunks(LAST_USED_CHUNK).enumerate() {
+        let written = pool.get().map_err(Error::from).and_then(|mut conn| {
+            write_with(shared, &mut conn, |conn| keys::write_last_used(conn, chunk))
+        });
+        if let Err(error) = written {
+            let mut pending = shared
+                .last_used
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for &(row_id, millis) in &noted[index * LAST_USED_CHUNK..] {
+                let entry = pending.entry(row_id).or_insert(millis);
+                *entry = (*entry).max(millis);
+            }
+            return Err(error);
         }
-        return Err(error);
     }
     Ok(noted.len())
 }
+
+/// Keys whose `last_used_at` one flush transaction writes.
+const LAST_USED_CHUNK: usize = 500;
 
 /// What a `wal_checkpoint(TRUNCATE)` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
