@@ -298,8 +298,11 @@ const WAL_FRAME_HEADER_LEN: usize = 24;
 /// Reads an existing `-wal` file (before SQLite replays it) and refuses one
 /// that cannot belong to this database: a different page size, or a copy of
 /// page 1 whose application id differs from the database's. SQLite itself
-/// would replay such a log into the database. A log of another keytally
-/// database with the same page size cannot be told apart this way.
+/// would replay such a log into the database. Only what SQLite would replay
+/// counts: a header and frames whose checksums hold, so a frame another
+/// process is writing at this moment is never mistaken for a stranger's. A
+/// log of another keytally database with the same page size cannot be told
+/// apart this way.
 pub(crate) fn inspect_wal(database: &Path) -> Result<()> {
     let wal = sidecar(database, SIDECAR_SUFFIXES[0]);
     let file = match File::open(&wal) {
@@ -307,33 +310,26 @@ pub(crate) fn inspect_wal(database: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io(&wal, e)),
     };
-    let length = file.metadata().map_err(|e| Error::io(&wal, e))?.len();
-    if length < WAL_HEADER_LEN {
-        return Ok(());
-    }
     let mut reader = io::BufReader::new(file);
     let mut header = [0u8; WAL_HEADER_LEN as usize];
-    reader
-        .read_exact(&mut header)
-        .map_err(|e| Error::io(&wal, e))?;
-    let u32_at = |bytes: &[u8], offset: usize| {
-        u32::from_be_bytes([
-            bytes[offset],
-            bytes[offset + 1],
-            bytes[offset + 2],
-            bytes[offset + 3],
-        ])
-    };
-    let magic = u32_at(&header, 0);
+    if !read_whole(&mut reader, &mut header, &wal)? {
+        return Ok(());
+    }
+    let magic = be_u32(&header, 0);
     if magic != 0x377f_0682 && magic != 0x377f_0683 {
         // SQLite ignores a log without a valid header.
+        return Ok(());
+    }
+    let big_endian = magic & 1 == 1;
+    let mut sums = wal_checksum(&header[..24], (0, 0), big_endian);
+    if sums != (be_u32(&header, 24), be_u32(&header, 28)) {
         return Ok(());
     }
     let foreign = |detail: String| Error::Foreign {
         path: wal.clone(),
         detail,
     };
-    let wal_page_size = u64::from(u32_at(&header, 8));
+    let wal_page_size = u64::from(be_u32(&header, 8));
     let (database_page_size, database_application_id) = database_identity(database)?;
     if let Some(page_size) = database_page_size {
         if wal_page_size != page_size {
@@ -345,45 +341,77 @@ pub(crate) fn inspect_wal(database: &Path) -> Result<()> {
     if !(512..=65_536).contains(&wal_page_size) || !wal_page_size.is_power_of_two() {
         return Ok(());
     }
-    let (salt_1, salt_2) = (u32_at(&header, 16), u32_at(&header, 20));
-    let frame_data = usize::try_from(wal_page_size).unwrap_or(65_536);
+    let (salt_1, salt_2) = (be_u32(&header, 16), be_u32(&header, 20));
     let mut frame_header = [0u8; WAL_FRAME_HEADER_LEN];
-    let mut page_start = vec![0u8; HEADER_LEN];
+    let mut page = vec![0u8; usize::try_from(wal_page_size).unwrap_or(65_536)];
     loop {
-        match reader.read_exact(&mut frame_header) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(Error::io(&wal, e)),
-        }
-        // Frames whose salts differ are left over from an earlier log and
-        // are ignored by SQLite; so is everything after them.
-        if u32_at(&frame_header, 8) != salt_1 || u32_at(&frame_header, 12) != salt_2 {
+        if !read_whole(&mut reader, &mut frame_header, &wal)?
+            || !read_whole(&mut reader, &mut page, &wal)?
+        {
             return Ok(());
         }
-        let page_number = u32_at(&frame_header, 0);
-        let mut skip = frame_data;
-        if page_number == 1 {
-            match reader.read_exact(&mut page_start) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(Error::io(&wal, e)),
-            }
-            skip -= HEADER_LEN;
-            let application_id = u32_at(&page_start, 68);
+        // SQLite replays frames up to the first whose salts or cumulative
+        // checksum do not hold (left from an earlier log, or half written).
+        if be_u32(&frame_header, 8) != salt_1 || be_u32(&frame_header, 12) != salt_2 {
+            return Ok(());
+        }
+        sums = wal_checksum(&frame_header[..8], sums, big_endian);
+        sums = wal_checksum(&page, sums, big_endian);
+        if sums != (be_u32(&frame_header, 16), be_u32(&frame_header, 20)) {
+            return Ok(());
+        }
+        if be_u32(&frame_header, 0) == 1 {
+            let application_id = be_u32(&page, 68);
             let acceptable = match database_application_id {
                 Some(expected) => application_id == expected,
                 None => application_id == APPLICATION_ID || application_id == 0,
             };
-            if page_start[..16] != SQLITE_MAGIC[..] || !acceptable {
+            if page[..16] != SQLITE_MAGIC[..] || !acceptable {
                 return Err(foreign(format!(
                     "it holds a page 1 with application id {application_id:#010x}: it belongs to another database"
                 )));
             }
         }
-        reader
-            .seek_relative(i64::try_from(skip).unwrap_or(i64::MAX))
-            .map_err(|e| Error::io(&wal, e))?;
     }
+}
+
+fn be_u32(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_be_bytes([
+        bytes[offset],
+        bytes[offset + 1],
+        bytes[offset + 2],
+        bytes[offset + 3],
+    ])
+}
+
+/// Fills `buffer`; `false` at the end of the file (a short read counts as
+/// the end, as it does for SQLite).
+fn read_whole(reader: &mut impl Read, buffer: &mut [u8], path: &Path) -> Result<bool> {
+    match reader.read_exact(buffer) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// SQLite's write-ahead-log checksum over `data` (a multiple of 8 bytes),
+/// continuing from `sums`; the words are big-endian when the log's magic
+/// number says so, little-endian otherwise.
+fn wal_checksum(data: &[u8], sums: (u32, u32), big_endian: bool) -> (u32, u32) {
+    let (mut s0, mut s1) = sums;
+    for chunk in data.chunks_exact(8) {
+        let word = |i: usize| {
+            let bytes = [chunk[i], chunk[i + 1], chunk[i + 2], chunk[i + 3]];
+            if big_endian {
+                u32::from_be_bytes(bytes)
+            } else {
+                u32::from_le_bytes(bytes)
+            }
+        };
+        s0 = s0.wrapping_add(word(0)).wrapping_add(s1);
+        s1 = s1.wrapping_add(word(4)).wrapping_add(s0);
+    }
+    (s0, s1)
 }
 
 /// The page size and application id of a database with a valid header, or

@@ -232,3 +232,45 @@ fn a_read_only_folder_is_a_clear_error_at_open(folder: TempDir) -> TestResult {
     assert_eq!(std::fs::read(&path)?, before);
     Ok(())
 }
+
+#[rstest]
+fn a_half_written_frame_in_a_live_log_is_not_taken_for_a_stranger(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    // A real log of this database, copied while a store holds it open.
+    let store = Store::open(&path)?;
+    store.write(|conn| {
+        diesel::RunQueryDsl::execute(
+            diesel::sql_query("INSERT INTO models (name) VALUES ('gpt-4o')"),
+            conn,
+        )?;
+        Ok(())
+    })?;
+    let mut wal = std::fs::read(sidecar(&path, "-wal"))?;
+    let main = std::fs::read(&path)?;
+    drop(store);
+    assert!(wal.len() > 32, "no log to copy");
+    // Another writer has written the header of a page-1 frame but not yet its
+    // page: salts that match, a zeroed page, a checksum that does not hold.
+    let mut frame = vec![0u8; 24 + 4096];
+    frame[..4].copy_from_slice(&1u32.to_be_bytes());
+    frame[8..16].copy_from_slice(&wal[16..24]);
+    wal.extend_from_slice(&frame);
+    std::fs::write(&path, &main)?;
+    std::fs::write(sidecar(&path, "-wal"), &wal)?;
+    let _ = std::fs::remove_file(sidecar(&path, "-shm"));
+    let store = Store::open(&path)?;
+    let mut conn = store.connection()?;
+    let names: i64 = diesel::RunQueryDsl::get_result::<Count>(
+        diesel::sql_query("SELECT count(*) AS n FROM models"),
+        &mut *conn,
+    )?
+    .n;
+    assert_eq!(names, 1, "the committed part of the log was replayed");
+    Ok(())
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
