@@ -102,3 +102,24 @@ fn schema_rs_matches_the_migrated_database(store: TestStore) -> TestResult {
     assert_eq!(generated, database);
     Ok(())
 }
+
+#[derive(QueryableByName)]
+struct Used {
+    #[diesel(sql_type = BigInt)]
+    used: i64,
+}
+
+#[rstest]
+fn bundled_sqlite_has_the_compile_options_of_cargo_config(store: TestStore) -> TestResult {
+    // .cargo/config.toml sets these through LIBSQLITE3_FLAGS; a build that
+    // lost them would still work, only slower, so nothing else would notice.
+    let mut conn = store.connection()?;
+    for option in ["THREADSAFE=2", "DEFAULT_MEMSTATUS=0"] {
+        let row: Used = diesel::sql_query(format!(
+            "SELECT sqlite_compileoption_used('{option}') AS used"
+        ))
+        .get_result(&mut *conn)?;
+        assert_eq!(row.used, 1, "SQLite was built without {option}");
+    }
+    Ok(())
+}
