@@ -159,10 +159,10 @@ enum EventsCommand {
         /// Only this model's events.
         #[arg(long)]
         model: Option<String>,
-        /// From this time (RFC 3339 or Unix ms).
+        /// From this time (RFC 3339, Unix ms, or a duration ago such as 2h).
         #[arg(long)]
         since: Option<String>,
-        /// Before this time (RFC 3339 or Unix ms).
+        /// Before this time (RFC 3339, Unix ms, or a duration ago).
         #[arg(long)]
         until: Option<String>,
         /// At most this many events.
@@ -180,7 +180,7 @@ enum EventsCommand {
         /// From this time (RFC 3339, Unix ms, or a duration ago such as 7d).
         #[arg(long)]
         since: String,
-        /// Before this time [default: now].
+        /// Before this time (as --since) [default: now].
         #[arg(long)]
         until: Option<String>,
         /// Group by hour, day, model or key.
