@@ -191,12 +191,7 @@ impl<'a> Events<'a> {
                 totals,
             })
             .collect();
-        usage.sort_by(|a, b| {
-            b.totals
-                .requests
-                .cmp(&a.totals.requests)
-                .then(a.group.cmp(&b.group))
-        });
+        sort_largest_first(&mut usage);
         Ok(usage)
     }
 
@@ -217,12 +212,7 @@ impl<'a> Events<'a> {
                 totals,
             })
             .collect();
-        usage.sort_by(|a, b| {
-            b.totals
-                .requests
-                .cmp(&a.totals.requests)
-                .then(a.group.cmp(&b.group))
-        });
+        sort_largest_first(&mut usage);
         Ok(usage)
     }
 
@@ -328,6 +318,16 @@ impl<'a> Events<'a> {
             Ok(grouped)
         })
     }
+}
+
+/// Largest request count first; ties in the groups' own order.
+fn sort_largest_first<G: Ord>(usage: &mut [GroupUsage<G>]) {
+    usage.sort_by(|a, b| {
+        b.totals
+            .requests
+            .cmp(&a.totals.requests)
+            .then(a.group.cmp(&b.group))
+    });
 }
 
 fn rollup_rows(
