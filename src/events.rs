@@ -2,7 +2,7 @@
 //! the same transactions, and the [`Events`] repository (record, batch,
 //! list, prune).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::PoisonError;
 
@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::keys::{self, validate_model_name, KeyId};
 use crate::schema::{events, models};
-use crate::sql::CachedSql;
+use crate::sql::{sql_text, CachedSql, FixedSql, Value};
 use crate::store::Store;
 use crate::time::{Timestamp, HOUR_MS};
 
@@ -280,8 +280,7 @@ struct EventRow {
 
 /// An event that passed validation, with its model and key resolved to
 /// their row ids: ready to insert.
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = events)]
+#[derive(Debug, Clone)]
 pub(crate) struct PreparedEvent {
     ts: Timestamp,
     key_row_id: Option<i64>,
@@ -837,29 +836,52 @@ macro_rules! rollup_upsert {
     };
 }
 
-const ADD_TO_KEY_ROLLUP: &str = rollup_upsert!(
-    "usage_key_hourly",
-    "key_row_id, hour, model_id",
-    "?, ?, ?, "
+sql_text!(
+    /// Adds to one key's hourly usage of one model.
+    AddToKeyRollup = rollup_upsert!("usage_key_hourly", "key_row_id, hour, model_id", "?, ?, ?, ")
 );
-const ADD_TO_MODEL_ROLLUP: &str = rollup_upsert!("usage_model_hourly", "hour, model_id", "?, ?, ");
+sql_text!(
+    /// Adds to one model's hourly usage.
+    AddToModelRollup = rollup_upsert!("usage_model_hourly", "hour, model_id", "?, ?, ")
+);
+sql_text!(
+    /// The id the next event gets: ids are given explicitly, so a batch's
+    /// are known without reading each one back.
+    NextEventId = "SELECT coalesce(max(id), 0) + 1 AS value FROM events"
+);
+sql_text!(
+    /// Adds one event, its id given.
+    InsertEvent = "INSERT INTO events (id, ts, key_row_id, model_id, upstream_model_id, \
+        request_id, prompt_tokens, completion_tokens, cache_read_tokens, \
+        cache_creation_tokens, reasoning_tokens, status, latency_ms, error, usage_unknown, \
+        thinking_level) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+);
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = BigInt)]
+    value: i64,
+}
 
 impl Delta {
     /// The bind values of a rollup upsert: the key columns, then the sums.
-    fn binds(&self, key: &[i64]) -> Vec<i64> {
+    fn binds(&self, key: &[i64]) -> Vec<Value<'static>> {
         let mut binds = Vec::with_capacity(key.len() + 9);
-        binds.extend_from_slice(key);
-        binds.extend_from_slice(&[
-            self.requests,
-            self.errors,
-            self.prompt,
-            self.completion,
-            self.cache_read,
-            self.cache_creation,
-            self.reasoning,
-            self.latency_sum,
-            self.latency_max,
-        ]);
+        binds.extend(key.iter().map(|v| Value::Int(*v)));
+        binds.extend(
+            [
+                self.requests,
+                self.errors,
+                self.prompt,
+                self.completion,
+                self.cache_read,
+                self.cache_creation,
+                self.reasoning,
+                self.latency_sum,
+                self.latency_max,
+            ]
+            .map(Value::Int),
+        );
         binds
     }
 
@@ -876,37 +898,58 @@ impl Delta {
     }
 }
 
+impl PreparedEvent {
+    /// The bind values of [`InsertEvent`].
+    fn values(&self, id: i64) -> Vec<Value<'_>> {
+        vec![
+            Value::Int(id),
+            Value::Int(self.ts.as_millis()),
+            self.key_row_id.into(),
+            Value::Int(self.model_id),
+            self.upstream_model_id.into(),
+            self.request_id.as_deref().into(),
+            Value::Int(i64::from(self.prompt_tokens)),
+            Value::Int(i64::from(self.completion_tokens)),
+            Value::Int(i64::from(self.cache_read_tokens)),
+            Value::Int(i64::from(self.cache_creation_tokens)),
+            Value::Int(i64::from(self.reasoning_tokens)),
+            Value::Int(i64::from(self.status)),
+            Value::Int(i64::from(self.latency_ms)),
+            self.error.as_deref().into(),
+            Value::Int(i64::from(self.usage_unknown)),
+            self.thinking_level.as_deref().into(),
+        ]
+    }
+}
+
 /// Inserts prepared events and adds them to the rollups, inside the
-/// caller's write transaction.
+/// caller's write transaction. The events get consecutive ids in their
+/// order; the rollup rows are visited in key order, so a batch walks each
+/// rollup table once from one end to the other.
 pub(crate) fn insert_prepared(
     conn: &mut SqliteConnection,
     prepared: &[PreparedEvent],
 ) -> Result<InsertedIds> {
-    let mut first = None;
-    let mut previous: Option<i64> = None;
-    for event in prepared {
-        let id: EventId = diesel::insert_into(events::table)
-            .values(event)
-            .returning(events::id)
-            .get_result(conn)?;
-        // Inside one write transaction every new rowid is the largest so
-        // far plus one; the batch's ids are consecutive.
-        if let Some(previous) = previous {
-            if id.0 != previous + 1 {
-                return Err(Error::BadStoredValue {
-                    message: format!("event ids not consecutive: {previous} then {}", id.0),
-                });
-            }
-        }
-        previous = Some(id.0);
-        first.get_or_insert(id);
+    if prepared.is_empty() {
+        return Err(Error::InvalidInput {
+            field: "batch",
+            reason: "it is empty".to_owned(),
+        });
     }
-    let first = first.ok_or(Error::InvalidInput {
-        field: "batch",
-        reason: "it is empty".to_owned(),
-    })?;
-    let mut by_key: HashMap<(i64, i64, i64), Delta> = HashMap::new();
-    let mut by_model: HashMap<(i64, i64), Delta> = HashMap::new();
+    let first = FixedSql::<NextEventId>::new(Vec::new())
+        .get_result::<IdRow>(conn)?
+        .value;
+    for (offset, event) in prepared.iter().enumerate() {
+        let id = i64::try_from(offset)
+            .ok()
+            .and_then(|offset| first.checked_add(offset))
+            .ok_or_else(|| Error::BadStoredValue {
+                message: format!("event ids are exhausted (next id {first})"),
+            })?;
+        FixedSql::<InsertEvent>::new(event.values(id)).execute(conn)?;
+    }
+    let mut by_key: BTreeMap<(i64, i64, i64), Delta> = BTreeMap::new();
+    let mut by_model: BTreeMap<(i64, i64), Delta> = BTreeMap::new();
     for event in prepared {
         let hour = event.ts.hour();
         by_key
@@ -919,12 +962,14 @@ pub(crate) fn insert_prepared(
             .add(event);
     }
     for ((key_row_id, hour, model_id), d) in by_key {
-        CachedSql::new(ADD_TO_KEY_ROLLUP, d.binds(&[key_row_id, hour, model_id])).execute(conn)?;
+        FixedSql::<AddToKeyRollup>::new(d.binds(&[key_row_id, hour, model_id])).execute(conn)?;
     }
     for ((hour, model_id), d) in by_model {
-        CachedSql::new(ADD_TO_MODEL_ROLLUP, d.binds(&[hour, model_id])).execute(conn)?;
+        FixedSql::<AddToModelRollup>::new(d.binds(&[hour, model_id])).execute(conn)?;
     }
-    Ok(InsertedIds { first })
+    Ok(InsertedIds {
+        first: EventId(first),
+    })
 }
 
 /// Every model's name by id (the table is small: one row per model name).

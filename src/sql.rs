@@ -1,18 +1,78 @@
-//! [`CachedSql`]: hand-written SQL that Diesel keeps prepared.
+//! Hand-written SQL that Diesel keeps prepared.
 //!
 //! Diesel never caches the prepared statement of `sql_query`, of an
 //! `UPDATE`, or of an `INSERT .. ON CONFLICT DO UPDATE`, so each call would
 //! parse and plan its SQL again. On the write path and the usage queries
-//! that cost dominates. A `CachedSql` is cached by its text instead, like any
-//! other Diesel query without a static type id.
+//! that cost dominates.
+//!
+//! - [`CachedSql`] holds SQL built at run time; Diesel caches it by its text
+//!   (building and hashing the text on every call).
+//! - [`FixedSql`] runs a statement named by a [`SqlText`] type; Diesel caches
+//!   it by that type, so a call only binds its values. The hot paths use it.
 
 use std::borrow::Cow;
+use std::marker::PhantomData;
 
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::Error as DieselError;
-use diesel::sql_types::{BigInt, Untyped};
+use diesel::sql_types::{BigInt, Nullable, Text, Untyped};
 use diesel::sqlite::{Sqlite, SqliteConnection};
 use diesel::{QueryResult, RunQueryDsl};
+
+/// A value bound to a `?` placeholder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Value<'a> {
+    Int(i64),
+    Text(&'a str),
+    Null,
+}
+
+impl From<i64> for Value<'_> {
+    fn from(value: i64) -> Self {
+        Value::Int(value)
+    }
+}
+
+impl From<Option<i64>> for Value<'_> {
+    fn from(value: Option<i64>) -> Self {
+        value.map_or(Value::Null, Value::Int)
+    }
+}
+
+impl<'a> From<Option<&'a str>> for Value<'a> {
+    fn from(value: Option<&'a str>) -> Self {
+        value.map_or(Value::Null, Value::Text)
+    }
+}
+
+const NULL: Option<i64> = None;
+
+/// Pushes `sql` with each `?` bound to the next of `binds`.
+fn walk_placeholders<'b, V>(
+    sql: &'b str,
+    binds: &'b [V],
+    out: &mut AstPass<'_, 'b, Sqlite>,
+    bind: impl Fn(&'b V, &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()>,
+) -> QueryResult<()> {
+    let mut pieces = sql.split('?');
+    let mut binds = binds.iter();
+    if let Some(first) = pieces.next() {
+        out.push_sql(first);
+    }
+    for piece in pieces {
+        let value = binds.next().ok_or_else(|| {
+            DieselError::QueryBuilderError("more placeholders than values".into())
+        })?;
+        bind(value, out)?;
+        out.push_sql(piece);
+    }
+    if binds.next().is_some() {
+        return Err(DieselError::QueryBuilderError(
+            "more values than placeholders".into(),
+        ));
+    }
+    Ok(())
+}
 
 /// SQL text with `?` placeholders, each bound to an integer.
 #[derive(Debug, Clone)]
@@ -34,24 +94,9 @@ impl CachedSql {
 
 impl QueryFragment<Sqlite> for CachedSql {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        let mut pieces = self.sql.split('?');
-        let mut binds = self.binds.iter();
-        if let Some(first) = pieces.next() {
-            out.push_sql(first);
-        }
-        for piece in pieces {
-            let bind = binds.next().ok_or_else(|| {
-                DieselError::QueryBuilderError("more placeholders than values".into())
-            })?;
-            out.push_bind_param::<BigInt, i64>(bind)?;
-            out.push_sql(piece);
-        }
-        if binds.next().is_some() {
-            return Err(DieselError::QueryBuilderError(
-                "more values than placeholders".into(),
-            ));
-        }
-        Ok(())
+        walk_placeholders(&self.sql, &self.binds, &mut out, |value, out| {
+            out.push_bind_param::<BigInt, i64>(value)
+        })
     }
 }
 
@@ -66,3 +111,59 @@ impl Query for CachedSql {
 }
 
 impl RunQueryDsl<SqliteConnection> for CachedSql {}
+
+/// A statement known at compile time: one type per statement text.
+pub(crate) trait SqlText: 'static {
+    /// The SQL, with `?` placeholders and no `?` anywhere else.
+    const SQL: &'static str;
+}
+
+/// Declares a [`SqlText`] type for a constant statement.
+macro_rules! sql_text {
+    ($(#[$doc:meta])* $name:ident = $sql:expr) => {
+        $(#[$doc])*
+        pub(crate) struct $name;
+
+        impl $crate::sql::SqlText for $name {
+            const SQL: &'static str = $sql;
+        }
+    };
+}
+pub(crate) use sql_text;
+
+/// The statement `S` with its values: prepared once per connection.
+pub(crate) struct FixedSql<'a, S> {
+    binds: Vec<Value<'a>>,
+    statement: PhantomData<S>,
+}
+
+impl<'a, S: SqlText> FixedSql<'a, S> {
+    /// `S`'s statement with its `?` placeholders bound to `binds`, in order.
+    pub(crate) fn new(binds: Vec<Value<'a>>) -> FixedSql<'a, S> {
+        FixedSql {
+            binds,
+            statement: PhantomData,
+        }
+    }
+}
+
+impl<S: SqlText> QueryFragment<Sqlite> for FixedSql<'_, S> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        walk_placeholders(S::SQL, &self.binds, &mut out, |value, out| match value {
+            Value::Int(int) => out.push_bind_param::<BigInt, i64>(int),
+            Value::Text(text) => out.push_bind_param::<Text, str>(text),
+            Value::Null => out.push_bind_param::<Nullable<BigInt>, Option<i64>>(&NULL),
+        })
+    }
+}
+
+impl<S: SqlText> QueryId for FixedSql<'_, S> {
+    type QueryId = S;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<S: SqlText> Query for FixedSql<'_, S> {
+    type SqlType = Untyped;
+}
+
+impl<S: SqlText> RunQueryDsl<SqliteConnection> for FixedSql<'_, S> {}
