@@ -590,7 +590,7 @@ impl Drop for Store {
 }
 
 /// How often the maintenance thread checkpoints the write-ahead log.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Starts the store's maintenance thread. Every 200 ms it runs a passive
 /// checkpoint, so that committing writers rarely have to (their automatic
@@ -636,11 +636,10 @@ fn spawn_maintenance(
                         tracing::warn!(%error, "retention sweep failed; will retry");
                     }
                 }
-                let checkpoint = pool.get().map_err(Error::from).and_then(|mut conn| {
-                    diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)")
-                        .execute(&mut *conn)
-                        .map_err(Error::from)
-                });
+                let checkpoint = pool
+                    .get()
+                    .map_err(Error::from)
+                    .and_then(|mut conn| background_checkpoint(&mut conn, &shared));
                 if let Err(error) = checkpoint {
                     tracing::debug!(%error, "background checkpoint did not run");
                 }
@@ -650,6 +649,31 @@ fn spawn_maintenance(
             path: PathBuf::from("(thread)"),
             source,
         })
+}
+
+/// The log length (in pages) from which the background checkpoint makes
+/// sure the log starts over.
+const RESTART_LOG_FRAMES: i64 = 1_000;
+
+/// Copies the log into the database without holding up anyone. SQLite
+/// starts the log over only when a write transaction begins with all of it
+/// copied; while writers keep committing, that moment hardly comes, and the
+/// log would grow until a writer checkpointed it inside its own commit
+/// (`wal_autocheckpoint`). So once the log is long, the rest is copied again
+/// while this process's writers wait at the gate: the next one to begin then
+/// starts the log over.
+fn background_checkpoint(conn: &mut SqliteConnection, shared: &Shared) -> Result<()> {
+    let mut passive =
+        || diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)").get_result::<CheckpointRow>(conn);
+    let first = passive()?;
+    if first.busy == 0 && first.log >= RESTART_LOG_FRAMES {
+        let _gate = shared
+            .write_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        passive()?;
+    }
+    Ok(())
 }
 
 /// Runs `f` in `BEGIN IMMEDIATE` on `conn` once this process's other writers
