@@ -22,7 +22,7 @@ const MODELS: [&str; 8] = [
 ];
 /// The reference's first event time, in ms.
 const T0: i64 = 1_790_000_000_000;
-const BATCH: usize = 1_000;
+const BATCH: usize = 10_000;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 

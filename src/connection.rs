@@ -114,7 +114,7 @@ impl ConnectionSetup {
             self.synchronous.pragma_value()
         ))?;
         conn.batch_execute("PRAGMA foreign_keys = ON")?;
-        // The store's maintenance thread checkpoints every 200 ms; a writer
+        // The store's maintenance thread checkpoints every 50 ms; a writer
         // checkpoints by itself only if the log still reaches 10,000 pages
         // (about 40 MiB), instead of SQLite's default of 1,000.
         conn.batch_execute("PRAGMA wal_autocheckpoint = 10000")?;
