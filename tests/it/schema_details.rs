@@ -121,5 +121,12 @@ fn bundled_sqlite_has_the_compile_options_of_cargo_config(store: TestStore) -> T
         .get_result(&mut *conn)?;
         assert_eq!(row.used, 1, "SQLite was built without {option}");
     }
+    let row: Used =
+        diesel::sql_query("SELECT sqlite_compileoption_used('ENABLE_MEMORY_MANAGEMENT') AS used")
+            .get_result(&mut *conn)?;
+    assert_eq!(
+        row.used, 0,
+        "SQLite was built with ENABLE_MEMORY_MANAGEMENT"
+    );
     Ok(())
 }
