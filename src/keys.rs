@@ -92,9 +92,9 @@ impl ToSql<Binary, Sqlite> for KeyId {
 }
 
 impl FromSql<Binary, Sqlite> for KeyId {
-    fn from_sql(value: SqliteValue<'_, '_, '_>) -> deserialize::Result<Self> {
-        let bytes = <Vec<u8> as FromSql<Binary, Sqlite>>::from_sql(value)?;
-        Ok(KeyId(Uuid::from_slice(&bytes)?))
+    fn from_sql(mut value: SqliteValue<'_, '_, '_>) -> deserialize::Result<Self> {
+        // Read in place: this runs on every resolve.
+        Ok(KeyId(Uuid::from_slice(value.read_blob())?))
     }
 }
 
@@ -148,9 +148,8 @@ impl ToSql<Text, Sqlite> for Tier {
 }
 
 impl FromSql<Text, Sqlite> for Tier {
-    fn from_sql(value: SqliteValue<'_, '_, '_>) -> deserialize::Result<Self> {
-        let text = <String as FromSql<Text, Sqlite>>::from_sql(value)?;
-        Ok(text.parse::<Tier>()?)
+    fn from_sql(mut value: SqliteValue<'_, '_, '_>) -> deserialize::Result<Self> {
+        Ok(value.read_text().parse::<Tier>()?)
     }
 }
 
@@ -257,13 +256,13 @@ impl ToSql<Text, Sqlite> for AllowedModels {
 }
 
 impl FromSql<Text, Sqlite> for AllowedModels {
-    fn from_sql(value: SqliteValue<'_, '_, '_>) -> deserialize::Result<Self> {
-        let text = <String as FromSql<Text, Sqlite>>::from_sql(value)?;
+    fn from_sql(mut value: SqliteValue<'_, '_, '_>) -> deserialize::Result<Self> {
+        let text = value.read_text();
         // Most keys allow any model; this runs on every resolve.
         if text == ANY_MODEL_JSON {
             return Ok(AllowedModels::Any);
         }
-        let names: Vec<String> = serde_json::from_str(&text)?;
+        let names: Vec<String> = serde_json::from_str(text)?;
         Ok(AllowedModels::from_names(&names)?)
     }
 }

@@ -115,13 +115,20 @@ pub(crate) fn generate(prefix: &str) -> Result<Secret> {
     Ok(Secret(secret))
 }
 
-fn encode_checksum(mut crc: u32) -> String {
+fn encode_checksum(crc: u32) -> String {
+    checksum_digits(crc)
+        .iter()
+        .map(|&b| char::from(b))
+        .collect()
+}
+
+fn checksum_digits(mut crc: u32) -> [u8; CHECKSUM_LEN] {
     let mut digits = [b'0'; CHECKSUM_LEN];
     for digit in digits.iter_mut().rev() {
         *digit = BASE62[(crc % 62) as usize];
         crc /= 62;
     }
-    digits.iter().map(|&b| char::from(b)).collect()
+    digits
 }
 
 /// Why a presented secret was rejected without a database look-up.
@@ -144,7 +151,7 @@ pub(crate) fn parse(prefix: &str, presented: &str) -> std::result::Result<Secret
         return Err(Malformed::Shape);
     }
     let (signed, checksum) = presented.split_at(prefix.len() + BODY_LEN);
-    if encode_checksum(crc32fast::hash(signed.as_bytes())) != checksum {
+    if checksum_digits(crc32fast::hash(signed.as_bytes())) != checksum.as_bytes() {
         return Err(Malformed::Checksum);
     }
     Ok(SecretHash::of(presented))

@@ -179,13 +179,51 @@ pub struct Store {
     tightened_at_open: Vec<TightenedFile>,
 }
 
+/// Hashes key row ids for the `last_used_at` map, which every resolve
+/// updates: row ids are small integers chosen by SQLite, not by a caller, so
+/// a multiplicative hash serves where SipHash's resistance to chosen keys
+/// would only cost time.
+#[derive(Default, Clone, Copy)]
+struct BuildRowIdHasher;
+
+#[derive(Default)]
+struct RowIdHasher(u64);
+
+impl std::hash::BuildHasher for BuildRowIdHasher {
+    type Hasher = RowIdHasher;
+
+    fn build_hasher(&self) -> RowIdHasher {
+        RowIdHasher(0)
+    }
+}
+
+impl std::hash::Hasher for RowIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_i64(&mut self, value: i64) {
+        self.write_u64(value as u64);
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0.rotate_left(5) ^ value).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
 /// State shared between the store and its `last_used_at` flusher thread,
 /// plus caches of values that never change once written.
 #[derive(Default)]
 pub(crate) struct Shared {
     /// `last_used_at` times noted by resolves and not written yet, by key
     /// row id, in Unix milliseconds.
-    last_used: Mutex<HashMap<i64, i64>>,
+    last_used: Mutex<HashMap<i64, i64, BuildRowIdHasher>>,
     /// Set to stop the flusher.
     stopping: Mutex<bool>,
     wake_flusher: Condvar,
