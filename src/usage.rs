@@ -269,7 +269,9 @@ impl<'a> Events<'a> {
     }
 
     /// Totals per group: whole hours from the rollups, the partial hours at
-    /// either edge from raw events, all in one read transaction.
+    /// either edge from raw events. One compound statement reads all the
+    /// parts, so they come from one snapshot without a transaction around
+    /// them.
     fn grouped(&self, filter: &UsageFilter, grouping: Grouping) -> Result<BTreeMap<i64, Totals>> {
         let Some(resolved) = self.resolve_filter(filter)? else {
             return Ok(BTreeMap::new());
@@ -277,46 +279,71 @@ impl<'a> Events<'a> {
         let first_whole_hour =
             resolved.since.div_euclid(HOUR_MS) + i64::from(resolved.since.rem_euclid(HOUR_MS) != 0);
         let end_whole_hour = resolved.until.div_euclid(HOUR_MS);
-        self.store_read(|conn| {
-            let mut rows = Vec::new();
-            if first_whole_hour < end_whole_hour {
-                rows.extend(rollup_rows(
-                    conn,
-                    &resolved,
-                    grouping,
-                    first_whole_hour,
-                    end_whole_hour,
-                )?);
-                rows.extend(raw_rows(
-                    conn,
-                    &resolved,
-                    grouping,
-                    resolved.since,
-                    first_whole_hour * HOUR_MS,
-                )?);
-                rows.extend(raw_rows(
-                    conn,
-                    &resolved,
-                    grouping,
-                    end_whole_hour * HOUR_MS,
-                    resolved.until,
-                )?);
-            } else {
-                rows.extend(raw_rows(
-                    conn,
-                    &resolved,
-                    grouping,
-                    resolved.since,
-                    resolved.until,
-                )?);
-            }
-            let mut grouped: BTreeMap<i64, Totals> = BTreeMap::new();
-            for row in rows {
-                grouped.entry(row.grp).or_default().merge(&row.totals());
-            }
-            grouped.retain(|_, totals| totals.requests > 0);
-            Ok(grouped)
-        })
+        let mut query = Compound::default();
+        if first_whole_hour < end_whole_hour {
+            query.add(rollup_part(
+                &resolved,
+                grouping,
+                first_whole_hour,
+                end_whole_hour,
+            ));
+            query.add(raw_part(
+                &resolved,
+                grouping,
+                resolved.since,
+                first_whole_hour * HOUR_MS,
+            ));
+            query.add(raw_part(
+                &resolved,
+                grouping,
+                end_whole_hour * HOUR_MS,
+                resolved.until,
+            ));
+        } else {
+            query.add(raw_part(
+                &resolved,
+                grouping,
+                resolved.since,
+                resolved.until,
+            ));
+        }
+        let Some(query) = query.finish() else {
+            return Ok(BTreeMap::new());
+        };
+        let rows: Vec<GroupRow> = {
+            let mut conn = self.store().connection()?;
+            query.load(&mut *conn)?
+        };
+        let mut grouped: BTreeMap<i64, Totals> = BTreeMap::new();
+        for row in rows {
+            grouped.entry(row.grp).or_default().merge(&row.totals());
+        }
+        grouped.retain(|_, totals| totals.requests > 0);
+        Ok(grouped)
+    }
+}
+
+/// The parts of a `UNION ALL`, each a grouped `SELECT` with its values.
+#[derive(Default)]
+struct Compound {
+    sql: String,
+    binds: Vec<i64>,
+}
+
+impl Compound {
+    fn add(&mut self, part: Option<(String, Vec<i64>)>) {
+        let Some((sql, binds)) = part else {
+            return;
+        };
+        if !self.sql.is_empty() {
+            self.sql.push_str(" UNION ALL ");
+        }
+        self.sql.push_str(&sql);
+        self.binds.extend(binds);
+    }
+
+    fn finish(self) -> Option<CachedSql> {
+        (!self.sql.is_empty()).then(|| CachedSql::new(self.sql, self.binds))
     }
 }
 
@@ -330,13 +357,12 @@ fn sort_largest_first<G: Ord>(usage: &mut [GroupUsage<G>]) {
     });
 }
 
-fn rollup_rows(
-    conn: &mut SqliteConnection,
+fn rollup_part(
     resolved: &Resolved,
     grouping: Grouping,
     from_hour: i64,
     to_hour: i64,
-) -> Result<Vec<GroupRow>> {
+) -> Option<(String, Vec<i64>)> {
     let by_key = resolved.key_row.is_some() || grouping == Grouping::Key;
     let table = if by_key {
         "usage_key_hourly"
@@ -359,18 +385,12 @@ fn rollup_rows(
          max(latency_ms_max) AS latency_ms_max \
          FROM {table} WHERE hour >= ? AND hour < ?"
     );
-    load_grouped(conn, sql, resolved, from_hour, to_hour)
+    Some(filtered_part(sql, resolved, from_hour, to_hour))
 }
 
 /// Adds the key and model filters and the grouping to `sql` (which ends in a
-/// WHERE clause with the window's two placeholders) and runs it.
-fn load_grouped(
-    conn: &mut SqliteConnection,
-    mut sql: String,
-    resolved: &Resolved,
-    from: i64,
-    to: i64,
-) -> Result<Vec<GroupRow>> {
+/// WHERE clause with the window's two placeholders), with its values.
+fn filtered_part(mut sql: String, resolved: &Resolved, from: i64, to: i64) -> (String, Vec<i64>) {
     if resolved.key_row.is_some() {
         sql.push_str(" AND key_row_id = ?");
     }
@@ -381,18 +401,17 @@ fn load_grouped(
     let mut binds = vec![from, to];
     binds.extend(resolved.key_row);
     binds.extend(resolved.model_id);
-    Ok(CachedSql::new(sql, binds).load(conn)?)
+    (sql, binds)
 }
 
-fn raw_rows(
-    conn: &mut SqliteConnection,
+fn raw_part(
     resolved: &Resolved,
     grouping: Grouping,
     since: i64,
     until: i64,
-) -> Result<Vec<GroupRow>> {
+) -> Option<(String, Vec<i64>)> {
     if since >= until {
-        return Ok(Vec::new());
+        return None;
     }
     let group = match grouping {
         Grouping::Nothing => "0".to_owned(),
@@ -411,5 +430,5 @@ fn raw_rows(
          max(latency_ms) AS latency_ms_max \
          FROM events WHERE ts >= ? AND ts < ?"
     );
-    load_grouped(conn, sql, resolved, since, until)
+    Some(filtered_part(sql, resolved, since, until))
 }
