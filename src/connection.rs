@@ -115,9 +115,10 @@ impl ConnectionSetup {
         ))?;
         conn.batch_execute("PRAGMA foreign_keys = ON")?;
         // The store's maintenance thread checkpoints every 50 ms; a writer
-        // checkpoints by itself only if the log still reaches 10,000 pages
-        // (about 40 MiB), instead of SQLite's default of 1,000.
-        conn.batch_execute("PRAGMA wal_autocheckpoint = 10000")?;
+        // checkpoints by itself, inside its commit, only if the log still
+        // reaches 40,000 pages (about 160 MiB), instead of SQLite's default
+        // of 1,000. A large batch alone can write over 10,000 pages.
+        conn.batch_execute("PRAGMA wal_autocheckpoint = 40000")?;
         // An 8 MiB page cache, so a large batch does not spill pages to the
         // log before its commit.
         conn.batch_execute("PRAGMA cache_size = -8192")?;

@@ -114,8 +114,10 @@ impl RunQueryDsl<SqliteConnection> for CachedSql {}
 
 /// A statement known at compile time: one type per statement text.
 pub(crate) trait SqlText: 'static {
-    /// The SQL, with `?` placeholders and no `?` anywhere else.
-    const SQL: &'static str;
+    /// The SQL (with `?` placeholders and no `?` anywhere else) cut at its
+    /// placeholders, once per process: Diesel walks a query for its values
+    /// on every call.
+    fn pieces() -> &'static [&'static str];
 }
 
 /// Declares a [`SqlText`] type for a constant statement.
@@ -125,7 +127,10 @@ macro_rules! sql_text {
         pub(crate) struct $name;
 
         impl $crate::sql::SqlText for $name {
-            const SQL: &'static str = $sql;
+            fn pieces() -> &'static [&'static str] {
+                static PIECES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+                PIECES.get_or_init(|| $sql.split('?').collect())
+            }
         }
     };
 }
@@ -149,11 +154,27 @@ impl<'a, S: SqlText> FixedSql<'a, S> {
 
 impl<S: SqlText> QueryFragment<Sqlite> for FixedSql<'_, S> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        walk_placeholders(S::SQL, &self.binds, &mut out, |value, out| match value {
-            Value::Int(int) => out.push_bind_param::<BigInt, i64>(int),
-            Value::Text(text) => out.push_bind_param::<Text, str>(text),
-            Value::Null => out.push_bind_param::<Nullable<BigInt>, Option<i64>>(&NULL),
-        })
+        let (first, rest) = S::pieces().split_first().unwrap_or((&"", &[]));
+        if rest.len() != self.binds.len() {
+            return Err(DieselError::QueryBuilderError(
+                format!(
+                    "{} placeholders and {} values",
+                    rest.len(),
+                    self.binds.len()
+                )
+                .into(),
+            ));
+        }
+        out.push_sql(first);
+        for (value, piece) in self.binds.iter().zip(rest) {
+            match value {
+                Value::Int(int) => out.push_bind_param::<BigInt, i64>(int)?,
+                Value::Text(text) => out.push_bind_param::<Text, str>(text)?,
+                Value::Null => out.push_bind_param::<Nullable<BigInt>, Option<i64>>(&NULL)?,
+            }
+            out.push_sql(piece);
+        }
+        Ok(())
     }
 }
 

@@ -179,33 +179,44 @@ pub struct Store {
     tightened_at_open: Vec<TightenedFile>,
 }
 
-/// Hashes key row ids for the `last_used_at` map, which every resolve
-/// updates: row ids are small integers chosen by SQLite, not by a caller, so
-/// a multiplicative hash serves where SipHash's resistance to chosen keys
-/// would only cost time.
+/// Hashes the keys of the store's in-memory maps: key row ids and key ids,
+/// both looked up on every resolve or recorded event. Their values are
+/// chosen by SQLite or by keytally (row ids, random UUIDs), never by a
+/// caller, and a caller's look-up never inserts, so a multiplicative hash
+/// serves where SipHash's resistance to chosen keys would only cost time.
 #[derive(Default, Clone, Copy)]
-struct BuildRowIdHasher;
+pub(crate) struct BuildFastHasher;
 
 #[derive(Default)]
-struct RowIdHasher(u64);
+pub(crate) struct FastHasher(u64);
 
-impl std::hash::BuildHasher for BuildRowIdHasher {
-    type Hasher = RowIdHasher;
+impl std::hash::BuildHasher for BuildFastHasher {
+    type Hasher = FastHasher;
 
-    fn build_hasher(&self) -> RowIdHasher {
-        RowIdHasher(0)
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(0)
     }
 }
 
-impl std::hash::Hasher for RowIdHasher {
+impl std::hash::Hasher for FastHasher {
     fn finish(&self) -> u64 {
         self.0
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut buf = [0u8; 8];
+            buf.copy_from_slice(word);
+            self.write_u64(u64::from_le_bytes(buf));
+        }
+        for &byte in words.remainder() {
             self.write_u64(u64::from(byte));
         }
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.write_u64(value as u64);
     }
 
     fn write_i64(&mut self, value: i64) {
@@ -223,13 +234,13 @@ impl std::hash::Hasher for RowIdHasher {
 pub(crate) struct Shared {
     /// `last_used_at` times noted by resolves and not written yet, by key
     /// row id, in Unix milliseconds.
-    last_used: Mutex<HashMap<i64, i64, BuildRowIdHasher>>,
+    last_used: Mutex<HashMap<i64, i64, BuildFastHasher>>,
     /// Set to stop the flusher.
     stopping: Mutex<bool>,
     wake_flusher: Condvar,
     /// Key ids to their row ids. Keys are never deleted, so entries never
     /// go stale.
-    pub(crate) key_rows: RwLock<HashMap<KeyId, i64>>,
+    pub(crate) key_rows: RwLock<HashMap<KeyId, i64, BuildFastHasher>>,
     /// Model names to their ids. Models are never deleted.
     pub(crate) model_ids: RwLock<HashMap<String, i64>>,
     /// Taken by every writer of this store before `BEGIN IMMEDIATE`.
