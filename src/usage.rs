@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::events::{model_names, Events};
 use crate::keys::{self, KeyId};
-use crate::sql::CachedSql;
+use crate::sql::{sql_text, CachedSql, FixedSql, Value};
 use crate::time::{Timestamp, HOUR_MS};
 
 const DAY_MS: i64 = 24 * HOUR_MS;
@@ -279,6 +279,34 @@ impl<'a> Events<'a> {
         let first_whole_hour =
             resolved.since.div_euclid(HOUR_MS) + i64::from(resolved.since.rem_euclid(HOUR_MS) != 0);
         let end_whole_hour = resolved.until.div_euclid(HOUR_MS);
+        if let (Grouping::Nothing, Some(key_row), None) =
+            (grouping, resolved.key_row, resolved.model_id)
+        {
+            // One key's totals: the dashboard's question, asked most often.
+            let (rollup, left, right) = if first_whole_hour < end_whole_hour {
+                (
+                    (first_whole_hour, end_whole_hour),
+                    (resolved.since, first_whole_hour * HOUR_MS),
+                    (end_whole_hour * HOUR_MS, resolved.until),
+                )
+            } else {
+                ((0, 0), (resolved.since, resolved.until), (0, 0))
+            };
+            let values = [
+                key_row, rollup.0, rollup.1, key_row, left.0, left.1, key_row, right.0, right.1,
+            ]
+            .map(Value::Int)
+            .to_vec();
+            let row: GroupRow = {
+                let mut conn = self.store().connection()?;
+                FixedSql::<KeyWindowTotals>::new(values).get_result(&mut *conn)?
+            };
+            let mut grouped = BTreeMap::new();
+            if row.requests > 0 {
+                grouped.insert(0, row.totals());
+            }
+            return Ok(grouped);
+        }
         let mut query = Compound::default();
         if first_whole_hour < end_whole_hour {
             query.add(rollup_part(
@@ -307,7 +335,7 @@ impl<'a> Events<'a> {
                 resolved.until,
             ));
         }
-        let Some(query) = query.finish() else {
+        let Some(query) = query.finish(grouping) else {
             return Ok(BTreeMap::new());
         };
         let rows: Vec<GroupRow> = {
@@ -323,7 +351,54 @@ impl<'a> Events<'a> {
     }
 }
 
-/// The parts of a `UNION ALL`, each a grouped `SELECT` with its values.
+/// The sums over the rows of a `UNION ALL` of rollup rows and events.
+macro_rules! totals_over {
+    ($parts:expr) => {
+        concat!(
+            "SELECT 0 AS grp, coalesce(sum(requests), 0) AS requests, ",
+            "coalesce(sum(errors), 0) AS errors, ",
+            "coalesce(sum(prompt_tokens), 0) AS prompt_tokens, ",
+            "coalesce(sum(completion_tokens), 0) AS completion_tokens, ",
+            "coalesce(sum(cache_read_tokens), 0) AS cache_read_tokens, ",
+            "coalesce(sum(cache_creation_tokens), 0) AS cache_creation_tokens, ",
+            "coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens, ",
+            "coalesce(sum(latency_ms_sum), 0) AS latency_ms_sum, ",
+            "coalesce(max(latency_ms_max), 0) AS latency_ms_max FROM (",
+            $parts,
+            ")"
+        )
+    };
+}
+
+/// One event as a rollup row, for the `UNION ALL` parts.
+macro_rules! event_as_rollup_row {
+    () => {
+        concat!(
+            "SELECT 1 AS requests, (status >= 400 OR error IS NOT NULL) AS errors, ",
+            "prompt_tokens, completion_tokens, cache_read_tokens, cache_creation_tokens, ",
+            "reasoning_tokens, latency_ms AS latency_ms_sum, latency_ms AS latency_ms_max ",
+            "FROM events"
+        )
+    };
+}
+
+sql_text!(
+    /// One key's totals: whole hours `[?, ?)` from its rollups, and the two
+    /// edges from its raw events (an edge not needed is an empty window).
+    /// Written out once so Diesel keeps it prepared by type.
+    KeyWindowTotals = totals_over!(concat!(
+        "SELECT requests, errors, prompt_tokens, completion_tokens, cache_read_tokens, ",
+        "cache_creation_tokens, reasoning_tokens, latency_ms_sum, latency_ms_max ",
+        "FROM usage_key_hourly WHERE key_row_id = ? AND hour >= ? AND hour < ? UNION ALL ",
+        event_as_rollup_row!(),
+        " WHERE key_row_id = ? AND ts >= ? AND ts < ? UNION ALL ",
+        event_as_rollup_row!(),
+        " WHERE key_row_id = ? AND ts >= ? AND ts < ?"
+    ))
+);
+
+/// The parts of a `UNION ALL`, each a `SELECT` of rollup-shaped rows with
+/// its values.
 #[derive(Default)]
 struct Compound {
     sql: String,
@@ -342,8 +417,31 @@ impl Compound {
         self.binds.extend(binds);
     }
 
-    fn finish(self) -> Option<CachedSql> {
-        (!self.sql.is_empty()).then(|| CachedSql::new(self.sql, self.binds))
+    /// Totals the parts' rows per group, in SQL: one row per group (one
+    /// row in all without a grouping) comes back.
+    fn finish(self, grouping: Grouping) -> Option<CachedSql> {
+        if self.sql.is_empty() {
+            return None;
+        }
+        let group_by = if grouping == Grouping::Nothing {
+            ""
+        } else {
+            " GROUP BY grp"
+        };
+        let sql = format!(
+            "SELECT coalesce(grp, 0) AS grp, coalesce(sum(requests), 0) AS requests, \
+             coalesce(sum(errors), 0) AS errors, \
+             coalesce(sum(prompt_tokens), 0) AS prompt_tokens, \
+             coalesce(sum(completion_tokens), 0) AS completion_tokens, \
+             coalesce(sum(cache_read_tokens), 0) AS cache_read_tokens, \
+             coalesce(sum(cache_creation_tokens), 0) AS cache_creation_tokens, \
+             coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens, \
+             coalesce(sum(latency_ms_sum), 0) AS latency_ms_sum, \
+             coalesce(max(latency_ms_max), 0) AS latency_ms_max \
+             FROM ({}){group_by}",
+            self.sql
+        );
+        Some(CachedSql::new(sql, self.binds))
     }
 }
 
@@ -377,19 +475,16 @@ fn rollup_part(
         Grouping::Time(Bucket::Day) => format!("(hour / 24) * {DAY_MS}"),
     };
     let sql = format!(
-        "SELECT {group} AS grp, sum(requests) AS requests, sum(errors) AS errors, \
-         sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, \
-         sum(cache_read_tokens) AS cache_read_tokens, \
-         sum(cache_creation_tokens) AS cache_creation_tokens, \
-         sum(reasoning_tokens) AS reasoning_tokens, sum(latency_ms_sum) AS latency_ms_sum, \
-         max(latency_ms_max) AS latency_ms_max \
+        "SELECT {group} AS grp, requests, errors, prompt_tokens, completion_tokens, \
+         cache_read_tokens, cache_creation_tokens, reasoning_tokens, latency_ms_sum, \
+         latency_ms_max \
          FROM {table} WHERE hour >= ? AND hour < ?"
     );
     Some(filtered_part(sql, resolved, from_hour, to_hour))
 }
 
-/// Adds the key and model filters and the grouping to `sql` (which ends in a
-/// WHERE clause with the window's two placeholders), with its values.
+/// Adds the key and model filters to `sql` (which ends in a WHERE clause
+/// with the window's two placeholders), with its values.
 fn filtered_part(mut sql: String, resolved: &Resolved, from: i64, to: i64) -> (String, Vec<i64>) {
     if resolved.key_row.is_some() {
         sql.push_str(" AND key_row_id = ?");
@@ -397,7 +492,6 @@ fn filtered_part(mut sql: String, resolved: &Resolved, from: i64, to: i64) -> (S
     if resolved.model_id.is_some() {
         sql.push_str(" AND model_id = ?");
     }
-    sql.push_str(" GROUP BY grp");
     let mut binds = vec![from, to];
     binds.extend(resolved.key_row);
     binds.extend(resolved.model_id);
@@ -421,13 +515,10 @@ fn raw_part(
         Grouping::Time(Bucket::Day) => format!("(ts / {DAY_MS}) * {DAY_MS}"),
     };
     let sql = format!(
-        "SELECT {group} AS grp, count(*) AS requests, \
-         sum(status >= 400 OR error IS NOT NULL) AS errors, \
-         sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, \
-         sum(cache_read_tokens) AS cache_read_tokens, \
-         sum(cache_creation_tokens) AS cache_creation_tokens, \
-         sum(reasoning_tokens) AS reasoning_tokens, sum(latency_ms) AS latency_ms_sum, \
-         max(latency_ms) AS latency_ms_max \
+        "SELECT {group} AS grp, 1 AS requests, \
+         (status >= 400 OR error IS NOT NULL) AS errors, prompt_tokens, completion_tokens, \
+         cache_read_tokens, cache_creation_tokens, reasoning_tokens, \
+         latency_ms AS latency_ms_sum, latency_ms AS latency_ms_max \
          FROM events WHERE ts >= ? AND ts < ?"
     );
     Some(filtered_part(sql, resolved, since, until))
