@@ -458,7 +458,17 @@ fn set_aside_current(database: &Path) -> Result<Option<PathBuf>> {
     if !database.exists() {
         return Ok(None);
     }
-    if matches!(files::inspect_header(database), Ok(HeaderVerdict::Ours)) {
+    if files::is_open_here(database) {
+        return Err(Error::InUse {
+            path: database.to_path_buf(),
+        });
+    }
+    // A live database's header can still say nothing of keytally: until the
+    // first checkpoint, everything but the switch to WAL is in the log.
+    if matches!(
+        files::inspect_header(database),
+        Ok(HeaderVerdict::Ours | HeaderVerdict::Unmarked)
+    ) {
         // Leaving WAL mode needs every other connection gone: SQLite's own
         // way of telling whether another process has the database open. It
         // also folds the log into the file, so the kept copy stands alone.

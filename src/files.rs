@@ -2,10 +2,12 @@
 //! tightening modes that are too wide, and reading the SQLite header before
 //! SQLite itself ever opens a file.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 
@@ -214,9 +216,79 @@ pub(crate) enum HeaderVerdict {
     Unmarked,
 }
 
+/// The databases this process has open through a store, by device and inode,
+/// with how many stores have each open.
+///
+/// Closing any descriptor of a file drops every POSIX lock the process holds
+/// on it, SQLite's included, and SQLite would not notice. So once a store of
+/// this process has a database open, nothing here opens that file with plain
+/// I/O again: another process could otherwise take over (and `restore` would
+/// replace) a database this process is still writing.
+static OPEN_HERE: Mutex<BTreeMap<(u64, u64), usize>> = Mutex::new(BTreeMap::new());
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+fn open_here() -> std::sync::MutexGuard<'static, BTreeMap<(u64, u64), usize>> {
+    OPEN_HERE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether a store of this process has `database` open.
+pub(crate) fn is_open_here(database: &Path) -> bool {
+    file_id(database).is_some_and(|id| open_here().contains_key(&id))
+}
+
+/// A store's claim on its database file, for as long as any connection to it
+/// may be open; dropping it releases the claim.
+#[derive(Debug)]
+pub(crate) struct OpenClaim {
+    id: (u64, u64),
+}
+
+impl Drop for OpenClaim {
+    fn drop(&mut self) {
+        let mut open = open_here();
+        if let Some(count) = open.get_mut(&self.id) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// Inspects an existing database file and its log with plain reads
+/// ([`inspect_header`], [`inspect_wal`]), unless a store of this process has
+/// it open already (then it was inspected when that store opened it), and
+/// claims it for a store about to open it.
+pub(crate) fn claim_for_store(database: &Path) -> Result<OpenClaim> {
+    let mut open = open_here();
+    let id = file_id(database).ok_or_else(|| {
+        Error::io(
+            database,
+            io::Error::new(io::ErrorKind::NotFound, "the database file is gone"),
+        )
+    })?;
+    if !open.contains_key(&id) {
+        read_header(database)?;
+        inspect_wal(database)?;
+    }
+    *open.entry(id).or_insert(0) += 1;
+    Ok(OpenClaim { id })
+}
+
 /// Reads the first 100 bytes of `database` and refuses what is certainly not
-/// a keytally database, without writing anything.
+/// a keytally database, without writing anything. A database a store of this
+/// process has open is not read again (see [`OPEN_HERE`]): it is ours.
 pub(crate) fn inspect_header(database: &Path) -> Result<HeaderVerdict> {
+    if is_open_here(database) {
+        return Ok(HeaderVerdict::Ours);
+    }
+    read_header(database)
+}
+
+fn read_header(database: &Path) -> Result<HeaderVerdict> {
     let mut file = File::open(database).map_err(|e| Error::io(database, e))?;
     let length = file.metadata().map_err(|e| Error::io(database, e))?.len();
     if length == 0 {
@@ -303,7 +375,7 @@ const WAL_FRAME_HEADER_LEN: usize = 24;
 /// process is writing at this moment is never mistaken for a stranger's. A
 /// log of another keytally database with the same page size cannot be told
 /// apart this way.
-pub(crate) fn inspect_wal(database: &Path) -> Result<()> {
+fn inspect_wal(database: &Path) -> Result<()> {
     let wal = sidecar(database, SIDECAR_SUFFIXES[0]);
     let file = match File::open(&wal) {
         Ok(file) => file,

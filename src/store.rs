@@ -177,6 +177,9 @@ pub struct Store {
     pool_threads: Arc<ScheduledThreadPool>,
     applied_at_open: Vec<String>,
     tightened_at_open: Vec<TightenedFile>,
+    /// Declared last, so dropped after the pool: while it lives, nothing in
+    /// this process opens the database file with plain I/O.
+    _claim: files::OpenClaim,
 }
 
 /// Hashes the keys of the store's in-memory maps: key row ids and key ids,
@@ -345,8 +348,7 @@ impl Store {
         let path = options.path.clone();
         files::prepare_database_path(&path)?;
         // Refuse what is not ours before SQLite (or a chmod) touches it.
-        files::inspect_header(&path)?;
-        files::inspect_wal(&path)?;
+        let claim = files::claim_for_store(&path)?;
         let tightened_at_open = files::tighten_modes(&path)?;
         let setup = ConnectionSetup {
             path: path.clone(),
@@ -401,6 +403,7 @@ impl Store {
             pool_threads,
             applied_at_open,
             tightened_at_open,
+            _claim: claim,
         })
     }
 

@@ -540,3 +540,67 @@ fn checkpoint_reports_a_reader_that_blocks_it(folder: TempDir) -> TestResult {
     assert_eq!(stderr_json(&output)?["error"], "checkpoint incomplete");
     Ok(())
 }
+
+/// This process's POSIX locks on `path`'s inode, as Linux lists them.
+fn posix_locks_held(path: &Path) -> Result<usize, Box<dyn std::error::Error>> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(path)?.ino();
+    let me = format!(" {} ", std::process::id());
+    let inode = format!(":{inode} ");
+    Ok(std::fs::read_to_string("/proc/locks")?
+        .lines()
+        .filter(|line| line.contains("POSIX") && line.contains(&me) && line.contains(&inode))
+        .count())
+}
+
+#[rstest]
+fn two_stores_in_one_process_keep_the_database_locked(folder: TempDir) -> TestResult {
+    // Closing any descriptor of a file drops every POSIX lock the process
+    // holds on it, SQLite's included, and SQLite does not notice: opening a
+    // second store on the same database must not read the file with a
+    // descriptor of its own.
+    let db = database(&folder);
+    let good = folder.path().join("good.db");
+    let first = keytally::Store::open(&db)?;
+    first.backup_to(&good, false)?;
+    first.checkpoint()?;
+    assert!(posix_locks_held(&db)? > 0, "SQLite holds no lock at all");
+    let second = keytally::Store::open(&db)?;
+    assert!(
+        posix_locks_held(&db)? > 0,
+        "opening a second store dropped the first one's lock"
+    );
+    let restore = run(&db, &["restore", path_arg(&good)?], "")?;
+    assert_eq!(restore.status.code(), Some(1), "{restore:?}");
+    assert!(String::from_utf8(restore.stderr)?.contains("open in another process"));
+    drop(second);
+    assert!(
+        posix_locks_held(&db)? > 0,
+        "closing the second store dropped it"
+    );
+    drop(first);
+    Ok(())
+}
+
+#[rstest]
+fn restore_refuses_a_live_database_whose_header_is_still_in_its_log(folder: TempDir) -> TestResult {
+    use diesel::connection::SimpleConnection;
+    let db = database(&folder);
+    let good = folder.path().join("good.db");
+    {
+        let store = keytally::Store::open(folder.path().join("other.db"))?;
+        store.backup_to(&good, false)?;
+    }
+    // A connection of this process (another process to the binary) keeps
+    // the database open, in WAL mode, with its first commit only in the log.
+    let mut holder = crate::raw_connection(&db)?;
+    holder.batch_execute(
+        "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (x);",
+    )?;
+    let restore = run(&db, &["restore", path_arg(&good)?], "")?;
+    assert_eq!(restore.status.code(), Some(1), "{restore:?}");
+    assert!(String::from_utf8(restore.stderr)?.contains("open in another process"));
+    holder.batch_execute("INSERT INTO t VALUES (1);")?;
+    drop(holder);
+    Ok(())
+}
