@@ -1,7 +1,7 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
-    events (id) {
+    events (id, ts) {
         id -> BigInt,
         ts -> BigInt,
         key_row_id -> Nullable<BigInt>,
@@ -54,6 +54,13 @@ diesel::table! {
 }
 
 diesel::table! {
+    sequences (name) {
+        name -> Text,
+        next -> BigInt,
+    }
+}
+
+diesel::table! {
     usage_key_hourly (key_row_id, hour, model_id) {
         key_row_id -> BigInt,
         hour -> BigInt,
@@ -93,6 +100,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     key_secrets,
     keys,
     models,
+    sequences,
     usage_key_hourly,
     usage_model_hourly,
 );

@@ -69,9 +69,14 @@ fn arg(args: &[String], name: &str, default: u64) -> BenchResult<u64> {
     }
 }
 
+/// The `p` quantile of the samples (0 when there are none).
 fn percentile(samples: &mut [u64], p: f64) -> u64 {
     samples.sort_unstable();
-    samples[((samples.len() as f64 - 1.0) * p) as usize]
+    let last = samples.len().saturating_sub(1);
+    samples
+        .get((last as f64 * p) as usize)
+        .copied()
+        .unwrap_or(0)
 }
 
 fn main() -> BenchResult<()> {

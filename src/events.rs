@@ -722,7 +722,8 @@ pub(crate) fn delete_events_before(
     batch: u32,
 ) -> Result<usize> {
     Ok(CachedSql::new(
-        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? ORDER BY ts LIMIT ?)",
+        "DELETE FROM events WHERE (ts, id) IN \
+         (SELECT ts, id FROM events WHERE ts < ? ORDER BY ts, id LIMIT ?)",
         vec![cutoff.as_millis(), i64::from(batch)],
     )
     .execute(conn)?)
@@ -847,7 +848,11 @@ sql_text!(
 sql_text!(
     /// The id the next event gets: ids are given explicitly, so a batch's
     /// are known without reading each one back.
-    NextEventId = "SELECT coalesce(max(id), 0) + 1 AS value FROM events"
+    NextEventId = "SELECT next AS value FROM sequences WHERE name = 'events'"
+);
+sql_text!(
+    /// Moves the event id sequence past a transaction's events.
+    SetNextEventId = "UPDATE sequences SET next = ? WHERE name = 'events'"
 );
 sql_text!(
     /// Adds one event, its id given.
@@ -937,17 +942,28 @@ pub(crate) fn insert_prepared(
         });
     }
     let first = FixedSql::<NextEventId>::new(Vec::new())
-        .get_result::<IdRow>(conn)?
+        .get_result::<IdRow>(conn)
+        .optional()?
+        .ok_or_else(|| Error::BadStoredValue {
+            message: "the event id sequence is missing from the sequences table".to_owned(),
+        })?
         .value;
-    for (offset, event) in prepared.iter().enumerate() {
-        let id = i64::try_from(offset)
-            .ok()
-            .and_then(|offset| first.checked_add(offset))
-            .ok_or_else(|| Error::BadStoredValue {
-                message: format!("event ids are exhausted (next id {first})"),
-            })?;
-        FixedSql::<InsertEvent>::new(event.values(id)).execute(conn)?;
+    let next = i64::try_from(prepared.len())
+        .ok()
+        .and_then(|len| first.checked_add(len))
+        .ok_or_else(|| Error::BadStoredValue {
+            message: format!("event ids are exhausted (next id {first})"),
+        })?;
+    // The table is ordered by time: rows go in in that order, so a batch
+    // that arrives slightly out of order still fills each page once.
+    let mut order: Vec<usize> = (0..prepared.len()).collect();
+    order.sort_by_key(|&offset| prepared[offset].ts);
+    for offset in order {
+        // `offset` < len and `first + len` did not overflow.
+        let id = first + offset as i64;
+        FixedSql::<InsertEvent>::new(prepared[offset].values(id)).execute(conn)?;
     }
+    FixedSql::<SetNextEventId>::new(vec![Value::Int(next)]).execute(conn)?;
     let mut by_key: BTreeMap<(i64, i64, i64), Delta> = BTreeMap::new();
     let mut by_model: BTreeMap<(i64, i64), Delta> = BTreeMap::new();
     for event in prepared {

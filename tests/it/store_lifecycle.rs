@@ -271,3 +271,67 @@ fn a_checkpoint_blocked_by_a_reader_gives_way_to_writers(folder: TempDir) -> Tes
     );
     Ok(())
 }
+
+#[rstest]
+fn upgrade_to_time_ordered_events_keeps_every_event_and_id(folder: TempDir) -> TestResult {
+    use diesel::Connection;
+    use diesel_migrations::MigrationHarness;
+    use keytally::{EventFilter, NewEvent, Timestamp};
+
+    let path = folder.path().join("keytally.db");
+    let store = Store::open(&path)?;
+    let key = store
+        .keys()
+        .create(&keytally::NewKey::client("upgrade"))?
+        .key
+        .id;
+    // Times out of order, so that id order and time order differ.
+    let batch: Vec<NewEvent> = (0..300i64)
+        .map(|i| {
+            let mut event = NewEvent::new(
+                Timestamp::from_millis(1_793_491_200_000 + (i * 7919 % 300) * 1000)?,
+                if i % 2 == 0 { "o3" } else { "gpt-4.1" },
+            );
+            event.key_id = (i % 3 == 0).then_some(key);
+            event.prompt_tokens = i;
+            event.request_id = Some(format!("req-{i}"));
+            Ok(event)
+        })
+        .collect::<Result<_, keytally::Error>>()?;
+    let ids = store.events().record_batch(&batch)?;
+    let all = EventFilter {
+        limit: Some(1000),
+        ..EventFilter::default()
+    };
+    let before = store.events().list(&all)?;
+    assert_eq!(before.len(), 300);
+    assert!(store.close()?.checkpoint_complete);
+
+    // Back to the layout before time-ordered events: a rowid table with its
+    // own index on time.
+    {
+        let mut conn = diesel::SqliteConnection::establish(path.to_str().ok_or("not UTF-8")?)?;
+        let reverted = conn
+            .revert_last_migration(keytally::migrations::MIGRATIONS)
+            .map_err(|e| e.to_string())?;
+        let newest = keytally::migrations::known_versions()?;
+        assert_eq!(Some(&reverted.to_string()), newest.last());
+        let old_index: IntValue = diesel::sql_query(
+            "SELECT count(*) AS value FROM sqlite_schema WHERE name = 'events_by_ts'",
+        )
+        .get_result(&mut conn)?;
+        assert_eq!(old_index.value, 1);
+    }
+
+    let store = Store::open(&path)?;
+    assert_eq!(store.applied_at_open().len(), 1);
+    assert_eq!(store.events().list(&all)?, before);
+    let next = store.events().record(&NewEvent::new(
+        Timestamp::from_millis(1_793_491_200_000)?,
+        "o3",
+    ))?;
+    let last = ids.last().ok_or("no ids")?;
+    assert_eq!(next.get(), last.get() + 1);
+    assert!(store.close()?.checkpoint_complete);
+    Ok(())
+}
