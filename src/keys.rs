@@ -16,7 +16,7 @@ use serde::{Serialize, Serializer};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::schema::{key_secrets, keys};
+use crate::schema::{key_secrets, keys, sequences};
 use crate::secret::{self, Secret};
 use crate::sql::CachedSql;
 use crate::store::Store;
@@ -469,13 +469,31 @@ pub struct KeyFilter {
     pub limit: Option<u32>,
 }
 
+/// The name of the count of key changes in `sequences`; see
+/// [`crate::key_cache`].
+const KEY_CHANGES: &str = "key_changes";
+
+/// The database's count of key changes, read in its own read transaction.
+fn key_changes(conn: &mut SqliteConnection) -> Result<i64> {
+    sequences::table
+        .find(KEY_CHANGES)
+        .select(sequences::next)
+        .get_result(conn)
+        .optional()?
+        .ok_or_else(|| Error::BadStoredValue {
+            message: "the count of key changes is missing from the sequences table".to_owned(),
+        })
+}
+
 /// The keys repository of a [`Store`]; see [`Store::keys`].
 #[derive(Debug, Clone, Copy)]
 pub struct Keys<'a> {
     store: &'a Store,
 }
 
-type ResolveRow = (
+/// What resolving a secret reads: the key's row id, id, tier, allowed
+/// models, rate limit, expiry and revocation, and the secret's end of grace.
+pub(crate) type Resolved = (
     i64,
     KeyId,
     Tier,
@@ -556,26 +574,40 @@ impl<'a> Keys<'a> {
         let Ok(hash) = secret::parse(self.store.secret_prefix(), presented) else {
             return Ok(Err(Rejection::Malformed));
         };
-        let row: Option<ResolveRow> = {
+        let row = {
             let mut conn = self.store.connection()?;
-            key_secrets::table
-                .inner_join(keys::table)
-                .filter(key_secrets::secret_hash.eq(&hash.0[..]))
-                .select((
-                    keys::row_id,
-                    keys::id,
-                    keys::tier,
-                    keys::allowed_models,
-                    keys::rate_limit_override,
-                    keys::expires_at,
-                    keys::revoked_at,
-                    key_secrets::valid_until,
-                ))
-                // `get_result`, not `first`: `first` binds LIMIT as a
-                // parameter, which makes SQLite re-prepare the statement on
-                // every call.
-                .get_result(&mut *conn)
-                .optional()?
+            let cache = self.store.key_cache();
+            match cache.get(&hash.0) {
+                Some((changes, row)) if key_changes(&mut conn)? == changes => Some(row),
+                _ => {
+                    let found: Option<(Option<i64>, Resolved)> = key_secrets::table
+                        .inner_join(keys::table)
+                        .left_join(sequences::table.on(sequences::name.eq(KEY_CHANGES)))
+                        .filter(key_secrets::secret_hash.eq(&hash.0[..]))
+                        .select((
+                            sequences::next.nullable(),
+                            (
+                                keys::row_id,
+                                keys::id,
+                                keys::tier,
+                                keys::allowed_models,
+                                keys::rate_limit_override,
+                                keys::expires_at,
+                                keys::revoked_at,
+                                key_secrets::valid_until,
+                            ),
+                        ))
+                        // `get_result`, not `first`: `first` binds LIMIT as a
+                        // parameter, which makes SQLite re-prepare the
+                        // statement on every call.
+                        .get_result(&mut *conn)
+                        .optional()?;
+                    if let Some((Some(changes), row)) = &found {
+                        cache.put(*changes, hash.0, row.clone());
+                    }
+                    found.map(|(_, row)| row)
+                }
+            }
         };
         let Some((
             row_id,

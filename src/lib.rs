@@ -56,6 +56,7 @@ mod connection;
 mod error;
 pub mod events;
 mod files;
+mod key_cache;
 pub mod keys;
 mod location;
 pub mod migrations;
@@ -83,6 +84,7 @@ pub use connection::Synchronous;
 pub use error::{Error, Result};
 pub use events::{Event, EventCursor, EventFilter, EventId, Events, NewEvent, PruneReport};
 pub use files::{FileInfo, TightenedFile, APPLICATION_ID, DIR_MODE, FILE_MODE};
+pub use key_cache::DEFAULT_KEY_CACHE_SIZE;
 pub use keys::{
     ActiveKey, AllowedModels, CreatedKey, Key, KeyFilter, KeyId, KeyState, KeyUpdate, Keys, NewKey,
     Rejection, Tier,

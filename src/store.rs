@@ -17,6 +17,7 @@ use crate::connection::{pragma_integer, ConnectionSetup, Synchronous};
 use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::files::{self, FileInfo, TightenedFile};
+use crate::key_cache::KeyCache;
 use crate::keys::{self, KeyId, Keys};
 use crate::migrations;
 use crate::secret;
@@ -42,6 +43,7 @@ pub struct StoreOptions {
     secret_prefix: String,
     last_used_flush_interval: Duration,
     retention: Retention,
+    key_cache_size: usize,
 }
 
 /// How long data is kept, enforced by the store's maintenance thread.
@@ -83,6 +85,7 @@ impl StoreOptions {
             secret_prefix: crate::secret::DEFAULT_SECRET_PREFIX.to_owned(),
             last_used_flush_interval: DEFAULT_LAST_USED_FLUSH_INTERVAL,
             retention: Retention::default(),
+            key_cache_size: crate::key_cache::DEFAULT_KEY_CACHE_SIZE,
         }
     }
 
@@ -113,6 +116,16 @@ impl StoreOptions {
     #[must_use]
     pub fn last_used_flush_interval(mut self, interval: Duration) -> Self {
         self.last_used_flush_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Sets how many resolved secrets are kept in memory (default 65,536;
+    /// up to twice as many are held). A kept answer is used only while no
+    /// key or secret has changed in the database since it was read, by any
+    /// process; 0 reads the database on every resolve.
+    #[must_use]
+    pub fn key_cache_size(mut self, entries: usize) -> Self {
+        self.key_cache_size = entries;
         self
     }
 
@@ -177,15 +190,17 @@ pub struct Store {
     pool_threads: Arc<ScheduledThreadPool>,
     applied_at_open: Vec<String>,
     tightened_at_open: Vec<TightenedFile>,
+    /// Recently resolved secrets; see [`crate::key_cache`].
+    key_cache: KeyCache<keys::Resolved>,
     /// Declared last, so dropped after the pool: while it lives, nothing in
     /// this process opens the database file with plain I/O.
     _claim: files::OpenClaim,
 }
 
-/// Hashes the keys of the store's in-memory maps: key row ids and key ids,
-/// both looked up on every resolve or recorded event. Their values are
-/// chosen by SQLite or by keytally (row ids, random UUIDs), never by a
-/// caller, and a caller's look-up never inserts, so a multiplicative hash
+/// Hashes the keys of the store's in-memory maps: key row ids, key ids and
+/// secret hashes, looked up on every resolve or recorded event. Their values
+/// are chosen by SQLite or by keytally (row ids, random UUIDs, SHA-256 of
+/// stored secrets), never by a caller, and a caller's look-up never inserts, so a multiplicative hash
 /// serves where SipHash's resistance to chosen keys would only cost time.
 #[derive(Default, Clone, Copy)]
 pub(crate) struct BuildFastHasher;
@@ -403,6 +418,7 @@ impl Store {
             pool_threads,
             applied_at_open,
             tightened_at_open,
+            key_cache: KeyCache::new(options.key_cache_size),
             _claim: claim,
         })
     }
@@ -446,6 +462,10 @@ impl Store {
 
     pub(crate) fn secret_prefix(&self) -> &str {
         &self.secret_prefix
+    }
+
+    pub(crate) fn key_cache(&self) -> &KeyCache<keys::Resolved> {
+        &self.key_cache
     }
 
     pub(crate) fn shared(&self) -> &Shared {

@@ -442,3 +442,54 @@ fn custom_secret_prefix_is_used_and_checked() -> TestResult {
     ));
     Ok(())
 }
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    value: i64,
+}
+
+/// The database's count of changes to existing keys and secrets.
+fn key_changes(store: &keytally::Store) -> Result<i64, Box<dyn std::error::Error>> {
+    let mut conn = store.connection()?;
+    let row: Count =
+        diesel::sql_query("SELECT next AS value FROM sequences WHERE name = 'key_changes'")
+            .get_result(&mut *conn)?;
+    Ok(row.value)
+}
+
+#[rstest]
+fn only_changes_to_existing_keys_move_the_key_change_count() -> TestResult {
+    let folder = tempfile::tempdir()?;
+    let path = folder.path().join("keytally.db");
+    let store = keytally::Store::open(&path)?;
+    let start = key_changes(&store)?;
+    // Adding keys and using them (last_used_at, written on close) leaves
+    // every resolved answer as it was.
+    let created = store.keys().create(&NewKey::client("counted"))?;
+    store.keys().create(&NewKey::client("other"))?;
+    assert!(store.keys().resolve(created.secret.expose())?.is_ok());
+    assert!(store.close()?.checkpoint_complete);
+    let store = keytally::Store::open(&path)?;
+    assert!(store.keys().get(created.key.id)?.last_used_at.is_some());
+    assert_eq!(key_changes(&store)?, start);
+    // Every change to a key that exists counts.
+    let update = KeyUpdate {
+        label: Some("renamed".to_owned()),
+        ..KeyUpdate::default()
+    };
+    store.keys().update(created.key.id, &update)?;
+    assert_eq!(key_changes(&store)?, start + 1);
+    store
+        .keys()
+        .rotate(created.key.id, Duration::from_secs(60))?;
+    assert!(key_changes(&store)? > start + 1);
+    let before_revoke = key_changes(&store)?;
+    store.keys().revoke(created.key.id)?;
+    assert_eq!(key_changes(&store)?, before_revoke + 1);
+    // Revoking again changes nothing, and counts nothing.
+    store.keys().revoke(created.key.id)?;
+    assert_eq!(key_changes(&store)?, before_revoke + 1);
+    assert!(store.close()?.checkpoint_complete);
+    Ok(())
+}

@@ -604,3 +604,78 @@ fn restore_refuses_a_live_database_whose_header_is_still_in_its_log(folder: Temp
     drop(holder);
     Ok(())
 }
+
+/// Resolves a secret twice through `store`: the second answer comes from the
+/// store's memory of the first.
+fn resolve_twice(
+    store: &keytally::Store,
+    secret: &str,
+) -> Result<Result<keytally::ActiveKey, keytally::Rejection>, keytally::Error> {
+    let first = store.keys().resolve(secret)?;
+    let second = store.keys().resolve(secret)?;
+    assert_eq!(first, second);
+    Ok(second)
+}
+
+#[rstest]
+fn key_changes_by_another_process_reach_the_next_resolve(folder: TempDir) -> TestResult {
+    use keytally::{AllowedModels, NewKey, Rejection, Store};
+
+    let db = folder.path().join("keytally.db");
+    let store = Store::open(&db)?;
+    let restricted = store.keys().create(&NewKey::client("restricted"))?;
+    let revoked = store.keys().create(&NewKey::client("revoked"))?;
+    let rotated = store.keys().create(&NewKey::client("rotated"))?;
+    let untouched = store.keys().create(&NewKey::client("untouched"))?;
+    let secret = |created: &keytally::CreatedKey| created.secret.expose().to_owned();
+    for key in [&restricted, &revoked, &rotated, &untouched] {
+        let active = resolve_twice(&store, &secret(key))?.map_err(|r| format!("{r:?}"))?;
+        assert_eq!(active.allowed_models, AllowedModels::Any);
+    }
+
+    let id = restricted.key.id.to_string();
+    let output = run(
+        &db,
+        &["keys", "update", &id, "--models", "o3", "--rate-limit", "7"],
+        "",
+    )?;
+    assert!(output.status.success(), "{output:?}");
+    let active = resolve_twice(&store, &secret(&restricted))?.map_err(|r| format!("{r:?}"))?;
+    assert_eq!(active.allowed_models, AllowedModels::from_names(&["o3"])?);
+    assert_eq!(active.rate_limit_override, Some(7));
+
+    let output = run(&db, &["keys", "revoke", &revoked.key.id.to_string()], "")?;
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        resolve_twice(&store, &secret(&revoked))?,
+        Err(Rejection::Revoked)
+    );
+
+    let output = run(
+        &db,
+        &[
+            "keys",
+            "rotate",
+            &rotated.key.id.to_string(),
+            "--grace",
+            "0",
+        ],
+        "",
+    )?;
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        resolve_twice(&store, &secret(&rotated))?,
+        Err(Rejection::Expired)
+    );
+    let new_secret = json_of(&output)?["secret"]
+        .as_str()
+        .ok_or("no new secret")?
+        .to_owned();
+    let active = resolve_twice(&store, &new_secret)?.map_err(|r| format!("{r:?}"))?;
+    assert_eq!(active.id, rotated.key.id);
+
+    let active = resolve_twice(&store, &secret(&untouched))?.map_err(|r| format!("{r:?}"))?;
+    assert_eq!(active.id, untouched.key.id);
+    assert!(store.close()?.checkpoint_complete);
+    Ok(())
+}
