@@ -87,7 +87,8 @@ fn main() -> BenchResult<()> {
     let n_resolve = arg(&args, "--resolves", 200_000)?;
     let n_single = arg(&args, "--singles", 20_000)?;
     let n_usage = arg(&args, "--usage-queries", 20_000)?;
-    let mixed_seconds = arg(&args, "--mixed-seconds", 5)?;
+    // At least one second: the figures are per second of the mixed run.
+    let mixed_seconds = arg(&args, "--mixed-seconds", 5)?.max(1);
 
     let folder = tempfile::tempdir()?;
     let path = folder.path().join("keytally.db");

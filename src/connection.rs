@@ -114,8 +114,8 @@ impl ConnectionSetup {
             self.synchronous.pragma_value()
         ))?;
         conn.batch_execute("PRAGMA foreign_keys = ON")?;
-        // The store's maintenance thread checkpoints every 50 ms; a writer
-        // checkpoints by itself, inside its commit, only if the log still
+        // The store's maintenance thread checkpoints every second; a writer
+        // checkpoints by itself, inside its commit, only if the log
         // reaches 40,000 pages (about 160 MiB), instead of SQLite's default
         // of 1,000. A large batch alone can write over 10,000 pages.
         conn.batch_execute("PRAGMA wal_autocheckpoint = 40000")?;

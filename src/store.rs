@@ -662,9 +662,9 @@ impl Drop for Store {
 }
 
 /// How often the maintenance thread checkpoints the write-ahead log.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(1000);
 
-/// Starts the store's maintenance thread. Every 50 ms it runs a passive
+/// Starts the store's maintenance thread. Every second it runs a passive
 /// checkpoint, so that committing writers rarely have to (their automatic
 /// checkpoint is only a backstop, see `connection.rs`); every `flush_interval`
 /// it writes the `last_used_at` times noted by resolves; and it does both
