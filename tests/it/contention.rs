@@ -1,7 +1,8 @@
 //! Contention: 4 processes and 8 threads resolve, record, prune, back up and
 //! checkpoint at once, for a few seconds. No caller sees an error (busy is
 //! waited out), no acknowledged write is lost, and the rollups still equal a
-//! recount of the raw events.
+//! recount of the raw events. And a revoked key stops resolving at once for
+//! every thread, whichever process revoked it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -281,5 +282,78 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
     );
     let store = Arc::into_inner(store).ok_or("store still shared")?;
     let _ = store.close()?;
+    Ok(())
+}
+
+#[rstest]
+fn no_resolve_that_starts_after_a_revoke_returns_accepts_the_key(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    let store = Arc::new(Store::open(&path)?);
+    let mut ids = Vec::new();
+    let mut secrets = Vec::new();
+    for i in 0..24 {
+        let created = store.keys().create(&NewKey::client(format!("key {i}")))?;
+        ids.push(created.key.id);
+        secrets.push(created.secret.expose().to_owned());
+    }
+    let secrets = Arc::new(secrets);
+    let revoked: Arc<Vec<AtomicBool>> = Arc::new((0..24).map(|_| AtomicBool::new(false)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut resolvers = Vec::new();
+    for thread in 0..3usize {
+        let (store, secrets, revoked, stop) = (
+            Arc::clone(&store),
+            Arc::clone(&secrets),
+            Arc::clone(&revoked),
+            Arc::clone(&stop),
+        );
+        resolvers.push(std::thread::spawn(move || -> Result<(u64, u64), String> {
+            let (mut resolved, mut accepted_after_revoke) = (0u64, 0u64);
+            let mut i = thread;
+            while !stop.load(Ordering::SeqCst) {
+                i = (i + 7) % secrets.len();
+                let was_revoked = revoked[i].load(Ordering::SeqCst);
+                let verdict = store
+                    .keys()
+                    .resolve(&secrets[i])
+                    .map_err(|e| e.to_string())?;
+                resolved += 1;
+                if was_revoked && verdict.is_ok() {
+                    accepted_after_revoke += 1;
+                }
+            }
+            Ok((resolved, accepted_after_revoke))
+        }));
+    }
+    // Every key is resolved, and so remembered, before it is revoked: by
+    // this store for the even ones, by another process for the odd ones.
+    std::thread::sleep(Duration::from_millis(100));
+    for (i, id) in ids.iter().enumerate() {
+        if i % 2 == 0 {
+            store.keys().revoke(*id)?;
+        } else {
+            let output = Command::new(BIN)
+                .arg("--db")
+                .arg(&path)
+                .args(["keys", "revoke", &id.to_string()])
+                .env_remove("KEYTALLY_LOG")
+                .output()?;
+            assert!(output.status.success(), "{output:?}");
+        }
+        revoked[i].store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for resolver in resolvers {
+        let (resolved, accepted_after_revoke) =
+            resolver.join().map_err(|_| "resolver panicked")??;
+        assert_eq!(accepted_after_revoke, 0);
+        total += resolved;
+    }
+    assert!(total > 1000, "only {total} resolves ran");
+    let store = Arc::into_inner(store).ok_or("store still shared")?;
+    assert!(store.close()?.checkpoint_complete);
     Ok(())
 }
