@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::schema::{key_secrets, keys, sequences};
 use crate::secret::{self, Secret};
-use crate::sql::CachedSql;
+use crate::sql::{sql_text, CachedSql, FixedSql};
 use crate::store::Store;
 use crate::time::Timestamp;
 
@@ -473,16 +473,27 @@ pub struct KeyFilter {
 /// [`crate::key_cache`].
 const KEY_CHANGES: &str = "key_changes";
 
+sql_text!(
+    /// The database's count of key changes. A constant statement kept
+    /// prepared by type: no value to bind on the hot path of a resolve.
+    KeyChangeCount = "SELECT next AS value FROM sequences WHERE name = 'key_changes'"
+);
+
+#[derive(QueryableByName)]
+struct CountRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    value: i64,
+}
+
 /// The database's count of key changes, read in its own read transaction.
 fn key_changes(conn: &mut SqliteConnection) -> Result<i64> {
-    sequences::table
-        .find(KEY_CHANGES)
-        .select(sequences::next)
-        .get_result(conn)
+    Ok(FixedSql::<KeyChangeCount>::new(Vec::new())
+        .get_result::<CountRow>(conn)
         .optional()?
         .ok_or_else(|| Error::BadStoredValue {
             message: "the count of key changes is missing from the sequences table".to_owned(),
-        })
+        })?
+        .value)
 }
 
 /// The keys repository of a [`Store`]; see [`Store::keys`].
