@@ -200,8 +200,9 @@ pub struct Store {
 /// Hashes the keys of the store's in-memory maps: key row ids, key ids and
 /// secret hashes, looked up on every resolve or recorded event. Their values
 /// are chosen by SQLite or by keytally (row ids, random UUIDs, SHA-256 of
-/// stored secrets), never by a caller, and a caller's look-up never inserts, so a multiplicative hash
-/// serves where SipHash's resistance to chosen keys would only cost time.
+/// stored secrets), never by a caller, and a caller's look-up never inserts,
+/// so a multiplicative hash serves where SipHash's resistance to chosen keys
+/// would only cost time.
 #[derive(Default, Clone, Copy)]
 pub(crate) struct BuildFastHasher;
 
