@@ -20,6 +20,7 @@ use crate::connection::pragma_integer;
 use crate::error::{Error, Result};
 use crate::files::{self, HeaderVerdict, APPLICATION_ID, FILE_MODE};
 use crate::migrations;
+use crate::online_backup::RawConnection;
 use crate::store::{Store, StoreOptions};
 
 /// What [`Store::backup_to`] wrote.
@@ -375,9 +376,13 @@ fn check_destination(database: &Path, destination: &Path, replace: bool) -> Resu
 /// `source` is copied beside the database (mode 0600) and the copy is
 /// verified (keytally's application id, `integrity_check`, no migration
 /// this binary does not know) before anything else is touched. The current
-/// database, if any, is refused while another process has it open, and is
-/// otherwise kept as `<name>.pre-restore-<time>` (with its sidecars, if it
-/// has any). The copy is then renamed into place, and migrated.
+/// database is then locked exclusively, which is refused while another
+/// process has it open; under that one lock its pages are copied to
+/// `<name>.pre-restore-<time>` and the backup's pages are written into the
+/// database file itself, in one SQLite transaction. A process that opened
+/// the file meanwhile waits on the lock and then reads the restored
+/// database: the file is never swapped under it. Last, the restored
+/// database is migrated.
 ///
 /// # Errors
 ///
@@ -391,12 +396,17 @@ pub fn restore(database: &Path, source: &Path, options: &StoreOptions) -> Result
             path: database.to_path_buf(),
         });
     }
+    if files::is_open_here(database) {
+        return Err(Error::InUse {
+            path: database.to_path_buf(),
+        });
+    }
     let folder = parent_of(database);
     if !folder.is_dir() {
         files::prepare_database_path(database)?;
         fs::remove_file(database).map_err(|e| Error::io(database, e))?;
     }
-    let mut copy = TempFile::beside(database)?;
+    let copy = TempFile::beside(database)?;
     {
         let mut from = File::open(source).map_err(|e| Error::io(source, e))?;
         let mut to = OpenOptions::new()
@@ -410,10 +420,8 @@ pub fn restore(database: &Path, source: &Path, options: &StoreOptions) -> Result
     for suffix in files::SIDECAR_SUFFIXES {
         let _ = fs::remove_file(files::sidecar(&copy.path, suffix));
     }
-    let previous = set_aside_current(database)?;
-    fs::rename(&copy.path, database).map_err(|e| Error::io(database, e))?;
-    copy.keep = true;
-    fsync_folder(database)?;
+    let previous = install(database, &copy.path)?;
+    drop(copy);
     let store = options.clone().with_path(database).open()?;
     let applied = store.applied_at_open().to_vec();
     let _ = store.close()?;
@@ -452,53 +460,105 @@ fn rename_paths(error: Error, copy: &Path, source: &Path) -> Error {
     }
 }
 
-/// Moves the current database (and any sidecars) to
-/// `<name>.pre-restore-<time>`, refusing if another process has it open.
-fn set_aside_current(database: &Path) -> Result<Option<PathBuf>> {
-    if !database.exists() {
-        return Ok(None);
+/// Writes the verified `copy` into the database file, keeping the current
+/// database aside first; returns where it was kept, if there was one.
+fn install(database: &Path, copy: &Path) -> Result<Option<PathBuf>> {
+    files::prepare_database_path(database)?;
+    let had_content = fs::metadata(database)
+        .map_err(|e| Error::io(database, e))?
+        .len()
+        > 0;
+    let mut live = match lock_exclusively(database) {
+        Ok(live) => live,
+        Err(Error::Busy { .. }) => {
+            return Err(Error::InUse {
+                path: database.to_path_buf(),
+            })
+        }
+        // A file SQLite cannot read is exactly what a restore replaces; no
+        // process can have it open as a database.
+        Err(error @ (Error::Corrupt { .. } | Error::Io { .. })) => {
+            tracing::warn!(error = %error, "current database is unreadable; moving it aside");
+            return install_by_rename(database, copy);
+        }
+        Err(other) => return Err(other),
+    };
+    let previous = if had_content {
+        Some(keep_aside(&mut live, database)?)
+    } else {
+        None
+    };
+    let written = RawConnection::open(copy).and_then(|mut from| from.copy_into(&mut live));
+    if let Err(error) = written {
+        // The database is as it was: the copy kept aside is not needed.
+        if let Some(previous) = &previous {
+            let _ = fs::remove_file(previous);
+        }
+        return Err(error);
     }
-    if files::is_open_here(database) {
-        return Err(Error::InUse {
-            path: database.to_path_buf(),
+    drop(live);
+    Ok(previous)
+}
+
+/// Opens `database` and takes SQLite's exclusive lock on it, held until the
+/// connection is dropped. Leaving WAL mode first folds the log into the
+/// file; SQLite refuses it while any other connection has the database
+/// open, which is how another process is told apart.
+fn lock_exclusively(database: &Path) -> Result<RawConnection> {
+    let mut live = RawConnection::open(database)?;
+    live.execute("PRAGMA busy_timeout = 0; PRAGMA locking_mode = EXCLUSIVE")?;
+    let mode = live.query_text("PRAGMA journal_mode = DELETE")?;
+    if !mode.is_some_and(|mode| mode.eq_ignore_ascii_case("delete")) {
+        return Err(Error::Busy {
+            message: "the database stayed in WAL mode".to_owned(),
         });
     }
-    // A live database's header can still say nothing of keytally: until the
-    // first checkpoint, everything but the switch to WAL is in the log.
-    if matches!(
-        files::inspect_header(database),
-        Ok(HeaderVerdict::Ours | HeaderVerdict::Unmarked)
-    ) {
-        // Leaving WAL mode needs every other connection gone: SQLite's own
-        // way of telling whether another process has the database open. It
-        // also folds the log into the file, so the kept copy stands alone.
-        let mut conn = plain_connection(database)?;
-        conn.batch_execute("PRAGMA busy_timeout = 0")?;
-        #[derive(QueryableByName)]
-        struct Mode {
-            #[diesel(sql_type = Text)]
-            journal_mode: String,
+    // In exclusive locking mode the lock a write transaction takes is kept
+    // after it ends.
+    live.execute("BEGIN EXCLUSIVE; COMMIT")?;
+    Ok(live)
+}
+
+/// Copies the locked database's pages to a new `<name>.pre-restore-<time>`.
+fn keep_aside(live: &mut RawConnection, database: &Path) -> Result<PathBuf> {
+    let previous = pre_restore_path(database);
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&previous)
+        .and_then(|file| file.set_permissions(fs::Permissions::from_mode(FILE_MODE)))
+        .map_err(|e| Error::io(&previous, e))?;
+    let copied = RawConnection::open(&previous).and_then(|mut kept| live.copy_into(&mut kept));
+    if let Err(error) = copied {
+        for path in files::database_files(&previous) {
+            let _ = fs::remove_file(path);
         }
-        match diesel::sql_query("PRAGMA journal_mode = DELETE").get_result::<Mode>(&mut conn) {
-            Ok(mode) if mode.journal_mode.eq_ignore_ascii_case("delete") => {}
-            Ok(_) => {
-                return Err(Error::InUse {
-                    path: database.to_path_buf(),
-                })
-            }
-            Err(error) => match Error::from(error) {
-                Error::Busy { .. } => {
-                    return Err(Error::InUse {
-                        path: database.to_path_buf(),
-                    })
-                }
-                // A damaged database is exactly what a restore replaces.
-                other => {
-                    tracing::warn!(error = %other, "current database could not be checkpointed")
-                }
-            },
+        return Err(error);
+    }
+    Ok(previous)
+}
+
+/// Moves a database SQLite cannot read (and any sidecars) aside and renames
+/// `copy` into its place.
+fn install_by_rename(database: &Path, copy: &Path) -> Result<Option<PathBuf>> {
+    let previous = pre_restore_path(database);
+    for suffix in files::SIDECAR_SUFFIXES {
+        let from = files::sidecar(database, suffix);
+        if from.exists() {
+            let to = files::sidecar(&previous, suffix);
+            fs::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
         }
     }
+    fs::rename(database, &previous).map_err(|e| Error::io(database, e))?;
+    fs::rename(copy, database).map_err(|e| Error::io(database, e))?;
+    fsync_folder(database)?;
+    Ok(Some(previous))
+}
+
+/// A free name `<name>.pre-restore-<time>[-<n>]` beside `database`.
+fn pre_restore_path(database: &Path) -> PathBuf {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
     let name = database
         .file_name()
@@ -510,13 +570,5 @@ fn set_aside_current(database: &Path) -> Result<Option<PathBuf>> {
         previous = parent_of(database).join(format!("{name}.pre-restore-{stamp}-{counter}"));
         counter += 1;
     }
-    for suffix in files::SIDECAR_SUFFIXES {
-        let from = files::sidecar(database, suffix);
-        if from.exists() {
-            let to = files::sidecar(&previous, suffix);
-            fs::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
-        }
-    }
-    fs::rename(database, &previous).map_err(|e| Error::io(database, e))?;
-    Ok(Some(previous))
+    previous
 }

@@ -60,6 +60,7 @@ mod key_cache;
 pub mod keys;
 mod location;
 pub mod migrations;
+mod online_backup;
 mod secret;
 pub mod sink;
 mod sql;

@@ -10,6 +10,7 @@ mod hostile_files;
 mod hostile_input;
 mod keys;
 mod operator_cli;
+mod restore_race;
 mod schema_details;
 mod secrets;
 mod sink;
