@@ -132,7 +132,8 @@ fn keys_lifecycle_and_resolve_outcomes(folder: TempDir) -> TestResult {
         &["keys", "create", "--label", "x", "--tier", "root"],
         "",
     )?;
-    assert_eq!(bad_tier.status.code(), Some(1));
+    // A usage error, as the README promises: 2, with the valid tiers.
+    assert_eq!(bad_tier.status.code(), Some(2));
     assert!(String::from_utf8(bad_tier.stderr)?.contains("tier"));
     Ok(())
 }
@@ -485,6 +486,104 @@ fn demo_runs_on_a_fresh_database(folder: TempDir) -> TestResult {
     assert!(text.contains("recorded 5000 events"), "{text}");
     assert!(text.contains("usage by model"));
     assert!(text.contains("usage by hour"));
+    Ok(())
+}
+
+#[rstest]
+fn demo_without_db_on_the_command_line_leaves_the_configured_database_alone(
+    folder: TempDir,
+) -> TestResult {
+    let db = database(&folder);
+    let scratch = folder.path().join("tmp");
+    std::fs::create_dir(&scratch)?;
+    let output = Command::new(BIN)
+        .args(["--json", "demo"])
+        .env("KEYTALLY_DB", &db)
+        .env("TMPDIR", &scratch)
+        .env_remove("KEYTALLY_LOG")
+        .output()?;
+    assert!(output.status.success(), "{output:?}");
+    let report = json_of(&output)?;
+    assert_eq!(report["temporary"], true);
+    assert_eq!(report["events"], 5000);
+    let used = report["database"].as_str().ok_or("no database")?;
+    assert!(used.starts_with(path_arg(&scratch)?), "{used}");
+    assert!(!db.exists(), "the demo wrote into the configured database");
+    assert_eq!(
+        std::fs::read_dir(&scratch)?.count(),
+        0,
+        "the temporary database was left behind"
+    );
+    // Named on the command line, the database is the one used.
+    let explicit = run(&db, &["demo"], "")?;
+    assert!(explicit.status.success(), "{explicit:?}");
+    let report = json_of(&explicit)?;
+    assert_eq!(report["temporary"], false);
+    assert_eq!(report["database"], path_arg(&db)?);
+    Ok(())
+}
+
+#[rstest]
+fn closed_choices_are_usage_errors_that_list_the_valid_values(folder: TempDir) -> TestResult {
+    let db = database(&folder);
+    let bad_tier = run(
+        &db,
+        &["keys", "create", "--label", "x", "--tier", "bogus"],
+        "",
+    )?;
+    assert_eq!(bad_tier.status.code(), Some(2), "{bad_tier:?}");
+    let message = String::from_utf8(bad_tier.stderr)?;
+    assert!(
+        message.contains("admin") && message.contains("client"),
+        "{message}"
+    );
+    assert!(!db.exists(), "a usage error opened the database");
+    let admin = run(
+        &db,
+        &["keys", "create", "--label", "x", "--tier", "admin"],
+        "",
+    )?;
+    assert!(admin.status.success(), "{admin:?}");
+    assert_eq!(json_of(&admin)?["key"]["tier"], "admin");
+
+    let bad_grouping = run(
+        &db,
+        &["events", "usage", "--since", "1d", "--by", "week"],
+        "",
+    )?;
+    assert_eq!(bad_grouping.status.code(), Some(2), "{bad_grouping:?}");
+    let message = String::from_utf8(bad_grouping.stderr)?;
+    for valid in ["hour", "day", "model", "key"] {
+        assert!(message.contains(valid), "{message}");
+    }
+    // Two events six hours apart on one day: two hours, one day.
+    let events = "{\"ts\": \"2026-11-20T03:10:00Z\", \"model\": \"m\", \"status\": 200}\n\
+                  {\"ts\": \"2026-11-20T09:10:00Z\", \"model\": \"m\", \"status\": 200}\n";
+    assert!(run(&db, &["events", "ingest"], events)?.status.success());
+    for (grouping, rows) in [("hour", 2), ("day", 1)] {
+        let usage = run(
+            &db,
+            &[
+                "events",
+                "usage",
+                "--since",
+                "2026-11-20T00:00:00Z",
+                "--until",
+                "2026-11-21T00:00:00Z",
+                "--by",
+                grouping,
+            ],
+            "",
+        )?;
+        assert!(usage.status.success(), "{usage:?}");
+        let report = json_of(&usage)?;
+        assert_eq!(report["by"], grouping);
+        assert_eq!(
+            report["rows"].as_array().map(Vec::len),
+            Some(rows),
+            "{grouping}: {report}"
+        );
+    }
     Ok(())
 }
 

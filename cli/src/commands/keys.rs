@@ -13,7 +13,7 @@ pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
         KeysCommand::Create(args) => {
             let new = NewKey {
                 label: args.label.clone(),
-                tier: args.tier.parse()?,
+                tier: args.tier.into(),
                 allowed_models: parse::models(&args.models)?,
                 expires_at: args
                     .expires_in

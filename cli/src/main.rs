@@ -5,12 +5,13 @@
 //! (or one error on stderr) and maps it to an exit code: 0 success, 1
 //! failure, 2 usage error.
 
-mod cli;
+mod commands;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// Inspect, operate, back up and restore a keytally database.
 #[derive(Debug, Parser)]
@@ -105,9 +106,9 @@ struct CreateKey {
     /// Free text that says whose key this is.
     #[arg(long)]
     label: String,
-    /// admin or client.
-    #[arg(long, default_value = "client")]
-    tier: String,
+    /// What the key may do.
+    #[arg(long, value_enum, default_value_t = TierArg::Client)]
+    tier: TierArg,
     /// Comma-separated model names, or * for any.
     #[arg(long, default_value = "*")]
     models: String,
@@ -184,8 +185,8 @@ enum EventsCommand {
         #[arg(long)]
         until: Option<String>,
         /// Group by hour, day, model or key.
-        #[arg(long, value_parser = ["hour", "day", "model", "key"])]
-        by: Option<String>,
+        #[arg(long, value_enum)]
+        by: Option<Grouping>,
     },
     /// Delete raw events older than a duration, in small batches (rollups stay).
     Prune {
@@ -198,11 +199,59 @@ enum EventsCommand {
     },
 }
 
+/// `--tier`: [`keytally::Tier`]'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TierArg {
+    /// May administer the gateway.
+    Admin,
+    /// May call models.
+    Client,
+}
+
+impl From<TierArg> for keytally::Tier {
+    fn from(tier: TierArg) -> keytally::Tier {
+        match tier {
+            TierArg::Admin => keytally::Tier::Admin,
+            TierArg::Client => keytally::Tier::Client,
+        }
+    }
+}
+
+/// `events usage --by`: a time bucket ([`keytally::Bucket`]), a model or a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Grouping {
+    /// One row per hour.
+    Hour,
+    /// One row per day (UTC).
+    Day,
+    /// One row per model.
+    Model,
+    /// One row per key.
+    Key,
+}
+
+impl Grouping {
+    fn name(self) -> &'static str {
+        match self {
+            Grouping::Hour => "hour",
+            Grouping::Day => "day",
+            Grouping::Model => "model",
+            Grouping::Key => "key",
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    cli::init_logging();
-    let out = cli::Output::new(cli.json);
-    match cli::run(&cli, &out) {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    // Only a path typed on the command line sends `demo` to a real database.
+    let db_on_command_line = matches.value_source("db") == Some(ValueSource::CommandLine);
+    commands::init_logging();
+    let out = commands::Output::new(cli.json);
+    match commands::run(&cli, db_on_command_line, &out) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             out.error(&error);

@@ -60,8 +60,12 @@ fn database_path(cli: &Cli) -> Result<PathBuf, keytally::Error> {
         })
 }
 
-/// Runs the command `cli` names.
-pub fn run(cli: &Cli, out: &Output) -> CliResult {
+/// Runs the command `cli` names. `db_on_command_line` says whether the
+/// database was named with `--db` (not only by the environment).
+pub fn run(cli: &Cli, db_on_command_line: bool, out: &Output) -> CliResult {
+    if matches!(cli.command, Command::Demo) && !db_on_command_line {
+        return ops::demo_on_a_temporary_database(out);
+    }
     let path = database_path(cli)?;
     match &cli.command {
         Command::Migrate { dry_run: true } => return ops::migrate_dry_run(&path, out),
@@ -77,7 +81,7 @@ pub fn run(cli: &Cli, out: &Output) -> CliResult {
         Command::Keys(command) => keys::run(&store, command, out),
         Command::Backup { dest, force } => ops::backup(&store, dest, *force, out),
         Command::Events(command) => return events::run(store, command, out),
-        Command::Demo => return ops::demo(store, out),
+        Command::Demo => return ops::demo(store, None, out),
         Command::Restore { .. } => Ok(()),
     };
     close(store, outcome)

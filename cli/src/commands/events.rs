@@ -10,7 +10,7 @@ use keytally::{Bucket, Event, EventFilter, NewEvent, Store, Timestamp, Totals, U
 use serde_json::json;
 
 use super::{close, parse, CliResult, Failure, Output};
-use crate::EventsCommand;
+use crate::{EventsCommand, Grouping};
 
 pub fn run(store: Store, command: &EventsCommand, out: &Output) -> CliResult {
     let outcome = match command {
@@ -28,15 +28,7 @@ pub fn run(store: Store, command: &EventsCommand, out: &Output) -> CliResult {
             since,
             until,
             by,
-        } => usage(
-            &store,
-            key,
-            model,
-            since,
-            until.as_deref(),
-            by.as_deref(),
-            out,
-        ),
+        } => usage(&store, key, model, since, until.as_deref(), *by, out),
         EventsCommand::Prune { older_than, batch } => prune(&store, older_than, *batch, out),
     };
     close(store, outcome)
@@ -218,7 +210,7 @@ fn usage(
     model: &Option<String>,
     since: &str,
     until: Option<&str>,
-    by: Option<&str>,
+    by: Option<Grouping>,
     out: &Output,
 ) -> CliResult {
     let filter = UsageFilter {
@@ -232,13 +224,13 @@ fn usage(
     };
     let rows: Vec<(String, Totals)> = match by {
         None => vec![("total".to_owned(), store.events().usage(&filter)?)],
-        Some("model") => store
+        Some(Grouping::Model) => store
             .events()
             .usage_by_model(&filter)?
             .into_iter()
             .map(|g| (g.group, g.totals))
             .collect(),
-        Some("key") => store
+        Some(Grouping::Key) => store
             .events()
             .usage_by_key(&filter)?
             .into_iter()
@@ -250,8 +242,8 @@ fn usage(
                 )
             })
             .collect(),
-        Some(bucket) => {
-            let bucket = if bucket == "day" {
+        Some(grouping @ (Grouping::Hour | Grouping::Day)) => {
+            let bucket = if grouping == Grouping::Day {
                 Bucket::Day
             } else {
                 Bucket::Hour
@@ -284,7 +276,7 @@ fn usage(
     let value = json!({
         "since": filter.since,
         "until": filter.until,
-        "by": by.unwrap_or("total"),
+        "by": by.map_or("total", Grouping::name),
         "rows": json_rows,
     });
     out.print(&value, || {

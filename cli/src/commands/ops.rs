@@ -156,9 +156,27 @@ pub fn restore(path: &Path, src: &Path, out: &Output) -> CliResult {
 
 /// Creates a key, resolves it, records a few thousand events through the
 /// batching sink, and prints usage by model and by hour.
-pub fn demo(store: Store, out: &Output) -> CliResult {
+/// Runs the demo on a new database in a temporary folder, removed after.
+pub fn demo_on_a_temporary_database(out: &Output) -> CliResult {
+    let folder = tempfile::Builder::new()
+        .prefix("keytally-demo-")
+        .tempdir()
+        .map_err(|source| keytally::Error::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    let store = Store::open(folder.path().join(keytally::DB_FILE_NAME))?;
+    let outcome = demo(store, Some("a temporary database, removed afterwards"), out);
+    drop(folder);
+    outcome
+}
+
+/// Shows the library working on `store`: a key, a resolve, 5,000 events
+/// through the sink, usage, a revoke. `temporary` says why the database is
+/// not the operator's, if it is not.
+pub fn demo(store: Store, temporary: Option<&str>, out: &Output) -> CliResult {
     let store = Arc::new(store);
-    let outcome = run_demo(&store, out);
+    let outcome = run_demo(&store, temporary, out);
     let store = Arc::into_inner(store).ok_or_else(|| Failure::Verdict {
         message: "the demo still held the store".to_owned(),
         json: json!({ "error": "internal" }),
@@ -166,10 +184,14 @@ pub fn demo(store: Store, out: &Output) -> CliResult {
     close(store, outcome)
 }
 
-fn run_demo(store: &Arc<Store>, out: &Output) -> CliResult {
+fn run_demo(store: &Arc<Store>, temporary: Option<&str>, out: &Output) -> CliResult {
     const MODELS: [&str; 4] = ["gpt-4o", "o3", "claude-sonnet-4", "gemini-2.5-pro"];
     const EVENTS: u64 = 5_000;
-    let mut log = Vec::new();
+    let database = store.path().display().to_string();
+    let mut log = vec![match temporary {
+        Some(why) => format!("demo database: {database} ({why}; pass --db to keep one)"),
+        None => format!("demo database: {database}"),
+    }];
     let created = store.keys().create(&NewKey::client("keytally demo"))?;
     log.push(format!(
         "created key {} ({}…)",
@@ -226,7 +248,14 @@ fn run_demo(store: &Arc<Store>, out: &Output) -> CliResult {
     store.keys().revoke(resolved.id)?;
     log.push("revoked the demo key".to_owned());
     out.print(
-        &json!({ "key": created.key.id, "events": report.committed, "by_model": by_model, "by_hour": by_hour }),
+        &json!({
+            "database": database,
+            "temporary": temporary.is_some(),
+            "key": created.key.id,
+            "events": report.committed,
+            "by_model": by_model,
+            "by_hour": by_hour,
+        }),
         || {
             let mut text: String = log.iter().map(|line| format!("{line}\n")).collect();
             text.push_str("\nusage by model:\n");
