@@ -18,8 +18,8 @@ use crate::connection::pragma_integer;
 use crate::error::{Error, Result};
 use crate::files::APPLICATION_ID;
 
-/// The migrations compiled into this binary, from `migrations/`.
-pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+/// The migrations compiled into this binary, from `migrations/sqlite/`.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
 /// Diesel's bookkeeping table.
 const MIGRATIONS_TABLE: &str = "__diesel_schema_migrations";
