@@ -1,7 +1,17 @@
 //! The one error type of keytally.
+//!
+//! A variant's message says what happened and what to do; the error that
+//! caused it, when there is one, is its [`std::error::Error::source`], not
+//! repeated in the message. Print the chain to show both.
 
 use std::io;
 use std::path::PathBuf;
+
+use crate::model::invalid::Invalid;
+use crate::model::key::KeyId;
+
+/// An underlying error of any kind, kept as a variant's source.
+pub type BoxedError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A `Result` whose error defaults to keytally's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -15,10 +25,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// The database stayed busy or locked by another connection for longer than
     /// the busy timeout.
-    #[error("database is busy (locked by another connection for longer than the busy timeout): {message}")]
+    #[error("database is busy (locked by another connection for longer than the busy timeout)")]
     Busy {
-        /// SQLite's own message.
-        message: String,
+        /// The database's own error.
+        source: BoxedError,
     },
 
     /// The file exists but is not an SQLite database at all (garbage, a zeroed
@@ -67,7 +77,7 @@ pub enum Error {
     },
 
     /// The operating system refused access to a file or folder.
-    #[error("permission denied on {}: {source}; check the owner and mode of the file and its folder", path.display())]
+    #[error("permission denied on {}; check the owner and mode of the file and its folder", path.display())]
     Permission {
         /// The file or folder.
         path: PathBuf,
@@ -86,14 +96,14 @@ pub enum Error {
     },
 
     /// The disk (or the filesystem quota) is full: the write was not committed.
-    #[error("disk full: the write was not committed ({message}); free space and retry")]
+    #[error("disk full: the write was not committed; free space and retry")]
     DiskFull {
-        /// SQLite's or the system's message.
-        message: String,
+        /// The database's or the system's error.
+        source: BoxedError,
     },
 
     /// Any other input/output error on a file or folder.
-    #[error("i/o error on {}: {source}", path.display())]
+    #[error("i/o error on {}", path.display())]
     Io {
         /// The file or folder.
         path: PathBuf,
@@ -157,21 +167,21 @@ pub enum Error {
     #[error("no key with id {id}")]
     KeyNotFound {
         /// The id that was looked up.
-        id: crate::keys::KeyId,
+        id: KeyId,
     },
 
     /// The operation needs an active key, but this one is revoked.
     #[error("key {id} is revoked")]
     KeyRevoked {
         /// The revoked key.
-        id: crate::keys::KeyId,
+        id: KeyId,
     },
 
     /// The operating system's random source failed, so no secret could be made.
-    #[error("cannot generate a secret: the system random source failed: {message}")]
+    #[error("cannot generate a secret: the system random source failed")]
     Random {
-        /// The system's message.
-        message: String,
+        /// The system's error.
+        source: BoxedError,
     },
 
     /// A value read from the database does not decode (written by something
@@ -186,25 +196,30 @@ pub enum Error {
     #[error("store is closed")]
     Closed,
 
+    /// A write was started inside another write of the same store, on the
+    /// same thread: it would wait for itself forever. Do both in one write.
+    #[error("a write was started inside another write of the same store; do both in one write")]
+    NestedWrite,
+
     /// No pooled connection became free within the pool's timeout.
-    #[error("no database connection became available: {message}")]
+    #[error("no database connection became available")]
     Pool {
-        /// The pool's message.
-        message: String,
+        /// The pool's error.
+        source: BoxedError,
     },
 
     /// A connection to the database could not be established.
-    #[error("cannot open database {}: {message}", path.display())]
+    #[error("cannot open database {}", path.display())]
     Open {
         /// The database.
         path: PathBuf,
-        /// SQLite's message.
-        message: String,
+        /// Why, as the database or the system said.
+        source: BoxedError,
     },
 
     /// Any other database error.
-    #[error("database error: {0}")]
-    Database(diesel::result::Error),
+    #[error("database error")]
+    Database(#[source] diesel::result::Error),
 }
 
 impl Error {
@@ -213,39 +228,30 @@ impl Error {
         match source.kind() {
             io::ErrorKind::PermissionDenied => Error::Permission { path, source },
             io::ErrorKind::StorageFull => Error::DiskFull {
-                message: source.to_string(),
+                source: Box::new(source),
             },
             _ => Error::Io { path, source },
         }
     }
 }
 
-impl From<diesel::result::Error> for Error {
-    fn from(error: diesel::result::Error) -> Self {
-        use diesel::result::Error as E;
-        if let E::DatabaseError(_, info) = &error {
-            let message = info.message().to_owned();
-            // SQLite's primary result codes are not kept by Diesel, so the
-            // classes that matter to callers are recognised by SQLite's fixed
-            // messages for them.
-            if message.starts_with("database is locked")
-                || message.starts_with("database table is locked")
-                || message.starts_with("database is busy")
-            {
-                return Error::Busy { message };
-            }
-            if message.starts_with("database or disk is full") {
-                return Error::DiskFull { message };
-            }
+impl From<Invalid> for Error {
+    fn from(invalid: Invalid) -> Self {
+        Error::InvalidInput {
+            field: invalid.field,
+            reason: invalid.reason,
         }
-        Error::Database(error)
     }
 }
 
-impl From<diesel::r2d2::PoolError> for Error {
-    fn from(error: diesel::r2d2::PoolError) -> Self {
-        Error::Pool {
-            message: error.to_string(),
+impl From<crate::model::secret::GenerateError> for Error {
+    fn from(error: crate::model::secret::GenerateError) -> Self {
+        use crate::model::secret::GenerateError;
+        match error {
+            GenerateError::Prefix(invalid) => invalid.into(),
+            GenerateError::Random(source) => Error::Random {
+                source: Box::new(source),
+            },
         }
     }
 }

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::events::{at_index, NewEvent, PreparedEvent};
+use crate::model::event::NewEvent;
+use crate::repositories::events::ValidEvent;
 use crate::store::Store;
 
 /// How an [`EventSink`] batches.
@@ -78,6 +79,9 @@ struct FailedRange {
 struct Progress {
     /// Every ticket up to this one has been committed or has failed.
     settled_through: u64,
+    /// The writer thread has ended (normally, or by a panic): tickets not
+    /// settled by then never will be.
+    writer_gone: bool,
     failures: VecDeque<FailedRange>,
     report: SinkReport,
 }
@@ -90,7 +94,7 @@ struct State {
 /// Batched, bounded, reporting event ingestion; see the module docs.
 pub struct EventSink {
     store: Arc<Store>,
-    sender: Option<SyncSender<(u64, PreparedEvent)>>,
+    sender: Option<SyncSender<(u64, ValidEvent)>>,
     /// Held while queueing, so tickets enter the queue in order.
     queue_order: Mutex<()>,
     /// The last ticket queued.
@@ -129,7 +133,14 @@ impl EventSink {
             let state = Arc::clone(&state);
             std::thread::Builder::new()
                 .name("keytally-sink".to_owned())
-                .spawn(move || write_batches(&store, &state, &receiver, options))
+                .spawn(move || {
+                    write_batches(
+                        |batch: &[ValidEvent]| store.events().record_valid(batch).map(|_| ()),
+                        &state,
+                        &receiver,
+                        options,
+                    );
+                })
                 .map_err(|source| Error::Io {
                     path: "(thread)".into(),
                     source,
@@ -157,7 +168,7 @@ impl EventSink {
             .store
             .events()
             .prepare(event)
-            .map_err(|reason| at_index(0, reason))?;
+            .map_err(|refused| refused.at(0))?;
         let sender = self.sender.as_ref().ok_or(Error::Closed)?;
         // Tickets are handed out in queue order, so that "settled through N"
         // covers exactly the first N submissions.
@@ -175,19 +186,10 @@ impl EventSink {
     ///
     /// # Errors
     ///
-    /// [`Error::BatchFailed`] with the reason the batch was not committed.
+    /// [`Error::BatchFailed`] with the reason the batch was not committed,
+    /// also when the writer thread ended before it (it panicked).
     pub fn wait(&self, ticket: Ticket) -> Result<()> {
-        let progress = self.settled_through(ticket.0);
-        match progress
-            .failures
-            .iter()
-            .find(|range| (range.first..=range.last).contains(&ticket.0))
-        {
-            Some(range) => Err(Error::BatchFailed {
-                message: range.message.clone(),
-            }),
-            None => Ok(()),
-        }
+        self.state.outcome(ticket.0)
     }
 
     /// Waits until everything submitted so far is committed or has failed.
@@ -197,7 +199,10 @@ impl EventSink {
     /// [`Error::BatchFailed`] if any batch failed since the sink started.
     pub fn flush(&self) -> Result<()> {
         let last = self.submitted.load(Ordering::Acquire);
-        let progress = self.settled_through(last);
+        let progress = self.state.settled_through(last);
+        if progress.settled_through < last {
+            return Err(writer_gone());
+        }
         match progress.failures.front() {
             Some(range) => Err(Error::BatchFailed {
                 message: format!(
@@ -207,20 +212,6 @@ impl EventSink {
             }),
             None => Ok(()),
         }
-    }
-
-    /// Waits until every ticket up to `last` has been committed or failed.
-    fn settled_through(&self, last: u64) -> std::sync::MutexGuard<'_, Progress> {
-        self.state
-            .settled
-            .wait_while(
-                self.state
-                    .progress
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-                |progress| progress.settled_through < last,
-            )
-            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Events submitted and not yet settled (queued or in the batch being
@@ -249,11 +240,14 @@ impl EventSink {
             .progress
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if progress.report.failed > 0 {
+        let submitted = self.submitted.load(Ordering::Acquire);
+        let unsettled = submitted.saturating_sub(progress.settled_through);
+        if progress.report.failed > 0 || unsettled > 0 {
             return Err(Error::BatchFailed {
                 message: format!(
                     "{} events committed, {} not committed",
-                    progress.report.committed, progress.report.failed
+                    progress.report.committed,
+                    progress.report.failed + unsettled
                 ),
             });
         }
@@ -277,13 +271,69 @@ impl Drop for EventSink {
     }
 }
 
-fn write_batches(
-    store: &Store,
+impl State {
+    /// Waits until every ticket up to `last` has been committed or failed,
+    /// or the writer is gone.
+    fn settled_through(&self, last: u64) -> std::sync::MutexGuard<'_, Progress> {
+        self.settled
+            .wait_while(
+                self.progress.lock().unwrap_or_else(PoisonError::into_inner),
+                |progress| progress.settled_through < last && !progress.writer_gone,
+            )
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for `ticket`'s fate.
+    fn outcome(&self, ticket: u64) -> Result<()> {
+        let progress = self.settled_through(ticket);
+        if progress.settled_through < ticket {
+            return Err(writer_gone());
+        }
+        match progress
+            .failures
+            .iter()
+            .find(|range| (range.first..=range.last).contains(&ticket))
+        {
+            Some(range) => Err(Error::BatchFailed {
+                message: range.message.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn writer_gone() -> Error {
+    Error::BatchFailed {
+        message: "the sink's writer thread stopped before committing it; the event was not \
+                  recorded"
+            .to_owned(),
+    }
+}
+
+/// Marks the writer gone when dropped: when the writer returns, and when it
+/// unwinds from a panic, so that nobody waits for it forever.
+struct WriterExit<'a>(&'a State);
+
+impl Drop for WriterExit<'_> {
+    fn drop(&mut self) {
+        self.0
+            .progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .writer_gone = true;
+        self.0.settled.notify_all();
+    }
+}
+
+/// The writer thread: commits queued events in batches with `commit`.
+fn write_batches<T>(
+    commit: impl Fn(&[T]) -> Result<()>,
     state: &State,
-    receiver: &Receiver<(u64, PreparedEvent)>,
+    receiver: &Receiver<(u64, T)>,
     options: SinkOptions,
 ) {
-    let mut batch: Vec<PreparedEvent> = Vec::with_capacity(options.batch_size);
+    let _exit = WriterExit(state);
+    let mut batch: Vec<T> = Vec::with_capacity(options.batch_size.min(options.capacity));
     let mut open = true;
     while open {
         // Wait for the first event of a batch, then fill it until it is full
@@ -308,7 +358,7 @@ fn write_batches(
                 }
             }
         }
-        let outcome = store.events().record_prepared(&batch);
+        let outcome = commit(&batch);
         let mut progress = state
             .progress
             .lock()
@@ -333,5 +383,49 @@ fn write_batches(
         drop(progress);
         state.settled.notify_all();
         batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The writer's panic reaches the waiters as an error instead of a wait
+    /// without end: a real thread whose commit panics.
+    #[test]
+    #[expect(clippy::panic, reason = "the test needs a writer that panics")]
+    fn a_panicking_writer_fails_its_tickets_instead_of_hanging() {
+        let state = Arc::new(State {
+            progress: Mutex::new(Progress::default()),
+            settled: Condvar::new(),
+        });
+        let (sender, receiver) = mpsc::sync_channel::<(u64, u32)>(4);
+        let writer = {
+            let state = Arc::clone(&state);
+            std::thread::spawn(move || {
+                write_batches(
+                    |_: &[u32]| -> Result<()> { panic!("commit failed in a way nobody planned") },
+                    &state,
+                    &receiver,
+                    SinkOptions::default(),
+                );
+            })
+        };
+        assert!(sender.send((1, 7)).is_ok());
+        let (done, outcome) = mpsc::channel();
+        let waiter = {
+            let state = Arc::clone(&state);
+            std::thread::spawn(move || {
+                let _ = done.send(state.outcome(1));
+            })
+        };
+        // A bound on the wait, so that a regression fails instead of hanging.
+        let outcome = outcome.recv_timeout(Duration::from_secs(30));
+        assert!(
+            matches!(outcome, Ok(Err(Error::BatchFailed { .. }))),
+            "{outcome:?}"
+        );
+        assert!(writer.join().is_err(), "the writer did not panic");
+        assert!(waiter.join().is_ok());
     }
 }

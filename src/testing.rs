@@ -21,8 +21,10 @@ use std::path::{Path, PathBuf};
 use rstest::fixture;
 use tempfile::TempDir;
 
+use crate::db::database::CloseReport;
 use crate::error::{Error, Result};
-use crate::store::{Store, StoreOptions};
+use crate::store::options::StoreOptions;
+use crate::store::Store;
 
 /// A migrated store in a temporary folder that is removed on drop.
 ///
@@ -74,7 +76,7 @@ impl TestStore {
     /// # Errors
     ///
     /// As [`Store::close`].
-    pub fn close(self) -> Result<(crate::CloseReport, TempDir, PathBuf)> {
+    pub fn close(self) -> Result<(CloseReport, TempDir, PathBuf)> {
         let path = self.store.path().to_path_buf();
         let report = self.store.close()?;
         Ok((report, self.folder, path))

@@ -194,7 +194,7 @@ enum EventsCommand {
         #[arg(long, value_name = "DURATION")]
         older_than: String,
         /// Events deleted per transaction.
-        #[arg(long, default_value_t = keytally::events::DEFAULT_PRUNE_BATCH)]
+        #[arg(long, default_value_t = keytally::DEFAULT_PRUNE_BATCH)]
         batch: u32,
     },
 }

@@ -48,7 +48,7 @@ fn status_creates_a_private_database_under_umask_000(folder: TempDir) -> TestRes
     assert_eq!(status["foreign_keys"], true);
     assert_eq!(status["application_id"], keytally::APPLICATION_ID);
     assert_eq!(status["pending_migrations"], serde_json::json!([]));
-    let newest = keytally::migrations::known_versions()?
+    let newest = keytally::known_versions()?
         .last()
         .cloned()
         .ok_or("no migrations")?;
@@ -112,7 +112,7 @@ fn migrate_lists_what_it_applied_then_nothing(folder: TempDir) -> TestResult {
     assert!(first.status.success(), "{first:?}");
     let applied = json_of(&first)?["applied"].clone();
     let applied = applied.as_array().ok_or("applied is not an array")?;
-    assert_eq!(applied.len(), keytally::migrations::known_versions()?.len());
+    assert_eq!(applied.len(), keytally::known_versions()?.len());
     assert!(applied[0]
         .as_str()
         .is_some_and(|name| name.ends_with("_create_keys")));
@@ -195,6 +195,6 @@ fn two_processes_opening_a_fresh_database_both_succeed(folder: TempDir) -> TestR
             .ok_or("applied is not an array")?
             .len();
     }
-    assert_eq!(applied, keytally::migrations::known_versions()?.len());
+    assert_eq!(applied, keytally::known_versions()?.len());
     Ok(())
 }

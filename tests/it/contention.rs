@@ -223,7 +223,7 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
     );
 
     // Nothing acknowledged is missing.
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     let present: std::collections::HashSet<String> =
         diesel::sql_query("SELECT request_id FROM events WHERE request_id IS NOT NULL")
             .load::<Present>(&mut *conn)?

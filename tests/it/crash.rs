@@ -50,7 +50,7 @@ fn batches(store: &Store) -> Result<BTreeMap<u64, usize>, Box<dyn std::error::Er
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         n: i64,
     }
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     let rows: Vec<Row> = diesel::sql_query(
         "SELECT substr(request_id, 2, instr(request_id, '-') - 2) AS batch, count(*) AS n \
          FROM events GROUP BY batch",

@@ -41,7 +41,7 @@ impl Rng {
 }
 
 fn ts(millis: i64) -> Result<Timestamp, Error> {
-    Timestamp::from_millis(millis)
+    Ok(Timestamp::from_millis(millis)?)
 }
 
 fn random_event(rng: &mut Rng, keys: &[KeyId], span_ms: i64) -> Result<NewEvent, Error> {
@@ -172,7 +172,7 @@ fn a_bad_event_spoils_its_whole_batch_and_is_named(
         .to_string()
         .contains("nothing of the batch was written"));
     // Nothing at all was written: no event, no rollup, no model name.
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     for table in ["events", "usage_key_hourly", "usage_model_hourly", "models"] {
         let count = count_rows(&mut conn, table)?;
         assert_eq!(count, 0, "{table} has {count} rows");
@@ -204,7 +204,10 @@ fn count_rows(conn: &mut diesel::SqliteConnection, table: &str) -> diesel::Query
 fn out_of_range_timestamps_cannot_even_be_built() {
     assert!(matches!(
         Timestamp::from_millis(-1),
-        Err(Error::InvalidInput { .. })
+        Err(keytally::Invalid {
+            field: "timestamp",
+            ..
+        })
     ));
     assert!(Timestamp::from_millis(i64::MAX).is_err());
 }
@@ -319,7 +322,7 @@ fn prune_removes_exactly_the_old_events_in_batches(store: TestStore) -> TestResu
     assert!(left.iter().all(|event| event.ts >= cutoff));
     assert!(left.iter().any(|event| event.ts == cutoff));
     // Whole-hour rollups are untouched by pruning raw events.
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     let rollup_requests: Count =
         diesel::sql_query("SELECT coalesce(sum(requests), 0) AS n FROM usage_model_hourly")
             .get_result(&mut *conn)?;
@@ -426,7 +429,7 @@ fn rollups_equal_a_recount_after_records_and_prunes(
     })?;
     assert_eq!(left.len(), raw.iter().filter(|present| **present).count());
     // The model rollups hold every event ever recorded, pruned or not.
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     let stored = rollups(&mut conn)?;
     drop(conn);
     let mut expected: BTreeMap<(i64, String), Totals> = BTreeMap::new();

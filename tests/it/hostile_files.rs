@@ -31,7 +31,7 @@ fn open_refused(path: &Path) -> Result<Error, Box<dyn std::error::Error>> {
 fn keytally_database(folder: &TempDir) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let path = folder.path().join("keytally.db");
     let store = Store::open(&path)?;
-    store.write(|conn| {
+    store.sqlite_write(|conn| {
         diesel::RunQueryDsl::execute(
             diesel::sql_query("INSERT INTO models (name) VALUES ('gpt-4o'), ('o3')"),
             conn,
@@ -225,9 +225,13 @@ fn a_read_only_folder_is_a_clear_error_at_open(folder: TempDir) -> TestResult {
         Err(error) => error,
     };
     assert!(matches!(error, Error::Permission { .. }), "{error:?}");
+    // The system's reason is the error's source, not repeated in its message.
+    let reason = std::error::Error::source(&error).map(ToString::to_string);
     assert!(
-        error.to_string().contains("Read-only file system"),
-        "{error}"
+        reason
+            .as_deref()
+            .is_some_and(|reason| reason.contains("Read-only file system")),
+        "{error}: {reason:?}"
     );
     assert_eq!(std::fs::read(&path)?, before);
     Ok(())
@@ -238,7 +242,7 @@ fn a_half_written_frame_in_a_live_log_is_not_taken_for_a_stranger(folder: TempDi
     let path = folder.path().join("keytally.db");
     // A real log of this database, copied while a store holds it open.
     let store = Store::open(&path)?;
-    store.write(|conn| {
+    store.sqlite_write(|conn| {
         diesel::RunQueryDsl::execute(
             diesel::sql_query("INSERT INTO models (name) VALUES ('gpt-4o')"),
             conn,
@@ -259,7 +263,7 @@ fn a_half_written_frame_in_a_live_log_is_not_taken_for_a_stranger(folder: TempDi
     std::fs::write(sidecar(&path, "-wal"), &wal)?;
     let _ = std::fs::remove_file(sidecar(&path, "-shm"));
     let store = Store::open(&path)?;
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     let names: i64 = diesel::RunQueryDsl::get_result::<Count>(
         diesel::sql_query("SELECT count(*) AS n FROM models"),
         &mut *conn,

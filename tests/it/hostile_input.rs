@@ -15,7 +15,7 @@ struct Count {
 }
 
 fn event_count(store: &TestStore) -> Result<i64, Box<dyn std::error::Error>> {
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     Ok(diesel::sql_query("SELECT count(*) AS n FROM events")
         .get_result::<Count>(&mut *conn)?
         .n)
@@ -79,7 +79,7 @@ proptest! {
     #[test]
     fn arbitrary_lines_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
         let line = String::from_utf8_lossy(&bytes);
-        let _ = keytally::events::parse_json_line(&line);
+        let _ = keytally::parse_json_line(&line);
     }
 
     #[test]
@@ -103,7 +103,7 @@ proptest! {
         }
         let line = serde_json::Value::Object(object).to_string();
         let before = event_count(&store).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let recorded = keytally::events::parse_json_line(&line)
+        let recorded = keytally::parse_json_line(&line)
             .and_then(|event| store.events().record(&event).map(|id| (id, event)));
         let after = event_count(&store).map_err(|e| TestCaseError::fail(e.to_string()))?;
         match recorded {
@@ -144,7 +144,7 @@ fn oversized_fields_are_named_in_the_error() -> Result<(), Box<dyn std::error::E
         let line =
             format!("{{\"ts\":1790000000000,\"model\":\"m\",\"status\":200,\"{field}\":{value}}}");
         let line = line.replacen("\"model\":\"m\",", "", usize::from(field == "model"));
-        let event = keytally::events::parse_json_line(&line)?;
+        let event = keytally::parse_json_line(&line)?;
         match store.events().record(&event) {
             Err(Error::InvalidEvent { reason, .. }) => {
                 assert!(reason.starts_with(field), "{field}: {reason}");
@@ -157,7 +157,7 @@ fn oversized_fields_are_named_in_the_error() -> Result<(), Box<dyn std::error::E
         "x".repeat(20_000)
     );
     assert!(matches!(
-        keytally::events::parse_json_line(&huge),
+        keytally::parse_json_line(&huge),
         Err(Error::InvalidInput { field: "line", .. })
     ));
     assert_eq!(event_count(&store)?, 0);

@@ -75,7 +75,7 @@ fn malformed_and_mistyped_secrets_are_rejected_without_a_lookup() -> TestResult 
     let typo = String::from_utf8(typo)?;
     // Hold the pool's only connection: a resolve that looked anything up
     // would fail with a pool timeout instead of returning a verdict.
-    let held = store.connection()?;
+    let held = store.sqlite_connection()?;
     for presented in ["", "Bearer abc", &secret[..secret.len() - 1], &typo] {
         assert_eq!(store.keys().resolve(presented)?, Err(Rejection::Malformed));
     }
@@ -117,16 +117,60 @@ fn revoked_key_is_rejected_and_revoke_is_idempotent(store: TestStore) -> TestRes
 #[rstest]
 fn expired_key_is_rejected(store: TestStore) -> TestResult {
     let created = store.keys().create(&NewKey::client("short-lived"))?;
-    store.keys().update(
-        created.key.id,
-        &KeyUpdate {
-            expires_at: Some(Some(Timestamp::now().plus_millis(-1))),
-            ..KeyUpdate::default()
-        },
-    )?;
+    expire_now(&store, created.key.id)?;
     assert_eq!(
         store.keys().resolve(created.secret.expose())?,
         Err(Rejection::Expired)
+    );
+    Ok(())
+}
+
+/// Moves a key's expiry into the past, as time passing would: the API
+/// refuses to set an expiry that is not in the future.
+fn expire_now(store: &keytally::Store, id: KeyId) -> TestResult {
+    use diesel::sql_types::{BigInt, Binary};
+    store.sqlite_write(|conn| {
+        diesel::sql_query("UPDATE keys SET expires_at = ? WHERE id = ?")
+            .bind::<BigInt, _>(Timestamp::now().plus_millis(-1).as_millis())
+            .bind::<Binary, _>(id.as_uuid().as_bytes().to_vec())
+            .execute(conn)?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+#[rstest]
+fn an_update_refuses_an_expiry_that_is_not_in_the_future(store: TestStore) -> TestResult {
+    let created = store.keys().create(&NewKey::client("later"))?;
+    for expiry in [Timestamp::now().plus_millis(-1), Timestamp::now()] {
+        let update = store.keys().update(
+            created.key.id,
+            &KeyUpdate {
+                expires_at: Some(Some(expiry)),
+                ..KeyUpdate::default()
+            },
+        );
+        assert!(
+            matches!(
+                update,
+                Err(Error::InvalidInput {
+                    field: "expires_at",
+                    ..
+                })
+            ),
+            "{update:?}"
+        );
+    }
+    assert_eq!(store.keys().get(created.key.id)?.expires_at, None);
+    // A future expiry, and removing it, still work.
+    let later = Timestamp::now().plus_millis(3_600_000);
+    let update = KeyUpdate {
+        expires_at: Some(Some(later)),
+        ..KeyUpdate::default()
+    };
+    assert_eq!(
+        store.keys().update(created.key.id, &update)?.expires_at,
+        Some(later)
     );
     Ok(())
 }
@@ -223,7 +267,7 @@ fn update_changes_fields_but_never_the_tier(store: TestStore) -> TestResult {
     )?;
     assert_eq!(cleared.rate_limit_override, None);
     // Even SQL written by hand cannot change the tier.
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     let attempt = diesel::sql_query("UPDATE keys SET tier = 'admin'").execute(&mut *conn);
     assert!(attempt.is_err());
     Ok(())
@@ -310,13 +354,7 @@ fn list_pages_return_every_key_once_and_filters_apply(store: TestStore) -> TestR
     for id in created.iter().step_by(4) {
         store.keys().revoke(*id)?;
     }
-    store.keys().update(
-        created[1],
-        &KeyUpdate {
-            expires_at: Some(Some(Timestamp::now().plus_millis(-1))),
-            ..KeyUpdate::default()
-        },
-    )?;
+    expire_now(&store, created[1])?;
     let mut seen = Vec::new();
     let mut after = None;
     loop {
@@ -451,7 +489,7 @@ struct Count {
 
 /// The database's count of changes to existing keys and secrets.
 fn key_changes(store: &keytally::Store) -> Result<i64, Box<dyn std::error::Error>> {
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     let row: Count =
         diesel::sql_query("SELECT next AS value FROM sequences WHERE name = 'key_changes'")
             .get_result(&mut *conn)?;

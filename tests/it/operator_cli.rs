@@ -293,7 +293,7 @@ fn check_checkpoint_and_dry_run(folder: TempDir) -> TestResult {
     assert!(dry.status.success(), "{dry:?}");
     assert_eq!(
         json_of(&dry)?["pending"].as_array().map(Vec::len),
-        Some(keytally::migrations::known_versions()?.len())
+        Some(keytally::known_versions()?.len())
     );
     assert!(!db.exists(), "a dry run created the database");
     let check = run(&db, &["check"], "")?;

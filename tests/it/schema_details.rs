@@ -75,7 +75,7 @@ fn diesel_type(column: &ColumnInfo) -> String {
 
 #[rstest]
 fn schema_rs_matches_the_migrated_database(store: TestStore) -> TestResult {
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     let names: Vec<TableName> = diesel::sql_query(
         "SELECT name FROM sqlite_schema WHERE type = 'table' \
          AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name != '__diesel_schema_migrations' \
@@ -113,7 +113,7 @@ struct Used {
 fn bundled_sqlite_has_the_compile_options_of_cargo_config(store: TestStore) -> TestResult {
     // .cargo/config.toml sets these through LIBSQLITE3_FLAGS; a build that
     // lost them would still work, only slower, so nothing else would notice.
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     for option in ["THREADSAFE=2", "DEFAULT_MEMSTATUS=0"] {
         let row: Used = diesel::sql_query(format!(
             "SELECT sqlite_compileoption_used('{option}') AS used"

@@ -46,14 +46,14 @@ fn fresh_folder_is_created_migrated_and_private(folder: TempDir) -> TestResult {
     let store = Store::open(&path)?;
     assert_eq!(
         store.applied_at_open().len(),
-        keytally::migrations::known_versions()?.len()
+        keytally::known_versions()?.len()
     );
     let status = store.status()?;
     assert_eq!(status.journal_mode, "wal");
     assert_eq!(status.application_id, keytally::APPLICATION_ID);
     assert_eq!(
         status.user_version,
-        keytally::migrations::known_versions()?.len() as i64
+        keytally::known_versions()?.len() as i64
     );
     assert!(status.pending_migrations.is_empty());
     assert_eq!(mode_of(&path)?, 0o600);
@@ -96,7 +96,7 @@ fn every_pooled_connection_has_the_pragmas(folder: TempDir) -> TestResult {
     // Hold every connection at once so each one is a distinct connection.
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(store.connection()?);
+        held.push(store.sqlite_connection()?);
     }
     for conn in &mut held {
         let conn = &mut **conn;
@@ -115,7 +115,7 @@ fn every_pooled_connection_has_the_pragmas(folder: TempDir) -> TestResult {
 
 #[rstest]
 fn default_synchronous_is_normal(store: TestStore) -> TestResult {
-    let mut conn = store.connection()?;
+    let mut conn = store.sqlite_connection()?;
     assert_eq!(pragma_int(&mut conn, "synchronous")?, 1, "NORMAL is 1");
     assert_eq!(store.status()?.synchronous, "normal");
     Ok(())
@@ -160,7 +160,7 @@ fn concurrent_first_opens_all_succeed_and_migrate_once(folder: TempDir) -> TestR
         applied += store.applied_at_open().len();
         stores.push(store);
     }
-    assert_eq!(applied, keytally::migrations::known_versions()?.len());
+    assert_eq!(applied, keytally::known_versions()?.len());
     for store in stores {
         let status = store.status()?;
         assert!(status.pending_migrations.is_empty());
@@ -171,7 +171,7 @@ fn concurrent_first_opens_all_succeed_and_migrate_once(folder: TempDir) -> TestR
 
 #[rstest]
 fn close_leaves_no_sidecars(store: TestStore) -> TestResult {
-    store.write(|conn| {
+    store.sqlite_write(|conn| {
         diesel::sql_query("INSERT INTO models (name) VALUES ('gpt-4o'), ('o3')").execute(conn)?;
         Ok(())
     })?;
@@ -195,7 +195,7 @@ fn close_reports_an_incomplete_checkpoint(folder: TempDir) -> TestResult {
     let store = StoreOptions::new(&path)
         .busy_timeout(std::time::Duration::from_millis(200))
         .open()?;
-    store.write(|conn| {
+    store.sqlite_write(|conn| {
         diesel::sql_query("INSERT INTO models (name) VALUES ('gpt-4o')").execute(conn)?;
         Ok(())
     })?;
@@ -206,7 +206,7 @@ fn close_reports_an_incomplete_checkpoint(folder: TempDir) -> TestResult {
         diesel::sql_query("SELECT count(*) AS value FROM models").get_result(&mut reader)?;
     assert_eq!(row.value, 1);
     diesel::sql_query("INSERT INTO models (name) VALUES ('o3')")
-        .execute(&mut *store.connection()?)?;
+        .execute(&mut *store.sqlite_connection()?)?;
     let report = store.close()?;
     assert!(!report.checkpoint_complete, "{report:?}");
     assert!(!report.sidecars_gone);
@@ -220,7 +220,7 @@ fn writes_take_the_lock_up_front(store: TestStore) -> TestResult {
     // connection cannot start one while it is open.
     let mut other = crate::raw_connection(store.path())?;
     diesel::connection::SimpleConnection::batch_execute(&mut other, "PRAGMA busy_timeout = 0")?;
-    store.write(|_conn| {
+    store.sqlite_write(|_conn| {
         let attempt =
             diesel::connection::SimpleConnection::batch_execute(&mut other, "BEGIN IMMEDIATE");
         assert!(attempt.is_err(), "the write lock was not held");
@@ -237,7 +237,7 @@ fn a_checkpoint_blocked_by_a_reader_gives_way_to_writers(folder: TempDir) -> Tes
             .busy_timeout(std::time::Duration::from_millis(400))
             .open()?,
     );
-    store.write(|conn| {
+    store.sqlite_write(|conn| {
         diesel::sql_query("INSERT INTO models (name) VALUES ('a')").execute(conn)?;
         Ok(())
     })?;
@@ -248,7 +248,7 @@ fn a_checkpoint_blocked_by_a_reader_gives_way_to_writers(folder: TempDir) -> Tes
     let row: IntValue =
         diesel::sql_query("SELECT count(*) AS value FROM models").get_result(&mut reader)?;
     assert_eq!(row.value, 1);
-    store.write(|conn| {
+    store.sqlite_write(|conn| {
         diesel::sql_query("INSERT INTO models (name) VALUES ('b')").execute(conn)?;
         Ok(())
     })?;
@@ -258,7 +258,7 @@ fn a_checkpoint_blocked_by_a_reader_gives_way_to_writers(folder: TempDir) -> Tes
     };
     std::thread::sleep(std::time::Duration::from_millis(20));
     // A writer queued behind the checkpoint must get through.
-    let written = store.write(|conn| {
+    let written = store.sqlite_write(|conn| {
         diesel::sql_query("INSERT INTO models (name) VALUES ('c')").execute(conn)?;
         Ok(())
     });
@@ -312,14 +312,14 @@ fn upgrade_to_time_ordered_events_keeps_every_event_and_id(folder: TempDir) -> T
     {
         let mut conn = diesel::SqliteConnection::establish(path.to_str().ok_or("not UTF-8")?)?;
         // The migrations after it first, newest first.
-        let known = keytally::migrations::known_versions()?;
+        let known = keytally::known_versions()?;
         let position = known
             .iter()
             .position(|version| version == "202611220312050000")
             .ok_or("no time-ordered events migration")?;
         for expected in known[position..].iter().rev() {
             let reverted = conn
-                .revert_last_migration(keytally::migrations::MIGRATIONS)
+                .revert_last_migration(keytally::MIGRATIONS)
                 .map_err(|e| e.to_string())?;
             assert_eq!(&reverted.to_string(), expected);
         }
@@ -333,7 +333,7 @@ fn upgrade_to_time_ordered_events_keeps_every_event_and_id(folder: TempDir) -> T
     let store = Store::open(&path)?;
     assert_eq!(
         store.applied_at_open().len(),
-        keytally::migrations::known_versions()?.len() - 3
+        keytally::known_versions()?.len() - 3
     );
     assert_eq!(store.events().list(&all)?, before);
     let next = store.events().record(&NewEvent::new(

@@ -38,10 +38,10 @@ pub fn run(store: Store, command: &EventsCommand, out: &Output) -> CliResult {
 type Line = std::io::Result<String>;
 
 fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
-    if batch_size == 0 || batch_size > keytally::events::MAX_BATCH_LEN {
+    if batch_size == 0 || batch_size > keytally::MAX_BATCH_LEN {
         return Err(keytally::Error::InvalidInput {
             field: "--batch",
-            reason: format!("must be 1 to {}", keytally::events::MAX_BATCH_LEN),
+            reason: format!("must be 1 to {}", keytally::MAX_BATCH_LEN),
         }
         .into());
     }
@@ -111,7 +111,7 @@ fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
                 if line.trim().is_empty() {
                     continue;
                 }
-                match keytally::events::parse_json_line(&line) {
+                match keytally::parse_json_line(&line) {
                     Ok(event) => {
                         if pending.is_empty() {
                             first_pending_line = line_number;

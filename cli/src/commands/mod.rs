@@ -34,6 +34,12 @@ impl From<keytally::Error> for Failure {
     }
 }
 
+impl From<keytally::Invalid> for Failure {
+    fn from(invalid: keytally::Invalid) -> Self {
+        Failure::Library(invalid.into())
+    }
+}
+
 /// The result of a command.
 pub type CliResult<T = ()> = Result<T, Failure>;
 

@@ -53,7 +53,7 @@ pub fn migrate(store: &Store, out: &Output) -> CliResult {
 }
 
 pub fn migrate_dry_run(path: &Path, out: &Output) -> CliResult {
-    let pending = keytally::migrations::pending_for(path)?;
+    let pending = keytally::pending_for(path)?;
     out.print(&json!({ "pending": pending, "dry_run": true }), || {
         if pending.is_empty() {
             "schema is current; nothing would be applied".to_owned()

@@ -40,7 +40,7 @@ pub fn time(text: &str) -> Result<Timestamp, Error> {
             return Ok(ago_from_now(ago));
         }
     }
-    Timestamp::parse(text)
+    Ok(Timestamp::parse(text)?)
 }
 
 /// Now minus `ago` (saturating at the epoch).
@@ -56,13 +56,13 @@ pub fn from_now(later: Duration) -> Timestamp {
 
 /// A key id.
 pub fn key_id(text: &str) -> Result<KeyId, Error> {
-    text.parse()
+    Ok(text.parse::<KeyId>()?)
 }
 
 /// `*` or comma-separated model names.
 pub fn models(text: &str) -> Result<AllowedModels, Error> {
     let names: Vec<&str> = text.split(',').map(str::trim).collect();
-    AllowedModels::from_names(&names)
+    Ok(AllowedModels::from_names(&names)?)
 }
 
 #[cfg(test)]

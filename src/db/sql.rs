@@ -9,6 +9,8 @@
 //!   (building and hashing the text on every call).
 //! - [`FixedSql`] runs a statement named by a [`SqlText`] type; Diesel caches
 //!   it by that type, so a call only binds its values. The hot paths use it.
+//!   Each statement is bound in one place, with the same [`Value`] variant
+//!   (so the same SQL type) at each placeholder on every call.
 
 use std::borrow::Cow;
 use std::marker::PhantomData;
@@ -19,12 +21,19 @@ use diesel::sql_types::{BigInt, Nullable, Text, Untyped};
 use diesel::sqlite::{Sqlite, SqliteConnection};
 use diesel::{QueryResult, RunQueryDsl};
 
-/// A value bound to a `?` placeholder.
+/// A value bound to a `?` placeholder, with its SQL type: a nullable
+/// column is bound as nullable whether or not this value is null, so a
+/// statement's placeholders keep one type from call to call (its prepared
+/// form is reused, and a backend that types parameters at prepare time
+/// would reject a change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Value<'a> {
+    /// `BigInt`.
     Int(i64),
-    Text(&'a str),
-    Null,
+    /// `Nullable<BigInt>`.
+    NullableInt(Option<i64>),
+    /// `Nullable<Text>`.
+    NullableText(Option<&'a str>),
 }
 
 impl From<i64> for Value<'_> {
@@ -35,17 +44,15 @@ impl From<i64> for Value<'_> {
 
 impl From<Option<i64>> for Value<'_> {
     fn from(value: Option<i64>) -> Self {
-        value.map_or(Value::Null, Value::Int)
+        Value::NullableInt(value)
     }
 }
 
 impl<'a> From<Option<&'a str>> for Value<'a> {
     fn from(value: Option<&'a str>) -> Self {
-        value.map_or(Value::Null, Value::Text)
+        Value::NullableText(value)
     }
 }
-
-const NULL: Option<i64> = None;
 
 /// Pushes `sql` with each `?` bound to the next of `binds`.
 fn walk_placeholders<'b, V>(
@@ -120,16 +127,21 @@ pub(crate) trait SqlText: 'static {
     fn pieces() -> &'static [&'static str];
 }
 
-/// Declares a [`SqlText`] type for a constant statement.
+/// Declares a [`SqlText`] type for a statement fixed for the process: `$sql`
+/// (a `&'static str`, or a `String` built once from constant parts) is
+/// evaluated and cut at its placeholders the first time it is used.
 macro_rules! sql_text {
     ($(#[$doc:meta])* $name:ident = $sql:expr) => {
         $(#[$doc])*
         pub(crate) struct $name;
 
-        impl $crate::sql::SqlText for $name {
+        impl $crate::db::sql::SqlText for $name {
             fn pieces() -> &'static [&'static str] {
+                static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
                 static PIECES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
-                PIECES.get_or_init(|| $sql.split('?').collect())
+                PIECES.get_or_init(|| {
+                    SQL.get_or_init(|| String::from($sql)).split('?').collect()
+                })
             }
         }
     };
@@ -169,8 +181,12 @@ impl<S: SqlText> QueryFragment<Sqlite> for FixedSql<'_, S> {
         for (value, piece) in self.binds.iter().zip(rest) {
             match value {
                 Value::Int(int) => out.push_bind_param::<BigInt, i64>(int)?,
-                Value::Text(text) => out.push_bind_param::<Text, str>(text)?,
-                Value::Null => out.push_bind_param::<Nullable<BigInt>, Option<i64>>(&NULL)?,
+                Value::NullableInt(int) => {
+                    out.push_bind_param::<Nullable<BigInt>, Option<i64>>(int)?;
+                }
+                Value::NullableText(text) => {
+                    out.push_bind_param::<Nullable<Text>, Option<&str>>(text)?;
+                }
             }
             out.push_sql(piece);
         }

@@ -3,17 +3,18 @@
 use std::fmt;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use diesel::deserialize::{self, FromSql, FromSqlRow};
+use diesel::deserialize::FromSqlRow;
 use diesel::expression::AsExpression;
-use diesel::serialize::{self, Output, ToSql};
 use diesel::sql_types::BigInt;
-use diesel::sqlite::{Sqlite, SqliteValue};
 use serde::{Serialize, Serializer};
 
-use crate::error::{Error, Result};
+use crate::model::invalid::Invalid;
 
 /// Milliseconds in an hour.
 pub(crate) const HOUR_MS: i64 = 3_600_000;
+
+/// Milliseconds in a day.
+pub(crate) const DAY_MS: i64 = 24 * HOUR_MS;
 
 /// The latest accepted time: the last millisecond of year 9999.
 const MAX_MS: i64 = 253_402_300_799_999;
@@ -41,13 +42,13 @@ impl Timestamp {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidInput`] if it is before 1970 or after year 9999.
-    pub fn from_millis(millis: i64) -> Result<Timestamp> {
+    /// [`Invalid`] if it is before 1970 or after year 9999.
+    pub fn from_millis(millis: i64) -> Result<Timestamp, Invalid> {
         if !(0..=MAX_MS).contains(&millis) {
-            return Err(Error::InvalidInput {
-                field: "timestamp",
-                reason: format!("{millis} ms is outside 1970-01-01 to 9999-12-31"),
-            });
+            return Err(Invalid::new(
+                "timestamp",
+                format!("{millis} ms is outside 1970-01-01 to 9999-12-31"),
+            ));
         }
         Ok(Timestamp(millis))
     }
@@ -56,8 +57,8 @@ impl Timestamp {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidInput`] if it is before 1970 or after year 9999.
-    pub fn from_datetime(time: DateTime<Utc>) -> Result<Timestamp> {
+    /// [`Invalid`] if it is before 1970 or after year 9999.
+    pub fn from_datetime(time: DateTime<Utc>) -> Result<Timestamp, Invalid> {
         Timestamp::from_millis(time.timestamp_millis())
     }
 
@@ -65,15 +66,17 @@ impl Timestamp {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidInput`] if it is neither, or out of range.
-    pub fn parse(text: &str) -> Result<Timestamp> {
+    /// [`Invalid`] if it is neither, or out of range.
+    pub fn parse(text: &str) -> Result<Timestamp, Invalid> {
         let text = text.trim();
         if let Ok(millis) = text.parse::<i64>() {
             return Timestamp::from_millis(millis);
         }
-        let time = DateTime::parse_from_rfc3339(text).map_err(|e| Error::InvalidInput {
-            field: "timestamp",
-            reason: format!("{text:?} is neither RFC 3339 nor Unix milliseconds: {e}"),
+        let time = DateTime::parse_from_rfc3339(text).map_err(|e| {
+            Invalid::new(
+                "timestamp",
+                format!("{text:?} is neither RFC 3339 nor Unix milliseconds: {e}"),
+            )
         })?;
         Timestamp::from_datetime(time.with_timezone(&Utc))
     }
@@ -122,26 +125,12 @@ impl Serialize for Timestamp {
     }
 }
 
-impl ToSql<BigInt, Sqlite> for Timestamp {
-    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Sqlite>) -> serialize::Result {
-        <i64 as ToSql<BigInt, Sqlite>>::to_sql(&self.0, out)
-    }
-}
-
-impl FromSql<BigInt, Sqlite> for Timestamp {
-    fn from_sql(value: SqliteValue<'_, '_, '_>) -> deserialize::Result<Self> {
-        Ok(Timestamp(<i64 as FromSql<BigInt, Sqlite>>::from_sql(
-            value,
-        )?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_rfc3339_and_millis() -> Result<()> {
+    fn parses_rfc3339_and_millis() -> Result<(), Invalid> {
         let a = Timestamp::parse("2026-11-21T23:00:00Z")?;
         let b = Timestamp::parse(&a.as_millis().to_string())?;
         assert_eq!(a, b);

@@ -14,9 +14,11 @@ use diesel::sqlite::Sqlite;
 use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use crate::connection::pragma_integer;
+use crate::db::sqlite::connection::{
+    pragma_integer, ConnectionSetup, Synchronous, DEFAULT_BUSY_TIMEOUT,
+};
+use crate::db::sqlite::files::{self, HeaderVerdict, APPLICATION_ID};
 use crate::error::{Error, Result};
-use crate::files::APPLICATION_ID;
 
 /// The migrations compiled into this binary, from `migrations/sqlite/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
@@ -204,12 +206,13 @@ fn mark_if_new(conn: &mut SqliteConnection, path: &Path) -> Result<SchemaState> 
 }
 
 /// The migrations that opening the database at `path` would apply, without
-/// applying them (or creating the file). Refuses what [`crate::Store::open`]
+/// applying them (or creating the file). Refuses what opening a store
 /// refuses.
 ///
 /// # Errors
 ///
-/// As [`crate::Store::open`].
+/// As opening a store: [`Error::Symlink`], [`Error::NotADatabase`],
+/// [`Error::Foreign`], [`Error::SchemaTooNew`] and file system errors.
 pub fn pending_for(path: &Path) -> Result<Vec<String>> {
     match std::fs::symlink_metadata(path) {
         Ok(metadata) if metadata.file_type().is_symlink() => {
@@ -221,13 +224,13 @@ pub fn pending_for(path: &Path) -> Result<Vec<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return known_versions(),
         Err(e) => return Err(Error::io(path, e)),
     }
-    if crate::files::inspect_header(path)? == crate::files::HeaderVerdict::Empty {
+    if files::inspect_header(path)? == HeaderVerdict::Empty {
         return known_versions();
     }
-    let setup = crate::connection::ConnectionSetup {
+    let setup = ConnectionSetup {
         path: path.to_path_buf(),
-        synchronous: crate::Synchronous::Normal,
-        busy_timeout: crate::DEFAULT_BUSY_TIMEOUT,
+        synchronous: Synchronous::Normal,
+        busy_timeout: DEFAULT_BUSY_TIMEOUT,
     };
     let mut conn = setup.establish()?;
     Ok(inspect_read_only(&mut conn, path)?.pending)

@@ -10,7 +10,7 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::model::invalid::Invalid;
 
 /// The default secret prefix.
 pub const DEFAULT_SECRET_PREFIX: &str = "kt_";
@@ -73,34 +73,43 @@ impl SecretHash {
     }
 }
 
+/// Why no secret could be made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum GenerateError {
+    /// The prefix breaks its rules.
+    #[error(transparent)]
+    Prefix(Invalid),
+    /// The operating system's random source failed.
+    #[error("the system random source failed")]
+    Random(#[source] getrandom::Error),
+}
+
 /// Checks a secret prefix: 1 to 16 ASCII letters, digits or `_`.
-pub(crate) fn validate_prefix(prefix: &str) -> Result<()> {
+pub(crate) fn validate_prefix(prefix: &str) -> Result<(), Invalid> {
     if prefix.is_empty()
         || prefix.len() > MAX_PREFIX_LEN
         || !prefix
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_')
     {
-        return Err(Error::InvalidInput {
-            field: "secret_prefix",
-            reason: format!("must be 1 to {MAX_PREFIX_LEN} ASCII letters, digits or underscores"),
-        });
+        return Err(Invalid::new(
+            "secret_prefix",
+            format!("must be 1 to {MAX_PREFIX_LEN} ASCII letters, digits or underscores"),
+        ));
     }
     Ok(())
 }
 
 /// Generates a new secret with `prefix` from the operating system's random
 /// source.
-pub(crate) fn generate(prefix: &str) -> Result<Secret> {
-    validate_prefix(prefix)?;
+pub(crate) fn generate(prefix: &str) -> Result<Secret, GenerateError> {
+    validate_prefix(prefix).map_err(GenerateError::Prefix)?;
     let mut secret = String::with_capacity(prefix.len() + BODY_LEN + CHECKSUM_LEN);
     secret.push_str(prefix);
     let mut filled = 0;
     let mut random = [0u8; 64];
     while filled < BODY_LEN {
-        getrandom::fill(&mut random).map_err(|e| Error::Random {
-            message: e.to_string(),
-        })?;
+        getrandom::fill(&mut random).map_err(GenerateError::Random)?;
         // Rejection sampling: 248 = 4 × 62, so each kept byte is uniform.
         for byte in random.iter().filter(|&&b| b < 248) {
             if filled == BODY_LEN {
@@ -162,7 +171,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn generated_secret_parses_and_hashes_to_its_hash() -> Result<()> {
+    fn generated_secret_parses_and_hashes_to_its_hash() -> Result<(), GenerateError> {
         let secret = generate(DEFAULT_SECRET_PREFIX)?;
         assert_eq!(secret.expose().len(), 3 + 43 + 6);
         assert!(secret.expose().starts_with("kt_"));
@@ -174,22 +183,19 @@ mod tests {
     }
 
     #[test]
-    fn two_secrets_differ() -> Result<()> {
+    fn two_secrets_differ() -> Result<(), GenerateError> {
         assert_ne!(generate("kt_")?.expose(), generate("kt_")?.expose());
         Ok(())
     }
 
     #[test]
-    fn every_single_character_typo_is_caught() -> Result<()> {
+    fn every_single_character_typo_is_caught() -> Result<(), Box<dyn std::error::Error>> {
         let secret = generate("kt_")?;
         let text = secret.expose();
         for position in 3..text.len() {
             let mut bytes = text.as_bytes().to_vec();
             bytes[position] = if bytes[position] == b'a' { b'b' } else { b'a' };
-            let typo = String::from_utf8(bytes).map_err(|e| Error::InvalidInput {
-                field: "test",
-                reason: e.to_string(),
-            })?;
+            let typo = String::from_utf8(bytes)?;
             assert!(parse("kt_", &typo).is_err(), "typo at {position} accepted");
         }
         Ok(())
@@ -208,7 +214,7 @@ mod tests {
     }
 
     #[test]
-    fn debug_and_display_redact() -> Result<()> {
+    fn debug_and_display_redact() -> Result<(), GenerateError> {
         let secret = generate("kt_")?;
         let body = &secret.expose()[3..];
         assert!(!format!("{secret:?}").contains(body));

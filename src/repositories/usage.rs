@@ -1,96 +1,21 @@
-//! Usage totals and time series, read from the hourly rollups for whole
-//! hours and from raw events only for the partial hours at a window's edges.
+//! Usage totals and time series on [`Events`], read from the hourly rollups
+//! for whole hours and from raw events only for the partial hours at a
+//! window's edges.
 
 use std::collections::BTreeMap;
 
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
-use serde::Serialize;
 
+use crate::db::sql::{sql_text, CachedSql, FixedSql, Value};
 use crate::error::{Error, Result};
-use crate::events::{model_names, Events};
-use crate::keys::{self, KeyId};
-use crate::sql::{sql_text, CachedSql, FixedSql, Value};
-use crate::time::{Timestamp, HOUR_MS};
-
-const DAY_MS: i64 = 24 * HOUR_MS;
-
-/// Which usage to total, over which window (`since` included, `until` not).
-#[derive(Debug, Clone)]
-pub struct UsageFilter {
-    /// Only this key's usage.
-    pub key: Option<KeyId>,
-    /// Only this (requested) model's usage.
-    pub model: Option<String>,
-    /// The window's start, included.
-    pub since: Timestamp,
-    /// The window's end, excluded.
-    pub until: Timestamp,
-}
-
-impl UsageFilter {
-    /// All usage in `[since, until)`.
-    pub fn between(since: Timestamp, until: Timestamp) -> UsageFilter {
-        UsageFilter {
-            key: None,
-            model: None,
-            since,
-            until,
-        }
-    }
-}
-
-/// Usage totals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub struct Totals {
-    /// Requests.
-    pub requests: i64,
-    /// Requests with a status of 400 or more, or an error tag.
-    pub errors: i64,
-    /// Prompt tokens.
-    pub prompt_tokens: i64,
-    /// Completion tokens.
-    pub completion_tokens: i64,
-    /// Cache-read tokens.
-    pub cache_read_tokens: i64,
-    /// Cache-creation tokens.
-    pub cache_creation_tokens: i64,
-    /// Reasoning tokens.
-    pub reasoning_tokens: i64,
-    /// Sum of latencies, in milliseconds.
-    pub latency_ms_sum: i64,
-    /// Largest latency, in milliseconds (0 without requests).
-    pub latency_ms_max: i64,
-}
-
-impl Totals {
-    /// Mean latency in milliseconds, if there were requests.
-    pub fn latency_ms_mean(&self) -> Option<f64> {
-        (self.requests > 0).then(|| self.latency_ms_sum as f64 / self.requests as f64)
-    }
-
-    fn merge(&mut self, other: &Totals) {
-        self.requests += other.requests;
-        self.errors += other.errors;
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
-        self.cache_read_tokens += other.cache_read_tokens;
-        self.cache_creation_tokens += other.cache_creation_tokens;
-        self.reasoning_tokens += other.reasoning_tokens;
-        self.latency_ms_sum += other.latency_ms_sum;
-        self.latency_ms_max = self.latency_ms_max.max(other.latency_ms_max);
-    }
-}
-
-/// The size of a time-series bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Bucket {
-    /// One hour.
-    Hour,
-    /// One day (UTC).
-    Day,
-}
+use crate::model::key::KeyId;
+use crate::model::time::{Timestamp, DAY_MS, HOUR_MS};
+use crate::model::usage::{Bucket, GroupUsage, Totals, UsageFilter};
+use crate::repositories::events::Events;
+use crate::repositories::keys;
+use crate::repositories::models;
+use crate::repositories::rollups;
 
 /// What usage is grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,53 +26,13 @@ enum Grouping {
     Time(Bucket),
 }
 
-/// Usage of one group: a model, a key, or a time bucket.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct GroupUsage<G> {
-    /// The group.
-    pub group: G,
-    /// Its totals.
-    pub totals: Totals,
-}
-
+/// Totals of one group, as the usage statements return them.
 #[derive(QueryableByName)]
 struct GroupRow {
     #[diesel(sql_type = BigInt)]
     grp: i64,
-    #[diesel(sql_type = BigInt)]
-    requests: i64,
-    #[diesel(sql_type = BigInt)]
-    errors: i64,
-    #[diesel(sql_type = BigInt)]
-    prompt_tokens: i64,
-    #[diesel(sql_type = BigInt)]
-    completion_tokens: i64,
-    #[diesel(sql_type = BigInt)]
-    cache_read_tokens: i64,
-    #[diesel(sql_type = BigInt)]
-    cache_creation_tokens: i64,
-    #[diesel(sql_type = BigInt)]
-    reasoning_tokens: i64,
-    #[diesel(sql_type = BigInt)]
-    latency_ms_sum: i64,
-    #[diesel(sql_type = BigInt)]
-    latency_ms_max: i64,
-}
-
-impl GroupRow {
-    fn totals(&self) -> Totals {
-        Totals {
-            requests: self.requests,
-            errors: self.errors,
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            cache_read_tokens: self.cache_read_tokens,
-            cache_creation_tokens: self.cache_creation_tokens,
-            reasoning_tokens: self.reasoning_tokens,
-            latency_ms_sum: self.latency_ms_sum,
-            latency_ms_max: self.latency_ms_max,
-        }
-    }
+    #[diesel(embed)]
+    totals: Totals,
 }
 
 /// A filter with its key and model resolved to row ids.
@@ -180,7 +65,7 @@ impl<'a> Events<'a> {
     /// As [`Events::usage`].
     pub fn usage_by_model(&self, filter: &UsageFilter) -> Result<Vec<GroupUsage<String>>> {
         let grouped = self.grouped(filter, Grouping::Model)?;
-        let names = self.store_read(model_names)?;
+        let names = self.db.read(models::names)?;
         let mut usage: Vec<GroupUsage<String>> = grouped
             .into_iter()
             .map(|(model_id, totals)| GroupUsage {
@@ -204,7 +89,7 @@ impl<'a> Events<'a> {
     pub fn usage_by_key(&self, filter: &UsageFilter) -> Result<Vec<GroupUsage<Option<KeyId>>>> {
         let grouped = self.grouped(filter, Grouping::Key)?;
         let rows: Vec<i64> = grouped.keys().copied().filter(|row| *row != 0).collect();
-        let ids = self.store_read(|conn| keys::ids_of(conn, &rows))?;
+        let ids = self.db.read(|conn| keys::ids_of(conn, &rows))?;
         let mut usage: Vec<GroupUsage<Option<KeyId>>> = grouped
             .into_iter()
             .map(|(row, totals)| GroupUsage {
@@ -237,10 +122,6 @@ impl<'a> Events<'a> {
             .collect())
     }
 
-    fn store_read<T>(&self, f: impl FnOnce(&mut SqliteConnection) -> Result<T>) -> Result<T> {
-        self.store().read(f)
-    }
-
     fn resolve_filter(&self, filter: &UsageFilter) -> Result<Option<Resolved>> {
         if filter.until < filter.since {
             return Err(Error::InvalidInput {
@@ -254,7 +135,7 @@ impl<'a> Events<'a> {
             .transpose()?;
         let model_id = match &filter.model {
             None => None,
-            Some(model) => match self.existing_model_id(model)? {
+            Some(model) => match self.models.existing(self.db, model)? {
                 Some(id) => Some(id),
                 // A model never seen has no usage.
                 None => return Ok(None),
@@ -298,12 +179,12 @@ impl<'a> Events<'a> {
             .map(Value::Int)
             .to_vec();
             let row: GroupRow = {
-                let mut conn = self.store().connection()?;
+                let mut conn = self.db.connection()?;
                 FixedSql::<KeyWindowTotals>::new(values).get_result(&mut *conn)?
             };
             let mut grouped = BTreeMap::new();
-            if row.requests > 0 {
-                grouped.insert(0, row.totals());
+            if row.totals.requests > 0 {
+                grouped.insert(0, row.totals);
             }
             return Ok(grouped);
         }
@@ -339,62 +220,31 @@ impl<'a> Events<'a> {
             return Ok(BTreeMap::new());
         };
         let rows: Vec<GroupRow> = {
-            let mut conn = self.store().connection()?;
+            let mut conn = self.db.connection()?;
             query.load(&mut *conn)?
         };
         let mut grouped: BTreeMap<i64, Totals> = BTreeMap::new();
         for row in rows {
-            grouped.entry(row.grp).or_default().merge(&row.totals());
+            grouped.entry(row.grp).or_default().merge(&row.totals);
         }
         grouped.retain(|_, totals| totals.requests > 0);
         Ok(grouped)
     }
 }
 
-/// The sums over the rows of a `UNION ALL` of rollup rows and events.
-macro_rules! totals_over {
-    ($parts:expr) => {
-        concat!(
-            "SELECT 0 AS grp, coalesce(sum(requests), 0) AS requests, ",
-            "coalesce(sum(errors), 0) AS errors, ",
-            "coalesce(sum(prompt_tokens), 0) AS prompt_tokens, ",
-            "coalesce(sum(completion_tokens), 0) AS completion_tokens, ",
-            "coalesce(sum(cache_read_tokens), 0) AS cache_read_tokens, ",
-            "coalesce(sum(cache_creation_tokens), 0) AS cache_creation_tokens, ",
-            "coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens, ",
-            "coalesce(sum(latency_ms_sum), 0) AS latency_ms_sum, ",
-            "coalesce(max(latency_ms_max), 0) AS latency_ms_max FROM (",
-            $parts,
-            ")"
-        )
-    };
-}
-
-/// One event as a rollup row, for the `UNION ALL` parts.
-macro_rules! event_as_rollup_row {
-    () => {
-        concat!(
-            "SELECT 1 AS requests, (status >= 400 OR error IS NOT NULL) AS errors, ",
-            "prompt_tokens, completion_tokens, cache_read_tokens, cache_creation_tokens, ",
-            "reasoning_tokens, latency_ms AS latency_ms_sum, latency_ms AS latency_ms_max ",
-            "FROM events"
-        )
-    };
-}
-
 sql_text!(
     /// One key's totals: whole hours `[?, ?)` from its rollups, and the two
     /// edges from its raw events (an edge not needed is an empty window).
-    /// Written out once so Diesel keeps it prepared by type.
-    KeyWindowTotals = totals_over!(concat!(
-        "SELECT requests, errors, prompt_tokens, completion_tokens, cache_read_tokens, ",
-        "cache_creation_tokens, reasoning_tokens, latency_ms_sum, latency_ms_max ",
-        "FROM usage_key_hourly WHERE key_row_id = ? AND hour >= ? AND hour < ? UNION ALL ",
-        event_as_rollup_row!(),
-        " WHERE key_row_id = ? AND ts >= ? AND ts < ? UNION ALL ",
-        event_as_rollup_row!(),
-        " WHERE key_row_id = ? AND ts >= ? AND ts < ?"
-    ))
+    /// Fixed for the process, so Diesel keeps it prepared by type.
+    KeyWindowTotals = format!(
+        "SELECT 0 AS grp, {totals} FROM (\
+         SELECT {columns} FROM usage_key_hourly WHERE key_row_id = ? AND hour >= ? AND hour < ? \
+         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ? \
+         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ?)",
+        totals = rollups::totals_of_rows(),
+        columns = rollups::column_list(),
+        per_event = rollups::event_as_rollup_row(),
+    )
 );
 
 /// The parts of a `UNION ALL`, each a `SELECT` of rollup-shaped rows with
@@ -429,16 +279,8 @@ impl Compound {
             " GROUP BY grp"
         };
         let sql = format!(
-            "SELECT coalesce(grp, 0) AS grp, coalesce(sum(requests), 0) AS requests, \
-             coalesce(sum(errors), 0) AS errors, \
-             coalesce(sum(prompt_tokens), 0) AS prompt_tokens, \
-             coalesce(sum(completion_tokens), 0) AS completion_tokens, \
-             coalesce(sum(cache_read_tokens), 0) AS cache_read_tokens, \
-             coalesce(sum(cache_creation_tokens), 0) AS cache_creation_tokens, \
-             coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens, \
-             coalesce(sum(latency_ms_sum), 0) AS latency_ms_sum, \
-             coalesce(max(latency_ms_max), 0) AS latency_ms_max \
-             FROM ({}){group_by}",
+            "SELECT coalesce(grp, 0) AS grp, {} FROM ({}){group_by}",
+            rollups::totals_of_rows(),
             self.sql
         );
         Some(CachedSql::new(sql, self.binds))
@@ -475,10 +317,8 @@ fn rollup_part(
         Grouping::Time(Bucket::Day) => format!("(hour / 24) * {DAY_MS}"),
     };
     let sql = format!(
-        "SELECT {group} AS grp, requests, errors, prompt_tokens, completion_tokens, \
-         cache_read_tokens, cache_creation_tokens, reasoning_tokens, latency_ms_sum, \
-         latency_ms_max \
-         FROM {table} WHERE hour >= ? AND hour < ?"
+        "SELECT {group} AS grp, {} FROM {table} WHERE hour >= ? AND hour < ?",
+        rollups::column_list()
     );
     Some(filtered_part(sql, resolved, from_hour, to_hour))
 }
@@ -515,11 +355,8 @@ fn raw_part(
         Grouping::Time(Bucket::Day) => format!("(ts / {DAY_MS}) * {DAY_MS}"),
     };
     let sql = format!(
-        "SELECT {group} AS grp, 1 AS requests, \
-         (status >= 400 OR error IS NOT NULL) AS errors, prompt_tokens, completion_tokens, \
-         cache_read_tokens, cache_creation_tokens, reasoning_tokens, \
-         latency_ms AS latency_ms_sum, latency_ms AS latency_ms_max \
-         FROM events WHERE ts >= ? AND ts < ?"
+        "SELECT {group} AS grp, {} FROM events WHERE ts >= ? AND ts < ?",
+        rollups::event_as_rollup_row()
     );
     Some(filtered_part(sql, resolved, since, until))
 }

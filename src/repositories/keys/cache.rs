@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use crate::store::BuildFastHasher;
+use crate::repositories::fast_hash::BuildFastHasher;
 
 /// The default number of secrets kept (between this and twice as many).
 pub const DEFAULT_KEY_CACHE_SIZE: usize = 65_536;

@@ -4,7 +4,7 @@
 //! [`ConnectionSetup`] is also the pool's connection customizer, so every
 //! connection the pool ever opens goes through the same steps.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
@@ -12,8 +12,12 @@ use diesel::r2d2::CustomizeConnection;
 use diesel::sql_types::{BigInt, Text};
 use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 
+use crate::db::sqlite::files;
 use crate::error::{Error, Result};
-use crate::files;
+
+/// The default time a connection waits for another one's write lock before
+/// giving up with [`Error::Busy`].
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How hard SQLite works to make a commit durable (`PRAGMA synchronous`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -80,7 +84,7 @@ impl ConnectionSetup {
     fn path_str(&self) -> Result<&str> {
         self.path.to_str().ok_or_else(|| Error::Open {
             path: self.path.clone(),
-            message: "the path is not valid UTF-8".to_owned(),
+            source: "the path is not valid UTF-8".into(),
         })
     }
 
@@ -88,7 +92,7 @@ impl ConnectionSetup {
     pub(crate) fn establish(&self) -> Result<SqliteConnection> {
         let mut conn = SqliteConnection::establish(self.path_str()?).map_err(|e| Error::Open {
             path: self.path.clone(),
-            message: e.to_string(),
+            source: Box::new(e),
         })?;
         self.prepare(&mut conn)?;
         Ok(conn)
@@ -149,10 +153,6 @@ impl ConnectionSetup {
                 },
             }
         }
-    }
-
-    pub(crate) fn database_path(&self) -> &Path {
-        &self.path
     }
 }
 

@@ -16,6 +16,7 @@ use std::ptr::{self, NonNull};
 
 use libsqlite3_sys as ffi;
 
+use crate::db::classify;
 use crate::error::{Error, Result};
 
 /// One SQLite connection of its own, closed when dropped.
@@ -41,7 +42,7 @@ impl RawConnection {
         let Some(handle) = NonNull::new(handle) else {
             return Err(Error::Open {
                 path: path.to_path_buf(),
-                message: "out of memory".to_owned(),
+                source: "out of memory".into(),
             });
         };
         let connection = RawConnection {
@@ -51,7 +52,7 @@ impl RawConnection {
         if code != ffi::SQLITE_OK {
             return Err(Error::Open {
                 path: path.to_path_buf(),
-                message: connection.message(),
+                source: connection.message().into(),
             });
         }
         Ok(connection)
@@ -163,19 +164,7 @@ impl RawConnection {
 
     /// The error for result `code`, classified as keytally's other errors are.
     fn error(&self, code: c_int) -> Error {
-        let message = self.message();
-        match code & 0xff {
-            ffi::SQLITE_BUSY | ffi::SQLITE_LOCKED => Error::Busy { message },
-            ffi::SQLITE_FULL => Error::DiskFull { message },
-            ffi::SQLITE_CORRUPT | ffi::SQLITE_NOTADB => Error::Corrupt {
-                path: self.path.clone(),
-                detail: message,
-            },
-            _ => Error::Io {
-                path: self.path.clone(),
-                source: io::Error::other(message),
-            },
-        }
+        classify::from_result_code(code, self.message(), &self.path)
     }
 
     fn message(&self) -> String {

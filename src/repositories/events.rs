@@ -1,0 +1,524 @@
+//! The events repository: the `events` table and [`Events`] (record,
+//! record a batch, list, prune). Every event is recorded with its rollups
+//! (`rollups`) in one transaction; usage queries are in `usage`.
+
+use std::collections::HashMap;
+
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+
+use crate::db::database::{Conn, Database};
+use crate::db::schema::events;
+use crate::db::sql::{sql_text, CachedSql, FixedSql, Value};
+use crate::error::{Error, Result};
+use crate::model::event::{Event, EventFilter, EventId, NewEvent, PruneReport, MAX_BATCH_LEN};
+use crate::model::invalid::Invalid;
+use crate::model::key::{page_size, KeyId};
+use crate::model::time::{Timestamp, HOUR_MS};
+use crate::repositories::keys::{self, KeyMemory, Keys};
+use crate::repositories::models::{self, ModelIds};
+use crate::repositories::rollups::{self, Counted};
+
+/// The events repository of a store; see `Store::events`.
+#[derive(Debug, Clone, Copy)]
+pub struct Events<'a> {
+    pub(crate) db: &'a Database,
+    keys: &'a KeyMemory,
+    pub(crate) models: &'a ModelIds,
+}
+
+/// An event that passed validation, with its key and models resolved to
+/// their row ids: ready to insert.
+#[derive(Debug, Clone)]
+pub(crate) struct ValidEvent {
+    key_row_id: Option<i64>,
+    model_id: i64,
+    upstream_model_id: Option<i64>,
+    event: NewEvent,
+}
+
+/// Why an event was refused: one of its fields, or the store failing while
+/// resolving its key or model.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// A field's value.
+    Field(Invalid),
+    /// The store failed.
+    Store(Error),
+}
+
+impl Refused {
+    /// The error for the event at `index` of its batch.
+    pub(crate) fn at(self, index: usize) -> Error {
+        match self {
+            Refused::Field(invalid) => Error::InvalidEvent {
+                index,
+                reason: format!("{}: {}", invalid.field, invalid.reason),
+            },
+            Refused::Store(error) => error,
+        }
+    }
+}
+
+impl<'a> Events<'a> {
+    pub(crate) fn new(db: &'a Database, keys: &'a KeyMemory, models: &'a ModelIds) -> Events<'a> {
+        Events { db, keys, models }
+    }
+
+    /// Records one event, with its rollups, committed when this returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidEvent`] (index 0) for a bad field or an unknown key,
+    /// or the store's errors. Nothing is written on error.
+    pub fn record(&self, event: &NewEvent) -> Result<EventId> {
+        let valid = self.validate(event).map_err(|refused| refused.at(0))?;
+        let valid = self
+            .resolve_models(valid)
+            .map_err(|refused| refused.at(0))?;
+        self.record_valid(std::slice::from_ref(&valid))
+    }
+
+    /// Records a batch of events in one transaction: all or nothing. Returns
+    /// the ids, which are consecutive, in the batch's order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidEvent`] naming the first bad event (nothing is
+    /// written), [`Error::InvalidInput`] for more than 100,000 events, or the
+    /// store's errors.
+    pub fn record_batch(&self, batch: &[NewEvent]) -> Result<Vec<EventId>> {
+        if batch.len() > MAX_BATCH_LEN {
+            return Err(Error::InvalidInput {
+                field: "batch",
+                reason: format!("{} events, at most {MAX_BATCH_LEN}", batch.len()),
+            });
+        }
+        // Every event is checked (fields and key) before any new model name
+        // is written, so a bad event leaves no trace at all.
+        let checked = batch
+            .iter()
+            .enumerate()
+            .map(|(index, event)| self.validate(event).map_err(|refused| refused.at(index)))
+            .collect::<Result<Vec<_>>>()?;
+        let valid = checked
+            .into_iter()
+            .enumerate()
+            .map(|(index, valid)| {
+                self.resolve_models(valid)
+                    .map_err(|refused| refused.at(index))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let first = self.record_valid(&valid)?;
+        Ok((0..valid.len() as i64)
+            .map(|offset| EventId(first.0 + offset))
+            .collect())
+    }
+
+    /// Records validated events in one transaction; returns the first id.
+    pub(crate) fn record_valid(&self, valid: &[ValidEvent]) -> Result<EventId> {
+        self.db.write(|conn| insert(conn, valid))
+    }
+
+    /// Validates an event and resolves its key and models to row ids,
+    /// adding new model names.
+    pub(crate) fn prepare(&self, event: &NewEvent) -> Result<ValidEvent, Refused> {
+        self.resolve_models(self.validate(event)?)
+    }
+
+    /// Checks an event's fields and resolves its key, writing nothing. The
+    /// model ids are left unset (0) for [`Events::resolve_models`].
+    fn validate(&self, event: &NewEvent) -> Result<ValidEvent, Refused> {
+        event.validate().map_err(Refused::Field)?;
+        let key_row_id =
+            match event.key_id {
+                None => None,
+                Some(id) => Some(self.keys().row_id(id).map_err(Refused::Store)?.ok_or_else(
+                    || Refused::Field(Invalid::new("key_id", format!("no key with id {id}"))),
+                )?),
+            };
+        Ok(ValidEvent {
+            key_row_id,
+            model_id: 0,
+            upstream_model_id: None,
+            event: event.clone(),
+        })
+    }
+
+    /// Sets the model ids of a checked event, adding new model names.
+    fn resolve_models(&self, mut valid: ValidEvent) -> Result<ValidEvent, Refused> {
+        let id = |name: &str| {
+            self.models
+                .id_or_insert(self.db, name)
+                .map_err(Refused::Store)
+        };
+        valid.model_id = id(&valid.event.model)?;
+        valid.upstream_model_id = valid.event.upstream_model.as_deref().map(id).transpose()?;
+        Ok(valid)
+    }
+
+    fn keys(&self) -> Keys<'a> {
+        Keys::new(self.db, self.keys)
+    }
+
+    /// The row id of a key named in a query's filter.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::KeyNotFound`] if no key has this id, or the store's errors.
+    pub(crate) fn key_row_for_query(&self, key: KeyId) -> Result<i64> {
+        self.keys()
+            .row_id(key)?
+            .ok_or(Error::KeyNotFound { id: key })
+    }
+
+    /// Events newest first, filtered, one page at a time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a bad page size, [`Error::KeyNotFound`]
+    /// for an unknown key, or the store's errors.
+    pub fn list(&self, filter: &EventFilter) -> Result<Vec<Event>> {
+        let limit = page_size(filter.limit)?;
+        let mut query = events::table
+            .select(EVENT_COLUMNS)
+            .order((events::ts.desc(), events::id.desc()))
+            .limit(i64::from(limit))
+            .into_boxed();
+        if let Some(key) = filter.key {
+            query = query.filter(events::key_row_id.eq(self.key_row_for_query(key)?));
+        }
+        if let Some(model) = &filter.model {
+            match self.models.existing(self.db, model)? {
+                Some(id) => query = query.filter(events::model_id.eq(id)),
+                None => return Ok(Vec::new()),
+            }
+        }
+        if let Some(since) = filter.since {
+            query = query.filter(events::ts.ge(since));
+        }
+        if let Some(until) = filter.until {
+            query = query.filter(events::ts.lt(until));
+        }
+        if let Some(status) = filter.status {
+            let Ok(status) = i32::try_from(status) else {
+                return Ok(Vec::new());
+            };
+            query = query.filter(events::status.eq(status));
+        }
+        if let Some(cursor) = filter.before {
+            query = query.filter(
+                events::ts
+                    .lt(cursor.ts)
+                    .or(events::ts.eq(cursor.ts).and(events::id.lt(cursor.id))),
+            );
+        }
+        self.db.read(|conn| {
+            let rows: Vec<Row> = query.load(conn)?;
+            let names = models::names(conn)?;
+            let mut key_rows: Vec<i64> = rows.iter().filter_map(|row| row.2).collect();
+            key_rows.sort_unstable();
+            key_rows.dedup();
+            let key_ids = keys::ids_of(conn, &key_rows)?;
+            rows.into_iter()
+                .map(|row| event_from_row(row, &names, &key_ids))
+                .collect()
+        })
+    }
+
+    /// Deletes raw events older than `cutoff`, `batch` at a time, each batch
+    /// in its own short write transaction so that resolution and recording
+    /// are never stalled for long. Rollups are kept.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a zero batch, or the store's errors;
+    /// batches deleted before the error stay deleted.
+    pub fn prune(&self, cutoff: Timestamp, batch: u32) -> Result<PruneReport> {
+        self.prune_with_progress(cutoff, batch, |_| {})
+    }
+
+    /// [`Events::prune`], calling `progress` with the running total after
+    /// each batch.
+    ///
+    /// # Errors
+    ///
+    /// As [`Events::prune`].
+    pub fn prune_with_progress(
+        &self,
+        cutoff: Timestamp,
+        batch: u32,
+        mut progress: impl FnMut(u64),
+    ) -> Result<PruneReport> {
+        refuse_zero_batch(batch)?;
+        let mut report = PruneReport::default();
+        loop {
+            let deleted = self.db.write(|conn| delete_before(conn, cutoff, batch))?;
+            report.events_deleted += deleted as u64;
+            report.batches += 1;
+            progress(report.events_deleted);
+            if deleted < batch as usize {
+                return Ok(report);
+            }
+            // Let waiting writers in between batches.
+            std::thread::yield_now();
+        }
+    }
+
+    /// Deletes rollup hours that end at or before `cutoff`, in batches of
+    /// `batch` rows. Returns the number of rollup rows deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a zero batch, or the store's errors.
+    pub fn prune_rollups(&self, cutoff: Timestamp, batch: u32) -> Result<u64> {
+        refuse_zero_batch(batch)?;
+        let cutoff_hour = cutoff.as_millis().div_euclid(HOUR_MS);
+        let mut total = 0u64;
+        loop {
+            let deleted = self
+                .db
+                .write(|conn| rollups::delete_before(conn, cutoff_hour, batch))?;
+            total += deleted as u64;
+            if deleted == 0 {
+                return Ok(total);
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+fn refuse_zero_batch(batch: u32) -> Result<()> {
+    if batch == 0 {
+        return Err(Error::InvalidInput {
+            field: "batch",
+            reason: "must be at least 1".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Deletes at most `batch` raw events older than `cutoff`, inside the
+/// caller's write transaction. Returns how many it deleted.
+pub(crate) fn delete_before(conn: &mut Conn, cutoff: Timestamp, batch: u32) -> Result<usize> {
+    Ok(CachedSql::new(
+        "DELETE FROM events WHERE (ts, id) IN \
+         (SELECT ts, id FROM events WHERE ts < ? ORDER BY ts, id LIMIT ?)",
+        vec![cutoff.as_millis(), i64::from(batch)],
+    )
+    .execute(conn)?)
+}
+
+sql_text!(
+    /// The id the next event gets: ids are given explicitly, so a batch's
+    /// are known without reading each one back.
+    NextEventId = "SELECT next AS value FROM sequences WHERE name = 'events'"
+);
+sql_text!(
+    /// Moves the event id sequence past a transaction's events.
+    SetNextEventId = "UPDATE sequences SET next = ? WHERE name = 'events'"
+);
+sql_text!(
+    /// Adds one event, its id given.
+    InsertEvent = "INSERT INTO events (id, ts, key_row_id, model_id, upstream_model_id, \
+        request_id, prompt_tokens, completion_tokens, cache_read_tokens, \
+        cache_creation_tokens, reasoning_tokens, status, latency_ms, error, usage_unknown, \
+        thinking_level) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+);
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = BigInt)]
+    value: i64,
+}
+
+impl ValidEvent {
+    /// The values of [`InsertEvent`], in its columns' order.
+    fn values(&self, id: i64) -> Vec<Value<'_>> {
+        let event = &self.event;
+        vec![
+            Value::Int(id),
+            Value::Int(event.ts.as_millis()),
+            Value::NullableInt(self.key_row_id),
+            Value::Int(self.model_id),
+            Value::NullableInt(self.upstream_model_id),
+            Value::NullableText(event.request_id.as_deref()),
+            Value::Int(event.prompt_tokens),
+            Value::Int(event.completion_tokens),
+            Value::Int(event.cache_read_tokens),
+            Value::Int(event.cache_creation_tokens),
+            Value::Int(event.reasoning_tokens),
+            Value::Int(event.status),
+            Value::Int(event.latency_ms),
+            Value::NullableText(event.error.as_deref()),
+            Value::Int(i64::from(event.usage_unknown)),
+            Value::NullableText(event.thinking_level.as_deref()),
+        ]
+    }
+}
+
+/// Inserts validated events and adds them to the rollups, inside the
+/// caller's write transaction. The events get consecutive ids in their
+/// order; returns the first.
+fn insert(conn: &mut Conn, valid: &[ValidEvent]) -> Result<EventId> {
+    if valid.is_empty() {
+        return Err(Error::InvalidInput {
+            field: "batch",
+            reason: "it is empty".to_owned(),
+        });
+    }
+    let first = FixedSql::<NextEventId>::new(Vec::new())
+        .get_result::<IdRow>(conn)
+        .optional()?
+        .ok_or_else(|| Error::BadStoredValue {
+            message: "the event id sequence is missing from the sequences table".to_owned(),
+        })?
+        .value;
+    let next = i64::try_from(valid.len())
+        .ok()
+        .and_then(|len| first.checked_add(len))
+        .ok_or_else(|| Error::BadStoredValue {
+            message: format!("event ids are exhausted (next id {first})"),
+        })?;
+    // The table is ordered by time: rows go in in that order, so a batch
+    // that arrives slightly out of order still fills each page once.
+    let mut order: Vec<usize> = (0..valid.len()).collect();
+    order.sort_by_key(|&offset| valid[offset].event.ts);
+    for offset in order {
+        // `offset` < len and `first + len` did not overflow.
+        let id = first + offset as i64;
+        FixedSql::<InsertEvent>::new(valid[offset].values(id)).execute(conn)?;
+    }
+    FixedSql::<SetNextEventId>::new(vec![Value::Int(next)]).execute(conn)?;
+    rollups::add(
+        conn,
+        valid.iter().map(|valid| Counted {
+            hour: valid.event.ts.hour(),
+            key_row_id: valid.key_row_id.unwrap_or(0),
+            model_id: valid.model_id,
+            event: &valid.event,
+        }),
+    )?;
+    Ok(EventId(first))
+}
+
+/// The columns of an event row that [`Row`] holds.
+type EventColumns = (
+    events::id,
+    events::ts,
+    events::key_row_id,
+    events::model_id,
+    events::upstream_model_id,
+    events::request_id,
+    events::prompt_tokens,
+    events::completion_tokens,
+    events::cache_read_tokens,
+    events::cache_creation_tokens,
+    events::reasoning_tokens,
+    events::status,
+    events::latency_ms,
+    events::error,
+    events::usage_unknown,
+    events::thinking_level,
+);
+
+const EVENT_COLUMNS: EventColumns = (
+    events::id,
+    events::ts,
+    events::key_row_id,
+    events::model_id,
+    events::upstream_model_id,
+    events::request_id,
+    events::prompt_tokens,
+    events::completion_tokens,
+    events::cache_read_tokens,
+    events::cache_creation_tokens,
+    events::reasoning_tokens,
+    events::status,
+    events::latency_ms,
+    events::error,
+    events::usage_unknown,
+    events::thinking_level,
+);
+
+/// An event row as stored: its key and models by row id.
+type Row = (
+    EventId,
+    Timestamp,
+    Option<i64>,
+    i64,
+    Option<i64>,
+    Option<String>,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    Option<String>,
+    bool,
+    Option<String>,
+);
+
+fn event_from_row(
+    row: Row,
+    names: &HashMap<i64, String>,
+    key_ids: &HashMap<i64, KeyId>,
+) -> Result<Event> {
+    let (
+        id,
+        ts,
+        key_row_id,
+        model_id,
+        upstream_model_id,
+        request_id,
+        prompt_tokens,
+        completion_tokens,
+        cache_read_tokens,
+        cache_creation_tokens,
+        reasoning_tokens,
+        status,
+        latency_ms,
+        error,
+        usage_unknown,
+        thinking_level,
+    ) = row;
+    let missing = |what: String| Error::BadStoredValue {
+        message: format!("event {id} refers to {what}, which does not exist"),
+    };
+    let name = |model: i64| {
+        names
+            .get(&model)
+            .cloned()
+            .ok_or_else(|| missing(format!("model id {model}")))
+    };
+    let key_id = key_row_id
+        .map(|key_row| {
+            key_ids
+                .get(&key_row)
+                .copied()
+                .ok_or_else(|| missing(format!("key row {key_row}")))
+        })
+        .transpose()?;
+    Ok(Event {
+        id,
+        event: NewEvent {
+            ts,
+            key_id,
+            model: name(model_id)?,
+            upstream_model: upstream_model_id.map(name).transpose()?,
+            request_id,
+            prompt_tokens: i64::from(prompt_tokens),
+            completion_tokens: i64::from(completion_tokens),
+            cache_read_tokens: i64::from(cache_read_tokens),
+            cache_creation_tokens: i64::from(cache_creation_tokens),
+            reasoning_tokens: i64::from(reasoning_tokens),
+            status: i64::from(status),
+            latency_ms: i64::from(latency_ms),
+            error,
+            usage_unknown,
+            thinking_level,
+        },
+    })
+}

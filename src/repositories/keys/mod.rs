@@ -1,0 +1,502 @@
+//! The keys repository: the `keys` and `key_secrets` tables, their insert
+//! and change sets, and [`Keys`] (create, resolve, revoke, rotate, update,
+//! get, list). Resolving is answered from memory while no key has changed
+//! ([`cache`]); `last_used_at` is noted in memory and written in batches
+//! ([`last_used`]).
+
+pub(crate) mod cache;
+pub(crate) mod last_used;
+
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
+use std::time::Duration;
+
+use diesel::prelude::*;
+
+use crate::db::database::{Conn, Database};
+use crate::db::schema::{key_secrets, keys, sequences};
+use crate::db::sql::{sql_text, FixedSql};
+use crate::error::{Error, Result};
+use crate::model::key::{
+    page_size, validate_expiry, validate_label, ActiveKey, AllowedModels, CreatedKey, Key,
+    KeyFilter, KeyId, KeyState, KeyUpdate, NewKey, Rejection, Tier,
+};
+use crate::model::secret;
+use crate::model::time::Timestamp;
+use crate::repositories::fast_hash::BuildFastHasher;
+use crate::repositories::keys::cache::KeyCache;
+use crate::repositories::keys::last_used::LastUsed;
+
+/// The columns of a [`Key`], in its fields' order.
+type KeyColumns = (
+    keys::row_id,
+    keys::id,
+    keys::display_prefix,
+    keys::tier,
+    keys::label,
+    keys::allowed_models,
+    keys::rate_limit_override,
+    keys::created_at,
+    keys::expires_at,
+    keys::revoked_at,
+    keys::last_used_at,
+);
+
+const KEY_COLUMNS: KeyColumns = (
+    keys::row_id,
+    keys::id,
+    keys::display_prefix,
+    keys::tier,
+    keys::label,
+    keys::allowed_models,
+    keys::rate_limit_override,
+    keys::created_at,
+    keys::expires_at,
+    keys::revoked_at,
+    keys::last_used_at,
+);
+
+#[derive(Insertable)]
+#[diesel(table_name = keys)]
+struct NewKeyRow<'a> {
+    id: KeyId,
+    display_prefix: &'a str,
+    tier: Tier,
+    label: &'a str,
+    allowed_models: &'a AllowedModels,
+    rate_limit_override: Option<i64>,
+    created_at: Timestamp,
+    expires_at: Option<Timestamp>,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = key_secrets)]
+struct NewSecretRow<'a> {
+    secret_hash: &'a [u8],
+    key_row_id: i64,
+    created_at: Timestamp,
+}
+
+#[derive(AsChangeset)]
+#[diesel(table_name = keys)]
+struct KeyChanges<'a> {
+    label: Option<&'a str>,
+    allowed_models: Option<&'a AllowedModels>,
+    expires_at: Option<Option<Timestamp>>,
+    rate_limit_override: Option<Option<i64>>,
+}
+
+/// What the keys repository keeps in memory between calls, for one store.
+#[derive(Debug)]
+pub(crate) struct KeyMemory {
+    /// The prefix of the store's secrets.
+    secret_prefix: String,
+    /// Recently resolved secrets; see [`cache`].
+    cache: KeyCache<Resolved>,
+    /// `last_used_at` times not written yet; see [`last_used`].
+    pub(crate) last_used: LastUsed,
+    /// Key ids to their row ids. Keys are never deleted (a trigger refuses
+    /// it), so entries never go stale.
+    row_ids: RwLock<HashMap<KeyId, i64, BuildFastHasher>>,
+}
+
+impl KeyMemory {
+    /// Memory for a store whose secrets start with `secret_prefix`, keeping
+    /// up to `cache_size` resolved secrets.
+    pub(crate) fn new(secret_prefix: &str, cache_size: usize) -> Result<KeyMemory> {
+        secret::validate_prefix(secret_prefix)?;
+        Ok(KeyMemory {
+            secret_prefix: secret_prefix.to_owned(),
+            cache: KeyCache::new(cache_size),
+            last_used: LastUsed::default(),
+            row_ids: RwLock::default(),
+        })
+    }
+}
+
+/// The name of the count of key changes in `sequences`; see [`cache`].
+const KEY_CHANGES: &str = "key_changes";
+
+sql_text!(
+    /// The database's count of key changes. A constant statement kept
+    /// prepared by type: no value to bind on the hot path of a resolve.
+    KeyChangeCount = "SELECT next AS value FROM sequences WHERE name = 'key_changes'"
+);
+
+#[derive(QueryableByName)]
+struct CountRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    value: i64,
+}
+
+/// The database's count of key changes, read in its own read transaction.
+fn key_changes(conn: &mut Conn) -> Result<i64> {
+    Ok(FixedSql::<KeyChangeCount>::new(Vec::new())
+        .get_result::<CountRow>(conn)
+        .optional()?
+        .ok_or_else(|| Error::BadStoredValue {
+            message: "the count of key changes is missing from the sequences table".to_owned(),
+        })?
+        .value)
+}
+
+/// What resolving a secret reads: the key's row id, id, tier, allowed
+/// models, rate limit, expiry and revocation, and the secret's end of grace.
+pub(crate) type Resolved = (
+    i64,
+    KeyId,
+    Tier,
+    AllowedModels,
+    Option<i64>,
+    Option<Timestamp>,
+    Option<Timestamp>,
+    Option<Timestamp>,
+);
+
+/// The keys repository of a store; see `Store::keys`.
+#[derive(Debug, Clone, Copy)]
+pub struct Keys<'a> {
+    db: &'a Database,
+    memory: &'a KeyMemory,
+}
+
+impl<'a> Keys<'a> {
+    pub(crate) fn new(db: &'a Database, memory: &'a KeyMemory) -> Keys<'a> {
+        Keys { db, memory }
+    }
+
+    /// Creates a key and returns it with its secret, which is shown this once.
+    /// Only the secret's SHA-256 is stored.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a bad label, an expiry in the past, or a
+    /// bad secret prefix; [`Error::Random`], [`Error::Busy`], [`Error::Pool`]
+    /// or [`Error::Database`] otherwise.
+    pub fn create(&self, new: &NewKey) -> Result<CreatedKey> {
+        let label = validate_label(&new.label)?;
+        let now = Timestamp::now();
+        if let Some(expiry) = new.expires_at {
+            validate_expiry(expiry, now)?;
+        }
+        let secret = secret::generate(&self.memory.secret_prefix)?;
+        let hash = secret.hash();
+        let display_prefix = secret.display_prefix();
+        let row = NewKeyRow {
+            id: KeyId::new(),
+            display_prefix: &display_prefix,
+            tier: new.tier,
+            label,
+            allowed_models: &new.allowed_models,
+            rate_limit_override: new.rate_limit_override.map(i64::from),
+            created_at: now,
+            expires_at: new.expires_at,
+        };
+        let key = self.db.write(|conn| {
+            let key: Key = diesel::insert_into(keys::table)
+                .values(&row)
+                .returning(KEY_COLUMNS)
+                .get_result(conn)?;
+            diesel::insert_into(key_secrets::table)
+                .values(NewSecretRow {
+                    secret_hash: &hash.0,
+                    key_row_id: key.row_id,
+                    created_at: now,
+                })
+                .execute(conn)?;
+            Ok(key)
+        })?;
+        tracing::info!(key = %key.id, tier = %key.tier, "created key");
+        Ok(CreatedKey { key, secret })
+    }
+
+    /// Resolves a presented secret to its active key: the gateway's hot path.
+    ///
+    /// The outer `Result` is the store's health; the inner one the verdict
+    /// on the secret. A malformed secret is rejected without touching the
+    /// database. Nothing is written: `last_used_at` is noted in memory and
+    /// written in batches by the store's flusher (and on close).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Pool`], [`Error::Busy`] or [`Error::Database`] if the
+    /// database cannot be read.
+    pub fn resolve(&self, presented: &str) -> Result<Result<ActiveKey, Rejection>> {
+        let Ok(hash) = secret::parse(&self.memory.secret_prefix, presented) else {
+            return Ok(Err(Rejection::Malformed));
+        };
+        let row = {
+            let mut conn = self.db.connection()?;
+            let cache = &self.memory.cache;
+            match cache.get(&hash.0) {
+                Some((changes, row)) if key_changes(&mut conn)? == changes => Some(row),
+                _ => {
+                    let found: Option<(Option<i64>, Resolved)> = key_secrets::table
+                        .inner_join(keys::table)
+                        .left_join(sequences::table.on(sequences::name.eq(KEY_CHANGES)))
+                        .filter(key_secrets::secret_hash.eq(&hash.0[..]))
+                        .select((
+                            sequences::next.nullable(),
+                            (
+                                keys::row_id,
+                                keys::id,
+                                keys::tier,
+                                keys::allowed_models,
+                                keys::rate_limit_override,
+                                keys::expires_at,
+                                keys::revoked_at,
+                                key_secrets::valid_until,
+                            ),
+                        ))
+                        // `get_result`, not `first`: `first` binds LIMIT as a
+                        // parameter, which makes SQLite re-prepare the
+                        // statement on every call.
+                        .get_result(&mut *conn)
+                        .optional()?;
+                    if let Some((Some(changes), row)) = &found {
+                        cache.put(*changes, hash.0, row.clone());
+                    }
+                    found.map(|(_, row)| row)
+                }
+            }
+        };
+        let Some((
+            row_id,
+            id,
+            tier,
+            allowed_models,
+            rate_limit,
+            expires_at,
+            revoked_at,
+            valid_until,
+        )) = row
+        else {
+            return Ok(Err(Rejection::Unknown));
+        };
+        let now = Timestamp::now();
+        if revoked_at.is_some() {
+            return Ok(Err(Rejection::Revoked));
+        }
+        if expires_at.is_some_and(|t| t <= now) || valid_until.is_some_and(|t| t <= now) {
+            return Ok(Err(Rejection::Expired));
+        }
+        self.memory.last_used.note(row_id, now.as_millis());
+        Ok(Ok(ActiveKey {
+            id,
+            tier,
+            allowed_models,
+            rate_limit_override: rate_limit,
+        }))
+    }
+
+    /// The key with this id, in any state.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::KeyNotFound`], or the store's errors.
+    pub fn get(&self, id: KeyId) -> Result<Key> {
+        let mut conn = self.db.connection()?;
+        find(&mut conn, id)
+    }
+
+    /// Keys in id (creation) order, filtered, one page at a time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a page size over 10,000, or the store's
+    /// errors.
+    pub fn list(&self, filter: &KeyFilter) -> Result<Vec<Key>> {
+        let limit = page_size(filter.limit)?;
+        let now = Timestamp::now();
+        let mut query = keys::table
+            .select(KEY_COLUMNS)
+            .order(keys::id.asc())
+            .limit(i64::from(limit))
+            .into_boxed();
+        if let Some(after) = filter.after {
+            query = query.filter(keys::id.gt(after));
+        }
+        if let Some(tier) = filter.tier {
+            query = query.filter(keys::tier.eq(tier));
+        }
+        match filter.state {
+            None => {}
+            Some(KeyState::Revoked) => query = query.filter(keys::revoked_at.is_not_null()),
+            Some(KeyState::Expired) => {
+                query = query
+                    .filter(keys::revoked_at.is_null())
+                    .filter(keys::expires_at.le(now));
+            }
+            Some(KeyState::Active) => {
+                query = query
+                    .filter(keys::revoked_at.is_null())
+                    .filter(keys::expires_at.is_null().or(keys::expires_at.gt(now)));
+            }
+        }
+        let mut conn = self.db.connection()?;
+        Ok(query.load(&mut *conn)?)
+    }
+
+    /// Revokes a key. Idempotent: revoking again keeps the first time. The
+    /// row is kept; every secret of the key stops working at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::KeyNotFound`], or the store's errors.
+    pub fn revoke(&self, id: KeyId) -> Result<Key> {
+        let now = Timestamp::now();
+        let key = self.db.write(|conn| {
+            diesel::update(
+                keys::table
+                    .filter(keys::id.eq(id))
+                    .filter(keys::revoked_at.is_null()),
+            )
+            .set(keys::revoked_at.eq(now))
+            .execute(conn)?;
+            find(conn, id)
+        })?;
+        tracing::info!(key = %id, "revoked key");
+        Ok(key)
+    }
+
+    /// Issues a new secret for the key. The old secret keeps working for
+    /// `grace` (zero: it stops at once); the key's expiry does not change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::KeyNotFound`], [`Error::KeyRevoked`], or the store's errors.
+    pub fn rotate(&self, id: KeyId, grace: Duration) -> Result<CreatedKey> {
+        let now = Timestamp::now();
+        let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let old_until = now.plus_millis(grace_ms);
+        let secret = secret::generate(&self.memory.secret_prefix)?;
+        let hash = secret.hash();
+        let display_prefix = secret.display_prefix();
+        let key = self.db.write(|conn| {
+            let key = find(conn, id)?;
+            if key.revoked_at.is_some() {
+                return Err(Error::KeyRevoked { id });
+            }
+            // Every secret still valid past the new deadline now ends there;
+            // one already ending sooner keeps its earlier end.
+            diesel::update(
+                key_secrets::table
+                    .filter(key_secrets::key_row_id.eq(key.row_id))
+                    .filter(
+                        key_secrets::valid_until
+                            .is_null()
+                            .or(key_secrets::valid_until.gt(old_until)),
+                    ),
+            )
+            .set(key_secrets::valid_until.eq(old_until))
+            .execute(conn)?;
+            diesel::insert_into(key_secrets::table)
+                .values(NewSecretRow {
+                    secret_hash: &hash.0,
+                    key_row_id: key.row_id,
+                    created_at: now,
+                })
+                .execute(conn)?;
+            diesel::update(keys::table.filter(keys::row_id.eq(key.row_id)))
+                .set(keys::display_prefix.eq(&display_prefix))
+                .execute(conn)?;
+            find(conn, id)
+        })?;
+        tracing::info!(key = %id, grace_ms, "rotated key");
+        Ok(CreatedKey { key, secret })
+    }
+
+    /// Changes the label, models, expiry or rate limit of a key. The tier
+    /// cannot change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a bad label or an expiry that is not in
+    /// the future (as [`Keys::create`]), [`Error::KeyNotFound`], or the
+    /// store's errors.
+    pub fn update(&self, id: KeyId, update: &KeyUpdate) -> Result<Key> {
+        let label = update.label.as_deref().map(validate_label).transpose()?;
+        if let Some(Some(expiry)) = update.expires_at {
+            validate_expiry(expiry, Timestamp::now())?;
+        }
+        let changes = KeyChanges {
+            label,
+            allowed_models: update.allowed_models.as_ref(),
+            expires_at: update.expires_at,
+            rate_limit_override: update.rate_limit_override.map(|limit| limit.map(i64::from)),
+        };
+        let nothing_to_change = changes.label.is_none()
+            && changes.allowed_models.is_none()
+            && changes.expires_at.is_none()
+            && changes.rate_limit_override.is_none();
+        self.db.write(|conn| {
+            if !nothing_to_change {
+                diesel::update(keys::table.filter(keys::id.eq(id)))
+                    .set(&changes)
+                    .execute(conn)?;
+            }
+            find(conn, id)
+        })
+    }
+
+    /// Writes the `last_used_at` times noted by [`Keys::resolve`] now rather
+    /// than at the next flush interval. Returns how many keys it updated.
+    ///
+    /// # Errors
+    ///
+    /// The store's errors; the noted times are kept for the next try.
+    pub fn flush_last_used(&self) -> Result<usize> {
+        self.memory.last_used.flush(self.db)
+    }
+
+    /// The internal row id of a key, for events, from memory or the
+    /// database; `None` if no key has this id.
+    pub(crate) fn row_id(&self, id: KeyId) -> Result<Option<i64>> {
+        if let Some(row_id) = self
+            .memory
+            .row_ids
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+        {
+            return Ok(Some(*row_id));
+        }
+        let mut conn = self.db.connection()?;
+        let row_id = keys::table
+            .filter(keys::id.eq(id))
+            .select(keys::row_id)
+            .get_result(&mut *conn)
+            .optional()?;
+        if let Some(row_id) = row_id {
+            self.memory
+                .row_ids
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, row_id);
+        }
+        Ok(row_id)
+    }
+}
+
+/// The key with this id.
+fn find(conn: &mut Conn, id: KeyId) -> Result<Key> {
+    keys::table
+        .filter(keys::id.eq(id))
+        .select(KEY_COLUMNS)
+        .get_result(conn)
+        .optional()?
+        .ok_or(Error::KeyNotFound { id })
+}
+
+/// The public ids of keys by their internal row ids.
+pub(crate) fn ids_of(conn: &mut Conn, row_ids: &[i64]) -> Result<HashMap<i64, KeyId>> {
+    let mut ids = HashMap::with_capacity(row_ids.len());
+    for chunk in row_ids.chunks(500) {
+        let rows: Vec<(i64, KeyId)> = keys::table
+            .filter(keys::row_id.eq_any(chunk))
+            .select((keys::row_id, keys::id))
+            .load(conn)?;
+        ids.extend(rows);
+    }
+    Ok(ids)
+}

@@ -1,0 +1,82 @@
+//! The `models` table: every model name stored once, events referring to it
+//! by id. Names are never deleted, so their ids are kept in memory once
+//! known.
+
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
+
+use diesel::prelude::*;
+
+use crate::db::database::{Conn, Database};
+use crate::db::schema::models;
+use crate::error::Result;
+
+/// Model names to their ids, as far as this store has seen them.
+#[derive(Debug, Default)]
+pub(crate) struct ModelIds {
+    ids: RwLock<HashMap<String, i64>>,
+}
+
+impl ModelIds {
+    /// The id of a model name, from memory, the database, or a new row. A
+    /// new model is committed on its own: a model row nothing refers to is
+    /// harmless, and memory only ever holds committed ids.
+    pub(crate) fn id_or_insert(&self, db: &Database, name: &str) -> Result<i64> {
+        if let Some(id) = self.known(name) {
+            return Ok(id);
+        }
+        let id = db.write(|conn| {
+            diesel::insert_into(models::table)
+                .values(models::name.eq(name))
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+            Ok(models::table
+                .filter(models::name.eq(name))
+                .select(models::id)
+                .get_result::<i64>(conn)?)
+        })?;
+        self.remember(name, id);
+        Ok(id)
+    }
+
+    /// The id of a model that exists, without creating it.
+    pub(crate) fn existing(&self, db: &Database, name: &str) -> Result<Option<i64>> {
+        if let Some(id) = self.known(name) {
+            return Ok(Some(id));
+        }
+        let mut conn = db.connection()?;
+        let id = models::table
+            .filter(models::name.eq(name))
+            .select(models::id)
+            .get_result(&mut *conn)
+            .optional()?;
+        if let Some(id) = id {
+            self.remember(name, id);
+        }
+        Ok(id)
+    }
+
+    fn known(&self, name: &str) -> Option<i64> {
+        self.ids
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .copied()
+    }
+
+    fn remember(&self, name: &str, id: i64) {
+        self.ids
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), id);
+    }
+}
+
+/// Every model's name by id (the table is small: one row per model name).
+pub(crate) fn names(conn: &mut Conn) -> Result<HashMap<i64, String>> {
+    Ok(models::table
+        .select((models::id, models::name))
+        .load::<(i64, String)>(conn)?
+        .into_iter()
+        .collect())
+}

@@ -1,0 +1,181 @@
+//! The hourly rollups, `usage_key_hourly` (per key, hour and model) and
+//! `usage_model_hourly` (per hour and model): added to in the transaction
+//! that records the events they count, read by usage queries, pruned by
+//! retention. [`COLUMNS`] is the one list of their nine value columns;
+//! every statement below, and the usage queries, are built from it.
+
+use std::collections::BTreeMap;
+
+use diesel::RunQueryDsl;
+
+use crate::db::database::Conn;
+use crate::db::sql::{sql_text, CachedSql, FixedSql, Value};
+use crate::error::Result;
+use crate::model::event::NewEvent;
+use crate::model::usage::Totals;
+
+/// How a rollup column's values combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Combine {
+    /// Added up.
+    Sum,
+    /// The largest kept.
+    Max,
+}
+
+/// One value column of the rollup tables.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RollupColumn {
+    /// The column's name, also the name of the [`Totals`] field.
+    pub(crate) name: &'static str,
+    /// What one row of `events` adds, as an SQL expression over its columns.
+    pub(crate) per_event: &'static str,
+    /// How two values combine.
+    pub(crate) combine: Combine,
+}
+
+/// The rollup tables' value columns, in the order of [`Totals::values`].
+pub(crate) const COLUMNS: [RollupColumn; 9] = [
+    column("requests", "1", Combine::Sum),
+    column(
+        "errors",
+        "(status >= 400 OR error IS NOT NULL)",
+        Combine::Sum,
+    ),
+    column("prompt_tokens", "prompt_tokens", Combine::Sum),
+    column("completion_tokens", "completion_tokens", Combine::Sum),
+    column("cache_read_tokens", "cache_read_tokens", Combine::Sum),
+    column(
+        "cache_creation_tokens",
+        "cache_creation_tokens",
+        Combine::Sum,
+    ),
+    column("reasoning_tokens", "reasoning_tokens", Combine::Sum),
+    column("latency_ms_sum", "latency_ms", Combine::Sum),
+    column("latency_ms_max", "latency_ms", Combine::Max),
+];
+
+const fn column(name: &'static str, per_event: &'static str, combine: Combine) -> RollupColumn {
+    RollupColumn {
+        name,
+        per_event,
+        combine,
+    }
+}
+
+/// `requests, errors, …`: the value columns of a rollup row.
+pub(crate) fn column_list() -> String {
+    COLUMNS.map(|column| column.name).join(", ")
+}
+
+/// One row of `events` as a rollup row: `1 AS requests, … AS errors, …`.
+pub(crate) fn event_as_rollup_row() -> String {
+    COLUMNS
+        .map(|column| format!("{} AS {}", column.per_event, column.name))
+        .join(", ")
+}
+
+/// The totals over rollup-shaped rows: `coalesce(sum(requests), 0) AS
+/// requests, …, coalesce(max(latency_ms_max), 0) AS latency_ms_max`.
+pub(crate) fn totals_of_rows() -> String {
+    COLUMNS
+        .map(|column| {
+            let function = match column.combine {
+                Combine::Sum => "sum",
+                Combine::Max => "max",
+            };
+            format!("coalesce({function}({0}), 0) AS {0}", column.name)
+        })
+        .join(", ")
+}
+
+/// `INSERT INTO table (keys…, values…) VALUES (?…) ON CONFLICT (keys…) DO
+/// UPDATE` adding the values to the row's.
+fn upsert(table: &str, key_columns: &[&str]) -> String {
+    let keys = key_columns.join(", ");
+    let placeholders = vec!["?"; key_columns.len() + COLUMNS.len()].join(", ");
+    let updates = COLUMNS
+        .map(|column| match column.combine {
+            Combine::Sum => format!("{0} = {0} + excluded.{0}", column.name),
+            Combine::Max => format!("{0} = max({0}, excluded.{0})", column.name),
+        })
+        .join(", ");
+    format!(
+        "INSERT INTO {table} ({keys}, {}) VALUES ({placeholders}) \
+         ON CONFLICT ({keys}) DO UPDATE SET {updates}",
+        column_list()
+    )
+}
+
+sql_text!(
+    /// Adds to one key's hourly usage of one model.
+    AddToKeyRollup = upsert("usage_key_hourly", &["key_row_id", "hour", "model_id"])
+);
+sql_text!(
+    /// Adds to one model's hourly usage.
+    AddToModelRollup = upsert("usage_model_hourly", &["hour", "model_id"])
+);
+
+/// An event to count: its hour, key row (0 for none) and model id.
+pub(crate) struct Counted<'a> {
+    pub(crate) hour: i64,
+    pub(crate) key_row_id: i64,
+    pub(crate) model_id: i64,
+    pub(crate) event: &'a NewEvent,
+}
+
+/// Adds events to both rollup tables, inside the caller's write
+/// transaction. Rows are visited in key order, so a batch walks each table
+/// once from one end to the other.
+pub(crate) fn add<'a>(
+    conn: &mut Conn,
+    events: impl IntoIterator<Item = Counted<'a>>,
+) -> Result<()> {
+    let mut by_key: BTreeMap<(i64, i64, i64), Totals> = BTreeMap::new();
+    let mut by_model: BTreeMap<(i64, i64), Totals> = BTreeMap::new();
+    for counted in events {
+        by_key
+            .entry((counted.key_row_id, counted.hour, counted.model_id))
+            .or_default()
+            .add_event(counted.event);
+        by_model
+            .entry((counted.hour, counted.model_id))
+            .or_default()
+            .add_event(counted.event);
+    }
+    for ((key_row_id, hour, model_id), totals) in by_key {
+        FixedSql::<AddToKeyRollup>::new(binds(&[key_row_id, hour, model_id], &totals))
+            .execute(conn)?;
+    }
+    for ((hour, model_id), totals) in by_model {
+        FixedSql::<AddToModelRollup>::new(binds(&[hour, model_id], &totals)).execute(conn)?;
+    }
+    Ok(())
+}
+
+/// The values of an upsert: the key columns, then the totals.
+fn binds(key: &[i64], totals: &Totals) -> Vec<Value<'static>> {
+    key.iter()
+        .copied()
+        .chain(totals.values())
+        .map(Value::Int)
+        .collect()
+}
+
+/// Deletes at most `batch` rows of each rollup table for hours before
+/// `cutoff_hour`, inside the caller's write transaction.
+pub(crate) fn delete_before(conn: &mut Conn, cutoff_hour: i64, batch: u32) -> Result<usize> {
+    let by_key = CachedSql::new(
+        "DELETE FROM usage_key_hourly WHERE (key_row_id, hour, model_id) IN \
+         (SELECT key_row_id, hour, model_id FROM usage_key_hourly WHERE hour < ? LIMIT ?)",
+        vec![cutoff_hour, i64::from(batch)],
+    )
+    .execute(conn)?;
+    let by_model = CachedSql::new(
+        "DELETE FROM usage_model_hourly WHERE (hour, model_id) IN \
+         (SELECT hour, model_id FROM usage_model_hourly WHERE hour < ? LIMIT ?)",
+        vec![cutoff_hour, i64::from(batch)],
+    )
+    .execute(conn)?;
+    Ok(by_key + by_model)
+}

@@ -1,0 +1,187 @@
+//! [`Store`]: an opened, migrated keytally database, the facade over the
+//! repositories. `open` makes the database safe to use before a `Store`
+//! exists; `close` (or dropping it) checkpoints and leaves no sidecar files.
+
+pub(crate) mod maintenance;
+pub(crate) mod options;
+pub(crate) mod sqlite;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::db::classify;
+use crate::db::database::{CloseReport, Database};
+use crate::db::sqlite::connection::ConnectionSetup;
+use crate::db::sqlite::files::{self, TightenedFile};
+use crate::db::sqlite::migrations;
+use crate::error::{Error, Result};
+use crate::repositories::events::Events;
+use crate::repositories::keys::{KeyMemory, Keys};
+use crate::repositories::models::ModelIds;
+use crate::store::maintenance::Maintenance;
+use crate::store::options::StoreOptions;
+
+/// An open keytally database whose migrations have all run.
+///
+/// A `Store` exists only once its schema is current, so nothing can read or
+/// write through it before the migrations are done. Every connection it hands
+/// out has had the permissions checked and the pragmas applied. Share it
+/// between threads behind an `Arc`; call [`Store::close`] on shutdown.
+pub struct Store {
+    db: Database,
+    keys: Arc<KeyMemory>,
+    models: ModelIds,
+    maintenance: Maintenance,
+    applied_at_open: Vec<String>,
+    tightened_at_open: Vec<TightenedFile>,
+    /// Declared last, so dropped after the pool: while it lives, nothing in
+    /// this process opens the database file with plain I/O.
+    _claim: files::OpenClaim,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.db.path())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreOptions {
+    /// Opens the store; see [`Store::open`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::open`].
+    pub fn open(&self) -> Result<Store> {
+        Store::open_with(self)
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` with the default
+    /// options, and applies pending migrations before returning.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Symlink`] if the path (or a sidecar) is a symbolic link.
+    /// - [`Error::NotADatabase`], [`Error::Corrupt`], [`Error::Foreign`] or
+    ///   [`Error::SchemaTooNew`] if the file is not one this binary can use;
+    ///   the file is then left unchanged.
+    /// - [`Error::WalUnsupported`] if the filesystem cannot do WAL.
+    /// - [`Error::Permission`], [`Error::Io`], [`Error::Open`] for file
+    ///   system trouble, [`Error::Migration`] if a migration fails (it is
+    ///   rolled back), [`Error::Busy`] if another process holds the write lock
+    ///   for longer than the busy timeout.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store> {
+        StoreOptions::new(path.as_ref()).open()
+    }
+
+    /// Opens the store with `options`; see [`Store::open`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::open`].
+    pub fn open_with(options: &StoreOptions) -> Result<Store> {
+        let keys = Arc::new(KeyMemory::new(
+            &options.secret_prefix,
+            options.key_cache_size,
+        )?);
+        let path = options.path.clone();
+        files::prepare_database_path(&path)?;
+        // Refuse what is not ours before SQLite (or a chmod) touches it.
+        let claim = files::claim_for_store(&path)?;
+        let tightened_at_open = files::tighten_modes(&path)?;
+        let setup = ConnectionSetup {
+            path: path.clone(),
+            synchronous: options.synchronous,
+            busy_timeout: options.busy_timeout,
+        };
+        let mut first = setup
+            .establish()
+            .map_err(|e| classify::about_file(e, &path))?;
+        let applied_at_open = migrations::run_pending(&mut first, &path)
+            .map_err(|e| classify::about_file(e, &path))?;
+        let db = Database::open(setup, first, options.pool_size)?;
+        let maintenance = Maintenance::start(
+            db.clone(),
+            Arc::clone(&keys),
+            options.last_used_flush_interval,
+            options.retention,
+        )?;
+        Ok(Store {
+            db,
+            keys,
+            models: ModelIds::default(),
+            maintenance,
+            applied_at_open,
+            tightened_at_open,
+            _claim: claim,
+        })
+    }
+
+    /// The database file's path.
+    pub fn path(&self) -> &Path {
+        self.db.path()
+    }
+
+    /// Full names of the migrations this open applied (empty when the
+    /// schema was already current).
+    pub fn applied_at_open(&self) -> &[String] {
+        &self.applied_at_open
+    }
+
+    /// The files whose modes were wider than 0600 when the store opened, and
+    /// were tightened (each was also logged as a warning).
+    pub fn tightened_at_open(&self) -> &[TightenedFile] {
+        &self.tightened_at_open
+    }
+
+    /// The keys repository: create, resolve, revoke, rotate, update, list.
+    pub fn keys(&self) -> Keys<'_> {
+        Keys::new(&self.db, &self.keys)
+    }
+
+    /// The events repository: record, batch, list, prune, usage.
+    pub fn events(&self) -> Events<'_> {
+        Events::new(&self.db, &self.keys, &self.models)
+    }
+
+    /// Closes the store: stops the maintenance thread (which writes the
+    /// `last_used_at` times noted last), stops handing out connections,
+    /// waits (up to the busy timeout) for checked-out ones to come back,
+    /// closes the pool, then runs `PRAGMA wal_checkpoint(TRUNCATE)` on the
+    /// last connection and closes it, which removes `-wal` and `-shm`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Open`] or [`Error::Database`] if the final connection cannot
+    /// be opened or the checkpoint cannot run. A checkpoint that runs but
+    /// cannot complete is not an error: the report says so.
+    pub fn close(mut self) -> Result<CloseReport> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<CloseReport> {
+        if !self.db.is_open() {
+            return Err(Error::Closed);
+        }
+        self.maintenance.stop();
+        self.db.close()
+    }
+}
+
+impl Drop for Store {
+    /// A store dropped without [`Store::close`] closes the same way; the
+    /// report is logged instead of returned.
+    fn drop(&mut self) {
+        if !self.db.is_open() {
+            return;
+        }
+        match self.shutdown() {
+            Ok(report) if report.checkpoint_complete => {}
+            Ok(report) => tracing::warn!(?report, "store dropped; final checkpoint incomplete"),
+            Err(error) => tracing::warn!(%error, "store dropped; closing it failed"),
+        }
+    }
+}
