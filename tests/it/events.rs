@@ -610,3 +610,32 @@ fn the_maintenance_thread_enforces_retention() -> TestResult {
     }
     Ok(())
 }
+
+#[rstest]
+fn a_key_filter_reports_a_failed_look_up_as_it_is(store: TestStore) -> TestResult {
+    let unknown: KeyId = "0190f0f0-0000-7000-8000-000000000000".parse()?;
+    let listed = store.events().list(&EventFilter {
+        key: Some(unknown),
+        ..EventFilter::default()
+    });
+    assert!(
+        matches!(listed, Err(Error::KeyNotFound { .. })),
+        "{listed:?}"
+    );
+    // A key never looked up by this store, then a database that cannot
+    // answer: the error says so, not "no key with id".
+    let created = store.keys().create(&NewKey::client("looked up later"))?;
+    store.sqlite_write(|conn| {
+        diesel::connection::SimpleConnection::batch_execute(
+            conn,
+            "ALTER TABLE keys RENAME TO keys_elsewhere",
+        )?;
+        Ok(())
+    })?;
+    let listed = store.events().list(&EventFilter {
+        key: Some(created.key.id),
+        ..EventFilter::default()
+    });
+    assert!(matches!(listed, Err(Error::Database(_))), "{listed:?}");
+    Ok(())
+}

@@ -531,3 +531,42 @@ fn only_changes_to_existing_keys_move_the_key_change_count() -> TestResult {
     assert!(store.close()?.checkpoint_complete);
     Ok(())
 }
+
+#[rstest]
+fn keys_are_never_deleted_so_their_row_ids_are_never_reused(store: TestStore) -> TestResult {
+    let first = store.keys().create(&NewKey::client("first"))?;
+    let mut event = keytally::NewEvent::new(Timestamp::now(), "gpt-4o");
+    event.key_id = Some(first.key.id);
+    event.prompt_tokens = 100;
+    store.events().record(&event)?;
+    let deleted = store.sqlite_write(|conn| {
+        diesel::sql_query("DELETE FROM keys").execute(conn)?;
+        Ok(())
+    });
+    assert!(
+        matches!(&deleted, Err(Error::Database(_))),
+        "a key was deleted: {deleted:?}"
+    );
+    let moved = store.sqlite_write(|conn| {
+        diesel::sql_query("UPDATE keys SET row_id = row_id + 1000").execute(conn)?;
+        Ok(())
+    });
+    assert!(matches!(&moved, Err(Error::Database(_))), "{moved:?}");
+    // The first key and its usage are still there, and a new key's usage
+    // starts at zero.
+    assert_eq!(store.keys().get(first.key.id)?.label, "first");
+    let second = store.keys().create(&NewKey::client("second"))?;
+    let window = |key: KeyId| keytally::UsageFilter {
+        key: Some(key),
+        ..keytally::UsageFilter::between(
+            Timestamp::now().plus_millis(-3_600_000),
+            Timestamp::now().plus_millis(1),
+        )
+    };
+    assert_eq!(
+        store.events().usage(&window(first.key.id))?.prompt_tokens,
+        100
+    );
+    assert_eq!(store.events().usage(&window(second.key.id))?.requests, 0);
+    Ok(())
+}

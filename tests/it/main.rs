@@ -1,5 +1,6 @@
 //! keytally's integration tests: one crate, one module per concern.
 
+mod architecture;
 mod backup;
 mod cli;
 mod contention;

@@ -345,3 +345,98 @@ fn upgrade_to_time_ordered_events_keeps_every_event_and_id(folder: TempDir) -> T
     assert!(store.close()?.checkpoint_complete);
     Ok(())
 }
+
+#[rstest]
+fn errors_keep_their_cause_as_the_source_and_say_it_once(folder: TempDir) -> TestResult {
+    use keytally::Error;
+    use std::error::Error as _;
+    // A database error keeps Diesel's error, with SQLite's message.
+    let store = Store::open(folder.path().join("keytally.db"))?;
+    let failed = store.sqlite_write(|conn| {
+        diesel::sql_query("SELECT * FROM no_such_table").execute(conn)?;
+        Ok(())
+    });
+    let Err(error) = failed else {
+        return Err("a query on a missing table succeeded".into());
+    };
+    assert!(matches!(error, Error::Database(_)), "{error:?}");
+    let cause = error.source().ok_or("the database error has no source")?;
+    assert!(cause.to_string().contains("no such table"), "{cause}");
+    assert!(!error.to_string().contains("no such table"), "{error}");
+
+    // Busy keeps SQLite's "database is locked".
+    let other = StoreOptions::new(store.path())
+        .busy_timeout(std::time::Duration::from_millis(50))
+        .open()?;
+    let mut holder = store.sqlite_connection()?;
+    diesel::connection::SimpleConnection::batch_execute(&mut *holder, "BEGIN IMMEDIATE")?;
+    let blocked = other.keys().create(&keytally::NewKey::client("blocked"));
+    diesel::connection::SimpleConnection::batch_execute(&mut *holder, "ROLLBACK")?;
+    drop(holder);
+    let Err(busy) = blocked else {
+        return Err("a write behind a held lock succeeded".into());
+    };
+    assert!(matches!(busy, Error::Busy { .. }), "{busy:?}");
+    let cause = busy.source().ok_or("busy has no source")?;
+    assert!(cause.to_string().contains("locked"), "{cause}");
+    let _ = other.close()?;
+
+    // An I/O error names the path once and keeps the system's reason.
+    let blocker = folder.path().join("a-file");
+    std::fs::write(&blocker, b"not a folder")?;
+    let error = match Store::open(blocker.join("keytally.db")) {
+        Ok(_) => return Err("a database under a file was opened".into()),
+        Err(error) => error,
+    };
+    assert!(matches!(error, Error::Io { .. }), "{error:?}");
+    let cause = error
+        .source()
+        .ok_or("the i/o error has no source")?
+        .to_string();
+    assert!(
+        !error.to_string().contains(&cause),
+        "{error} repeats {cause}"
+    );
+    let _ = store.close()?;
+    Ok(())
+}
+
+#[rstest]
+fn a_write_inside_a_write_of_the_same_store_is_an_error_not_a_deadlock(
+    folder: TempDir,
+) -> TestResult {
+    let store = Arc::new(Store::open(folder.path().join("keytally.db"))?);
+    let (done, outcome) = std::sync::mpsc::channel();
+    let writer = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || {
+            let nested = store.sqlite_write(|_outer| {
+                // The repositories write through the same gate.
+                Ok(store.keys().create(&keytally::NewKey::client("nested")))
+            });
+            let _ = done.send(nested.map(|inner| inner.map(|_| ())));
+        })
+    };
+    // A bound on the wait, so that a deadlock fails the test instead of
+    // hanging it.
+    let outcome = outcome
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .map_err(|_| "the nested write never returned")?;
+    assert!(
+        matches!(outcome, Ok(Err(keytally::Error::NestedWrite))),
+        "{outcome:?}"
+    );
+    writer.join().map_err(|_| "the writer panicked")?;
+    // The outer write committed nothing it should not have, and the store
+    // still writes.
+    assert!(store
+        .keys()
+        .list(&keytally::KeyFilter::default())?
+        .is_empty());
+    store
+        .keys()
+        .create(&keytally::NewKey::client("afterwards"))?;
+    let store = Arc::into_inner(store).ok_or("the store is still shared")?;
+    assert!(store.close()?.checkpoint_complete);
+    Ok(())
+}
