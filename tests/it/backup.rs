@@ -13,7 +13,7 @@ use keytally::{EventCursor, EventFilter, Store, StoreOptions};
 use rstest::rstest;
 use tempfile::TempDir;
 
-use crate::cli::BIN;
+use crate::support::binary::BIN;
 use crate::TestResult;
 
 const BATCH: usize = 50;

@@ -1,41 +1,15 @@
 //! The real `keytally` binary, run as a child process in a temp folder.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Command, Output};
+
+use std::process::Command;
 
 use keytally::testing::folder;
 use rstest::rstest;
 use tempfile::TempDir;
 
+use crate::support::binary::{json_of, keytally, keytally_with_umask, path_arg, BIN};
 use crate::{mode_of, sidecar, TestResult};
-
-pub const BIN: &str = env!("CARGO_BIN_EXE_keytally");
-
-/// Runs the binary under `sh` with the given umask, so the test also proves
-/// that keytally does not rely on the caller's umask.
-fn keytally_with_umask(umask: &str, args: &[&str]) -> std::io::Result<Output> {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("umask {umask}; exec \"$0\" \"$@\""))
-        .arg(BIN)
-        .args(args)
-        .env_remove("KEYTALLY_DB")
-        .env_remove("KEYTALLY_LOG")
-        .output()
-}
-
-pub fn keytally(args: &[&str]) -> std::io::Result<Output> {
-    keytally_with_umask("077", args)
-}
-
-pub fn path_arg(path: &Path) -> Result<&str, Box<dyn std::error::Error>> {
-    Ok(path.to_str().ok_or("path is not UTF-8")?)
-}
-
-pub fn json_of(output: &Output) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    Ok(serde_json::from_slice(&output.stdout)?)
-}
 
 #[rstest]
 fn status_creates_a_private_database_under_umask_000(folder: TempDir) -> TestResult {

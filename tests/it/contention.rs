@@ -18,7 +18,7 @@ use keytally::{NewEvent, NewKey, Store, Timestamp, UsageFilter};
 use rstest::rstest;
 use tempfile::TempDir;
 
-use crate::cli::BIN;
+use crate::support::binary::BIN;
 use crate::TestResult;
 
 const RUN_FOR: Duration = Duration::from_secs(3);
@@ -94,7 +94,7 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
     }
     // Process 3: the crash-test writer, killed at the end; what it
     // acknowledged must be there.
-    let mut writer = Command::new(crate::crash::crash_writer()?)
+    let mut writer = Command::new(crate::support::crash_writer::crash_writer()?)
         .arg(&db)
         .arg("0")
         .stdout(Stdio::piped())

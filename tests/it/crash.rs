@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -17,29 +16,11 @@ use keytally::{KeyId, Store};
 use rstest::rstest;
 use tempfile::TempDir;
 
+use crate::support::crash_writer::crash_writer;
 use crate::TestResult;
 
 /// Events per batch, as the child writes them.
 const BATCH: usize = 20;
-
-/// The crash test's child program, built by `cargo test` from
-/// `examples/crash_writer.rs`.
-pub fn crash_writer() -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let exe = std::env::current_exe()?;
-    let profile = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .ok_or("test binary has no profile folder")?;
-    let path = profile.join("examples").join("crash_writer");
-    if !path.exists() {
-        return Err(format!(
-            "{} is missing: run the tests with `cargo test`",
-            path.display()
-        )
-        .into());
-    }
-    Ok(path)
-}
 
 /// Every batch number present, with how many of its events are present.
 fn batches(store: &Store) -> Result<BTreeMap<u64, usize>, Box<dyn std::error::Error>> {
@@ -84,7 +65,7 @@ fn acknowledged_writes_survive_sigkill(folder: TempDir) -> TestResult {
     let db = folder.path().join("crash.db");
     let mut acked_batches: BTreeSet<u64> = BTreeSet::new();
     let mut acked_keys: BTreeSet<KeyId> = BTreeSet::new();
-    let mut rng = crate::events::Rng::new(
+    let mut rng = crate::support::random::Rng::new(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos() as u64,

@@ -12,7 +12,7 @@ use crate::TestResult;
 #[rstest]
 fn recording_on_a_full_disk_fails_cleanly_and_recovers(folder: TempDir) -> TestResult {
     let mount_point = folder.path().join("small");
-    let _tmpfs = match crate::tmpfs::Tmpfs::mount(&mount_point, "6m") {
+    let _tmpfs = match crate::support::tmpfs::Tmpfs::mount(&mount_point, "6m") {
         Ok(tmpfs) => tmpfs,
         Err(why) => {
             eprintln!("skipped recording_on_a_full_disk_fails_cleanly_and_recovers: {why}");

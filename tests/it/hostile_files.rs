@@ -209,7 +209,7 @@ fn a_wal_of_another_database_is_refused(folder: TempDir, #[case] setup: &str) ->
 #[rstest]
 fn a_read_only_folder_is_a_clear_error_at_open(folder: TempDir) -> TestResult {
     let mount_point = folder.path().join("ro");
-    let tmpfs = match crate::tmpfs::Tmpfs::mount(&mount_point, "4m") {
+    let tmpfs = match crate::support::tmpfs::Tmpfs::mount(&mount_point, "4m") {
         Ok(tmpfs) => tmpfs,
         Err(why) => {
             eprintln!("skipped a_read_only_folder_is_a_clear_error_at_open: {why}");

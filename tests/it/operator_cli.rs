@@ -3,45 +3,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use keytally::testing::folder;
 use rstest::rstest;
 use tempfile::TempDir;
 
-use crate::cli::{json_of, keytally, path_arg, BIN};
+use crate::support::binary::{json_of, keytally, path_arg, run, stderr_json, BIN};
 use crate::TestResult;
-
-/// Runs `keytally --db DB --json ARGS` with `input` on stdin.
-fn run(db: &Path, args: &[&str], input: &str) -> Result<Output, Box<dyn std::error::Error>> {
-    let mut child = Command::new(BIN)
-        .arg("--db")
-        .arg(db)
-        .arg("--json")
-        .args(args)
-        .env_remove("KEYTALLY_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .ok_or("no stdin")?
-        .write_all(input.as_bytes())?;
-    Ok(child.wait_with_output()?)
-}
-
-/// The JSON error object: the last line on stderr (log lines may precede it).
-fn stderr_json(output: &Output) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    let text = String::from_utf8(output.stderr.clone())?;
-    let last = text
-        .lines()
-        .rev()
-        .find(|line| !line.trim().is_empty())
-        .unwrap_or("");
-    Ok(serde_json::from_str(last)?)
-}
 
 fn database(folder: &TempDir) -> PathBuf {
     folder.path().join("keytally.db")

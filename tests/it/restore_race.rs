@@ -19,7 +19,7 @@ use keytally::{NewEvent, NewKey, Store, Timestamp};
 use rstest::rstest;
 use tempfile::TempDir;
 
-use crate::cli::BIN;
+use crate::support::binary::BIN;
 use crate::TestResult;
 
 /// Tries of the race; each starts from the same old database.

@@ -117,7 +117,7 @@ fn nothing_keytally_writes_holds_a_secret(
 ) -> TestResult {
     use std::process::{Command, Stdio};
     let db = folder.path().join("keytally.db");
-    let bin = crate::cli::BIN;
+    let bin = crate::support::binary::BIN;
     // Every run at trace level; `shown` collects what may hold a secret (the
     // one-time creation output), `scanned` everything else.
     let mut scanned: Vec<(String, Vec<u8>)> = Vec::new();

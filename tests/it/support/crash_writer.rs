@@ -1,0 +1,22 @@
+//! The child process of the crash and contention tests.
+
+use std::path::PathBuf;
+
+/// The crash test's child program, built by `cargo test` from
+/// `examples/crash_writer.rs`.
+pub fn crash_writer() -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe()?;
+    let profile = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or("test binary has no profile folder")?;
+    let path = profile.join("examples").join("crash_writer");
+    if !path.exists() {
+        return Err(format!(
+            "{} is missing: run the tests with `cargo test`",
+            path.display()
+        )
+        .into());
+    }
+    Ok(path)
+}
