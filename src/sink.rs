@@ -94,7 +94,7 @@ struct State {
 /// Batched, bounded, reporting event ingestion; see the module docs.
 pub struct EventSink {
     store: Arc<Store>,
-    sender: Option<SyncSender<(u64, ValidEvent)>>,
+    sender: Option<SyncSender<(u64, ValidEvent<'static>)>>,
     /// Held while queueing, so tickets enter the queue in order.
     queue_order: Mutex<()>,
     /// The last ticket queued.
@@ -135,7 +135,9 @@ impl EventSink {
                 .name("keytally-sink".to_owned())
                 .spawn(move || {
                     write_batches(
-                        |batch: &[ValidEvent]| store.events().record_valid(batch).map(|_| ()),
+                        |batch: &[ValidEvent<'static>]| {
+                            store.events().record_valid(batch).map(|_| ())
+                        },
                         &state,
                         &receiver,
                         options,
@@ -168,7 +170,8 @@ impl EventSink {
             .store
             .events()
             .prepare(event)
-            .map_err(|refused| refused.at(0))?;
+            .map_err(|refused| refused.at(0))?
+            .into_owned();
         let sender = self.sender.as_ref().ok_or(Error::Closed)?;
         // Tickets are handed out in queue order, so that "settled through N"
         // covers exactly the first N submissions.
@@ -370,12 +373,12 @@ fn write_batches<T>(
                 progress.report.batches += 1;
             }
             Err(error) => {
-                tracing::warn!(%error, events = count, "event batch could not be committed");
+                tracing::warn!(error = %error.report(), events = count, "event batch could not be committed");
                 progress.report.failed += count;
                 progress.failures.push_back(FailedRange {
                     first: first_ticket,
                     last: last_ticket,
-                    message: error.to_string(),
+                    message: error.report(),
                 });
             }
         }

@@ -69,7 +69,8 @@ fn file_class(error: &Error) -> Option<Class> {
 pub(crate) fn from_result_code(code: i32, message: String, path: &Path) -> Error {
     use libsqlite3_sys as ffi;
     match code & 0xff {
-        ffi::SQLITE_BUSY | ffi::SQLITE_LOCKED => Error::Busy {
+        // PROTOCOL: a WAL lock kept changing hands; another connection is at work.
+        ffi::SQLITE_BUSY | ffi::SQLITE_LOCKED | ffi::SQLITE_PROTOCOL => Error::Busy {
             source: message.into(),
         },
         ffi::SQLITE_FULL => Error::DiskFull {
@@ -82,9 +83,17 @@ pub(crate) fn from_result_code(code: i32, message: String, path: &Path) -> Error
             path: path.to_path_buf(),
             detail: message,
         },
-        _ => Error::Io {
+        ffi::SQLITE_IOERR => Error::Io {
             path: path.to_path_buf(),
             source: std::io::Error::other(message),
+        },
+        ffi::SQLITE_PERM | ffi::SQLITE_READONLY | ffi::SQLITE_AUTH => Error::Permission {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, message),
+        },
+        _ => Error::Open {
+            path: path.to_path_buf(),
+            source: message.into(),
         },
     }
 }

@@ -1,16 +1,17 @@
 //! [`WriteGate`]: the queue a store's writers wait in before they ask
 //! SQLite for its write lock.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::error::{Error, Result};
 
 thread_local! {
-    /// The gate this thread holds, by address (0: none), so that a write
-    /// started inside another write of the same store is refused rather
-    /// than left waiting for itself.
-    static HELD: Cell<usize> = const { Cell::new(0) };
+    /// The gates this thread holds, by address, so that a write started
+    /// inside another write of the same store (however deeply nested in
+    /// writes of other stores) is refused rather than left waiting for
+    /// itself.
+    static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Taken by every writer of one store before `BEGIN IMMEDIATE`. Writers in
@@ -25,7 +26,7 @@ pub(crate) struct WriteGate {
 /// This thread's turn at the gate, until dropped.
 pub(crate) struct GateGuard<'a> {
     _lock: MutexGuard<'a, ()>,
-    previous: usize,
+    address: usize,
 }
 
 impl WriteGate {
@@ -36,19 +37,24 @@ impl WriteGate {
     /// [`Error::NestedWrite`] if this thread already holds the gate.
     pub(crate) fn enter(&self) -> Result<GateGuard<'_>> {
         let address = std::ptr::from_ref(self) as usize;
-        if HELD.get() == address {
+        if HELD.with_borrow(|held| held.contains(&address)) {
             return Err(Error::NestedWrite);
         }
         let lock = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        HELD.with_borrow_mut(|held| held.push(address));
         Ok(GateGuard {
             _lock: lock,
-            previous: HELD.replace(address),
+            address,
         })
     }
 }
 
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
-        HELD.set(self.previous);
+        HELD.with_borrow_mut(|held| {
+            if let Some(position) = held.iter().rposition(|address| *address == self.address) {
+                held.remove(position);
+            }
+        });
     }
 }

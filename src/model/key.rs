@@ -221,7 +221,8 @@ impl Serialize for AllowedModels {
     }
 }
 
-/// A key as stored (never with its secret).
+/// A key as stored (never with its secret): the `keys` table's columns, in
+/// their order.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Serialize)]
 pub struct Key {
     #[serde(skip)]

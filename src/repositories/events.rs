@@ -2,6 +2,7 @@
 //! record a batch, list, prune). Every event is recorded with its rollups
 //! (`rollups`) in one transaction; usage queries are in `usage`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use diesel::prelude::*;
@@ -28,13 +29,26 @@ pub struct Events<'a> {
 }
 
 /// An event that passed validation, with its key and models resolved to
-/// their row ids: ready to insert.
+/// their row ids: ready to insert. It borrows the caller's event, or owns a
+/// copy where it must outlive the call (an `EventSink` queues it).
 #[derive(Debug, Clone)]
-pub(crate) struct ValidEvent {
+pub(crate) struct ValidEvent<'a> {
     key_row_id: Option<i64>,
     model_id: i64,
     upstream_model_id: Option<i64>,
-    event: NewEvent,
+    event: Cow<'a, NewEvent>,
+}
+
+impl ValidEvent<'_> {
+    /// The same, owning its event.
+    pub(crate) fn into_owned(self) -> ValidEvent<'static> {
+        ValidEvent {
+            key_row_id: self.key_row_id,
+            model_id: self.model_id,
+            upstream_model_id: self.upstream_model_id,
+            event: Cow::Owned(self.event.into_owned()),
+        }
+    }
 }
 
 /// Why an event was refused: one of its fields, or the store failing while
@@ -116,19 +130,19 @@ impl<'a> Events<'a> {
     }
 
     /// Records validated events in one transaction; returns the first id.
-    pub(crate) fn record_valid(&self, valid: &[ValidEvent]) -> Result<EventId> {
+    pub(crate) fn record_valid(&self, valid: &[ValidEvent<'_>]) -> Result<EventId> {
         self.db.write(|conn| insert(conn, valid))
     }
 
     /// Validates an event and resolves its key and models to row ids,
     /// adding new model names.
-    pub(crate) fn prepare(&self, event: &NewEvent) -> Result<ValidEvent, Refused> {
+    pub(crate) fn prepare<'e>(&self, event: &'e NewEvent) -> Result<ValidEvent<'e>, Refused> {
         self.resolve_models(self.validate(event)?)
     }
 
     /// Checks an event's fields and resolves its key, writing nothing. The
     /// model ids are left unset (0) for [`Events::resolve_models`].
-    fn validate(&self, event: &NewEvent) -> Result<ValidEvent, Refused> {
+    fn validate<'e>(&self, event: &'e NewEvent) -> Result<ValidEvent<'e>, Refused> {
         event.validate().map_err(Refused::Field)?;
         let key_row_id =
             match event.key_id {
@@ -141,12 +155,12 @@ impl<'a> Events<'a> {
             key_row_id,
             model_id: 0,
             upstream_model_id: None,
-            event: event.clone(),
+            event: Cow::Borrowed(event),
         })
     }
 
     /// Sets the model ids of a checked event, adding new model names.
-    fn resolve_models(&self, mut valid: ValidEvent) -> Result<ValidEvent, Refused> {
+    fn resolve_models<'e>(&self, mut valid: ValidEvent<'e>) -> Result<ValidEvent<'e>, Refused> {
         let id = |name: &str| {
             self.models
                 .id_or_insert(self.db, name)
@@ -181,7 +195,7 @@ impl<'a> Events<'a> {
     pub fn list(&self, filter: &EventFilter) -> Result<Vec<Event>> {
         let limit = page_size(filter.limit)?;
         let mut query = events::table
-            .select(EVENT_COLUMNS)
+            .select(events::all_columns)
             .order((events::ts.desc(), events::id.desc()))
             .limit(i64::from(limit))
             .into_boxed();
@@ -332,7 +346,7 @@ struct IdRow {
     value: i64,
 }
 
-impl ValidEvent {
+impl ValidEvent<'_> {
     /// The values of [`InsertEvent`], in its columns' order.
     fn values(&self, id: i64) -> Vec<Value<'_>> {
         let event = &self.event;
@@ -360,7 +374,7 @@ impl ValidEvent {
 /// Inserts validated events and adds them to the rollups, inside the
 /// caller's write transaction. The events get consecutive ids in their
 /// order; returns the first.
-fn insert(conn: &mut Conn, valid: &[ValidEvent]) -> Result<EventId> {
+fn insert(conn: &mut Conn, valid: &[ValidEvent<'_>]) -> Result<EventId> {
     if valid.is_empty() {
         return Err(Error::InvalidInput {
             field: "batch",
@@ -402,46 +416,8 @@ fn insert(conn: &mut Conn, valid: &[ValidEvent]) -> Result<EventId> {
     Ok(EventId(first))
 }
 
-/// The columns of an event row that [`Row`] holds.
-type EventColumns = (
-    events::id,
-    events::ts,
-    events::key_row_id,
-    events::model_id,
-    events::upstream_model_id,
-    events::request_id,
-    events::prompt_tokens,
-    events::completion_tokens,
-    events::cache_read_tokens,
-    events::cache_creation_tokens,
-    events::reasoning_tokens,
-    events::status,
-    events::latency_ms,
-    events::error,
-    events::usage_unknown,
-    events::thinking_level,
-);
-
-const EVENT_COLUMNS: EventColumns = (
-    events::id,
-    events::ts,
-    events::key_row_id,
-    events::model_id,
-    events::upstream_model_id,
-    events::request_id,
-    events::prompt_tokens,
-    events::completion_tokens,
-    events::cache_read_tokens,
-    events::cache_creation_tokens,
-    events::reasoning_tokens,
-    events::status,
-    events::latency_ms,
-    events::error,
-    events::usage_unknown,
-    events::thinking_level,
-);
-
-/// An event row as stored: its key and models by row id.
+/// An event row as stored (`events::all_columns`): its key and models by
+/// row id.
 type Row = (
     EventId,
     Timestamp,

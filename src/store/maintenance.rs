@@ -109,7 +109,7 @@ fn run(
         if stopping || last_flush.elapsed() >= flush_interval {
             last_flush = Instant::now();
             if let Err(error) = keys.last_used.flush(db) {
-                tracing::warn!(%error, "could not write last_used_at; will retry");
+                tracing::warn!(error = %error.report(), "could not write last_used_at; will retry");
             }
         }
         if stopping {
@@ -118,14 +118,12 @@ fn run(
         if last_sweep.elapsed() >= retention.sweep_interval {
             last_sweep = Instant::now();
             if let Err(error) = sweep(db, signal, retention) {
-                tracing::warn!(%error, "retention sweep failed; will retry");
+                tracing::warn!(error = %error.report(), "retention sweep failed; will retry");
             }
         }
-        let checkpointed = db
-            .connection()
-            .and_then(|mut conn| checkpoint::background_checkpoint(&mut conn, db.gate()));
+        let checkpointed = checkpoint::background_checkpoint(|| db.connection(), db.gate());
         if let Err(error) = checkpointed {
-            tracing::debug!(%error, "background checkpoint did not run");
+            tracing::debug!(error = %error.report(), "background checkpoint did not run");
         }
     }
 }

@@ -181,7 +181,9 @@ impl Drop for Store {
         match self.shutdown() {
             Ok(report) if report.checkpoint_complete => {}
             Ok(report) => tracing::warn!(?report, "store dropped; final checkpoint incomplete"),
-            Err(error) => tracing::warn!(%error, "store dropped; closing it failed"),
+            Err(error) => {
+                tracing::warn!(error = %error.report(), "store dropped; closing it failed");
+            }
         }
     }
 }

@@ -302,6 +302,8 @@ fn a_connection_opened_before_a_restore_writes_to_the_restored_database(
         1
     );
     assert_eq!(integrity(&db)?, ["ok"]);
+    // The rollback journal the restore wrote through is gone.
+    assert!(!crate::sidecar(&db, "-journal").exists());
     assert_eq!(
         count(
             &db,
@@ -317,5 +319,39 @@ fn a_connection_opened_before_a_restore_writes_to_the_restored_database(
         )?,
         0
     );
+    Ok(())
+}
+
+#[rstest]
+fn a_restore_onto_another_applications_database_is_refused_and_leaves_it_alone(
+    folder: TempDir,
+) -> TestResult {
+    let db = folder.path().join("r.db");
+    crate::raw_connection(&db)?
+        .batch_execute("CREATE TABLE theirs (x); INSERT INTO theirs VALUES (42);")?;
+    let before = std::fs::read(&db)?;
+    let backup = folder.path().join("backup.db");
+    {
+        let source = Store::open(folder.path().join("source.db"))?;
+        source.backup_to(&backup, false)?;
+        let _ = source.close()?;
+    }
+    let restore = Command::new(BIN)
+        .arg("--db")
+        .arg(&db)
+        .arg("restore")
+        .arg(&backup)
+        .env_remove("KEYTALLY_LOG")
+        .output()?;
+    assert_eq!(restore.status.code(), Some(1), "{restore:?}");
+    let message = String::from_utf8(restore.stderr)?;
+    assert!(message.contains("another application"), "{message}");
+    assert_eq!(std::fs::read(&db)?, before, "the other database changed");
+    let kept: Vec<String> = std::fs::read_dir(folder.path())?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("pre-restore") || name.contains(".tmp-"))
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
     Ok(())
 }

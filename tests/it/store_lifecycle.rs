@@ -440,3 +440,38 @@ fn a_write_inside_a_write_of_the_same_store_is_an_error_not_a_deadlock(
     assert!(store.close()?.checkpoint_complete);
     Ok(())
 }
+
+#[rstest]
+fn a_write_nested_through_another_store_back_into_the_first_is_refused(
+    folder: TempDir,
+) -> TestResult {
+    let first = Arc::new(Store::open(folder.path().join("first.db"))?);
+    let second = Arc::new(Store::open(folder.path().join("second.db"))?);
+    let (done, outcome) = std::sync::mpsc::channel();
+    let writer = {
+        let (first, second) = (Arc::clone(&first), Arc::clone(&second));
+        std::thread::spawn(move || {
+            let nested = first.sqlite_write(|_| {
+                // A write of another store inside is fine...
+                second.sqlite_write(|_| {
+                    // ...but not one of the first store again.
+                    Ok(first.keys().create(&keytally::NewKey::client("nested")))
+                })
+            });
+            let _ = done.send(nested.map(|inner| inner.map(|_| ())));
+        })
+    };
+    let outcome = outcome
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .map_err(|_| "the nested write never returned")?;
+    assert!(
+        matches!(outcome, Ok(Err(keytally::Error::NestedWrite))),
+        "{outcome:?}"
+    );
+    writer.join().map_err(|_| "the writer panicked")?;
+    for store in [first, second] {
+        let store = Arc::into_inner(store).ok_or("the store is still shared")?;
+        assert!(store.close()?.checkpoint_complete);
+    }
+    Ok(())
+}

@@ -48,9 +48,9 @@ impl Output {
     pub fn error(&self, failure: &Failure) {
         match (failure, self.json) {
             (Failure::Library(error), true) => {
-                eprintln!("{}", json!({ "error": chain(error) }))
+                eprintln!("{}", json!({ "error": error.report() }))
             }
-            (Failure::Library(error), false) => eprintln!("keytally: {}", chain(error)),
+            (Failure::Library(error), false) => eprintln!("keytally: {}", error.report()),
             (Failure::Verdict { json, .. }, true) => eprintln!("{json}"),
             (Failure::Verdict { message, .. }, false) => eprintln!("keytally: {message}"),
         }
@@ -70,17 +70,4 @@ impl Output {
         bar.enable_steady_tick(Duration::from_millis(120));
         bar
     }
-}
-
-/// An error and its sources, each after a colon: the library keeps a
-/// cause as the source rather than repeating it in the message.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

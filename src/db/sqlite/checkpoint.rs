@@ -1,6 +1,7 @@
 //! Folding the write-ahead log into the database file: the background
 //! checkpoint, the one an operator asks for, and the last one on close.
 
+use std::ops::DerefMut;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
@@ -44,14 +45,20 @@ const RESTART_LOG_FRAMES: i64 = 1_000;
 /// log would grow until a writer checkpointed it inside its own commit
 /// (`wal_autocheckpoint`). So once the log is long, the rest is copied again
 /// while this process's writers wait at the gate: the next one to begin then
-/// starts the log over.
-pub(crate) fn background_checkpoint(conn: &mut SqliteConnection, gate: &WriteGate) -> Result<()> {
-    let mut passive =
-        || diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)").get_result::<CheckpointRow>(conn);
-    let first = passive()?;
+/// starts the log over. A connection is never held while waiting at the gate
+/// (writers wait at the gate before they take one), so the two cannot wait
+/// for each other.
+pub(crate) fn background_checkpoint<C: DerefMut<Target = SqliteConnection>>(
+    connection: impl Fn() -> Result<C>,
+    gate: &WriteGate,
+) -> Result<()> {
+    let passive = |conn: &mut SqliteConnection| {
+        diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)").get_result::<CheckpointRow>(conn)
+    };
+    let first = passive(&mut *connection()?)?;
     if first.busy == 0 && first.log >= RESTART_LOG_FRAMES {
         let _turn = gate.enter()?;
-        passive()?;
+        passive(&mut *connection()?)?;
     }
     Ok(())
 }

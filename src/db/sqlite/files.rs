@@ -29,6 +29,10 @@ const HEADER_LEN: usize = 100;
 /// The suffixes SQLite appends to the database path for its sidecar files.
 pub(crate) const SIDECAR_SUFFIXES: [&str; 2] = ["-wal", "-shm"];
 
+/// The suffix of the rollback journal, which only a restore makes (it writes
+/// into the database in rollback mode).
+pub(crate) const JOURNAL_SUFFIX: &str = "-journal";
+
 /// One of the database's files, as `status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FileInfo {
@@ -339,9 +343,12 @@ fn read_header(database: &Path) -> Result<HeaderVerdict> {
     // is current (older writers leave it stale), and only while no other
     // connection can be writing: a checkpoint writes page 1 before it extends
     // the file, so a live database can look truncated for a moment. A live
-    // WAL database has its -wal or -shm beside it.
+    // WAL database has its -wal or -shm beside it; one being restored, or
+    // whose restore was interrupted, its rollback -journal, which SQLite
+    // plays back before reading anything.
     let live = SIDECAR_SUFFIXES
         .iter()
+        .chain([&JOURNAL_SUFFIX])
         .any(|suffix| sidecar(database, suffix).exists());
     if !live && valid_for == change_counter && page_count * page_size > length {
         return Err(corrupt(format!(

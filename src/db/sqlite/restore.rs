@@ -99,8 +99,21 @@ fn rename_paths(error: Error, copy: &Path, source: &Path) -> Error {
 
 /// Writes the verified `copy` into the database file, keeping the current
 /// database aside first; returns where it was kept, if there was one.
+///
+/// Another application's database is refused, untouched. A file that is not
+/// an SQLite database at all, or one SQLite finds damaged, is what a restore
+/// replaces: it is renamed aside as it is, since no process can be using
+/// it as a database.
 fn install(database: &Path, copy: &Path) -> Result<Option<PathBuf>> {
     files::prepare_database_path(database)?;
+    match files::inspect_header(database) {
+        Ok(_) => {}
+        Err(error @ (Error::NotADatabase { .. } | Error::Corrupt { .. })) => {
+            tracing::warn!(error = %error.report(), "current database is unreadable; moving it aside");
+            return install_by_rename(database, copy);
+        }
+        Err(other) => return Err(other),
+    }
     let had_content = fs::metadata(database)
         .map_err(|e| Error::io(database, e))?
         .len()
@@ -112,10 +125,8 @@ fn install(database: &Path, copy: &Path) -> Result<Option<PathBuf>> {
                 path: database.to_path_buf(),
             })
         }
-        // A file SQLite cannot read is exactly what a restore replaces; no
-        // process can have it open as a database.
-        Err(error @ (Error::Corrupt { .. } | Error::NotADatabase { .. } | Error::Io { .. })) => {
-            tracing::warn!(error = %error, "current database is unreadable; moving it aside");
+        Err(error @ (Error::Corrupt { .. } | Error::NotADatabase { .. })) => {
+            tracing::warn!(error = %error.report(), "current database is damaged; moving it aside");
             return install_by_rename(database, copy);
         }
         Err(other) => return Err(other),
@@ -134,7 +145,29 @@ fn install(database: &Path, copy: &Path) -> Result<Option<PathBuf>> {
         return Err(error);
     }
     drop(live);
+    remove_spent_journal(database);
     Ok(previous)
+}
+
+/// Removes the rollback journal a completed restore leaves: in exclusive
+/// locking mode SQLite may keep the file, emptied or with a zeroed header,
+/// rather than delete it. A journal with a live header (a restore that did
+/// not complete) is left for SQLite to play back.
+fn remove_spent_journal(database: &Path) {
+    let journal = files::sidecar(database, files::JOURNAL_SUFFIX);
+    let Ok(mut file) = File::open(&journal) else {
+        return;
+    };
+    let mut header = [0u8; 8];
+    let spent = match io::Read::read(&mut file, &mut header) {
+        Ok(0) => true,
+        Ok(_) => header.iter().all(|byte| *byte == 0),
+        Err(_) => false,
+    };
+    drop(file);
+    if spent {
+        let _ = fs::remove_file(&journal);
+    }
 }
 
 /// Opens `database` and takes SQLite's exclusive lock on it, held until the
@@ -181,7 +214,10 @@ fn keep_aside(live: &mut RawConnection, database: &Path) -> Result<PathBuf> {
 /// `copy` into its place.
 fn install_by_rename(database: &Path, copy: &Path) -> Result<Option<PathBuf>> {
     let previous = pre_restore_path(database);
-    for suffix in files::SIDECAR_SUFFIXES {
+    for suffix in files::SIDECAR_SUFFIXES
+        .iter()
+        .chain([&files::JOURNAL_SUFFIX])
+    {
         let from = files::sidecar(database, suffix);
         if from.exists() {
             let to = files::sidecar(&previous, suffix);

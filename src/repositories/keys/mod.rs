@@ -27,35 +27,6 @@ use crate::repositories::fast_hash::BuildFastHasher;
 use crate::repositories::keys::cache::KeyCache;
 use crate::repositories::keys::last_used::LastUsed;
 
-/// The columns of a [`Key`], in its fields' order.
-type KeyColumns = (
-    keys::row_id,
-    keys::id,
-    keys::display_prefix,
-    keys::tier,
-    keys::label,
-    keys::allowed_models,
-    keys::rate_limit_override,
-    keys::created_at,
-    keys::expires_at,
-    keys::revoked_at,
-    keys::last_used_at,
-);
-
-const KEY_COLUMNS: KeyColumns = (
-    keys::row_id,
-    keys::id,
-    keys::display_prefix,
-    keys::tier,
-    keys::label,
-    keys::allowed_models,
-    keys::rate_limit_override,
-    keys::created_at,
-    keys::expires_at,
-    keys::revoked_at,
-    keys::last_used_at,
-);
-
 #[derive(Insertable)]
 #[diesel(table_name = keys)]
 struct NewKeyRow<'a> {
@@ -195,7 +166,7 @@ impl<'a> Keys<'a> {
         let key = self.db.write(|conn| {
             let key: Key = diesel::insert_into(keys::table)
                 .values(&row)
-                .returning(KEY_COLUMNS)
+                .returning(keys::all_columns)
                 .get_result(conn)?;
             diesel::insert_into(key_secrets::table)
                 .values(NewSecretRow {
@@ -309,7 +280,7 @@ impl<'a> Keys<'a> {
         let limit = page_size(filter.limit)?;
         let now = Timestamp::now();
         let mut query = keys::table
-            .select(KEY_COLUMNS)
+            .select(keys::all_columns)
             .order(keys::id.asc())
             .limit(i64::from(limit))
             .into_boxed();
@@ -482,7 +453,7 @@ impl<'a> Keys<'a> {
 fn find(conn: &mut Conn, id: KeyId) -> Result<Key> {
     keys::table
         .filter(keys::id.eq(id))
-        .select(KEY_COLUMNS)
+        .select(keys::all_columns)
         .get_result(conn)
         .optional()?
         .ok_or(Error::KeyNotFound { id })
