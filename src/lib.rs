@@ -64,6 +64,8 @@ mod store;
 pub mod testing;
 
 pub use db::database::CloseReport;
+#[cfg(feature = "postgres")]
+pub use db::postgres::POSTGRES_MIGRATIONS;
 pub use db::schema;
 pub use db::sqlite::backup::BackupReport;
 pub use db::sqlite::check::CheckReport;

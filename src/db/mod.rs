@@ -7,6 +7,8 @@
 pub(crate) mod classify;
 pub(crate) mod database;
 pub(crate) mod gate;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 pub(crate) mod sql;
 pub(crate) mod sqlite;
 mod types;

@@ -11,6 +11,7 @@ mod hostile_files;
 mod hostile_input;
 mod keys;
 mod operator_cli;
+mod postgres_schema;
 mod restore_race;
 mod schema_details;
 mod secrets;

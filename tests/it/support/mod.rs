@@ -5,5 +5,6 @@
 pub mod binary;
 pub mod crash_writer;
 pub mod files;
+pub mod postgres;
 pub mod random;
 pub mod tmpfs;

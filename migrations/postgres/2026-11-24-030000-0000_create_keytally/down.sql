@@ -1,0 +1,13 @@
+DROP TRIGGER key_secrets_change_counts_as_a_key_change ON key_secrets;
+DROP TRIGGER keys_update_counts_as_a_key_change ON keys;
+DROP FUNCTION keytally_count_key_change();
+DROP TRIGGER keys_keep_their_identity ON keys;
+DROP FUNCTION keytally_refuse_key_change();
+DROP TABLE usage_model_hourly;
+DROP TABLE usage_key_hourly;
+DROP TABLE sequences;
+DROP SEQUENCE event_ids;
+DROP TABLE events;
+DROP TABLE models;
+DROP TABLE key_secrets;
+DROP TABLE keys;

@@ -1,0 +1,232 @@
+//! A real PostgreSQL server for the tests: the one `KEYTALLY_TEST_POSTGRES`
+//! names (a URL whose database the tests may create others beside), or else
+//! a throwaway cluster started from the installed binaries
+//! (`/usr/lib/postgresql/*/bin`) in a temporary folder: a Unix socket in that
+//! folder only, trust authentication, stopped and removed when the test
+//! process exits. As root, `initdb` and `pg_ctl` run as the `postgres` user,
+//! since `initdb` refuses root. Each test gets a database of its own.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use diesel::{Connection, PgConnection, RunQueryDsl};
+
+/// The server every test of this process shares.
+pub struct Server {
+    /// The URL with `{database}` where the database name goes.
+    template: String,
+}
+
+static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+
+/// What the exit handler needs to stop the cluster this process started.
+static STARTED: Mutex<Option<Cluster>> = Mutex::new(None);
+
+struct Cluster {
+    bin: PathBuf,
+    folder: PathBuf,
+    as_postgres: bool,
+}
+
+/// The shared server, started on first use.
+///
+/// # Errors
+///
+/// Why no server could be had: no PostgreSQL binaries, or the cluster did
+/// not start (its log is in the message).
+pub fn server() -> Result<&'static Server, String> {
+    SERVER
+        .get_or_init(|| match std::env::var("KEYTALLY_TEST_POSTGRES") {
+            Ok(url) if !url.is_empty() => Ok(Server {
+                template: with_database_placeholder(&url),
+            }),
+            _ => start(),
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+impl Server {
+    /// Creates a new, empty database and returns its URL.
+    ///
+    /// # Errors
+    ///
+    /// If the server refuses the connection or the `CREATE DATABASE`.
+    pub fn fresh_database(&self) -> Result<String, Box<dyn std::error::Error>> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "keytally_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut admin = PgConnection::establish(&self.url("postgres"))?;
+        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin)?;
+        Ok(self.url(&name))
+    }
+
+    fn url(&self, database: &str) -> String {
+        self.template.replace("{database}", database)
+    }
+}
+
+/// `postgres://user@host/db?params` as a template with the database name
+/// replaced by `{database}`.
+fn with_database_placeholder(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |index| index + 3);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |index| scheme_end + index);
+    format!("{}/{{database}}{query}", &base[..host_end])
+}
+
+fn start() -> Result<Server, String> {
+    let bin = installed_binaries()?;
+    // SAFETY: geteuid(2) has no preconditions.
+    let as_postgres = unsafe { libc::geteuid() } == 0;
+    let folder = std::env::temp_dir().join(format!("keytally-pg-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+    if as_postgres {
+        run(
+            &bin,
+            false,
+            "chown",
+            &["postgres:postgres", path_str(&folder)?],
+        )?;
+    }
+    let data = folder.join("data");
+    run(
+        &bin,
+        as_postgres,
+        "initdb",
+        &[
+            "-D",
+            path_str(&data)?,
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+    )?;
+    *STARTED.lock().unwrap_or_else(PoisonError::into_inner) = Some(Cluster {
+        bin: bin.clone(),
+        folder: folder.clone(),
+        as_postgres,
+    });
+    // SAFETY: `stop_cluster` is an `extern "C" fn()` that does not unwind.
+    unsafe { libc::atexit(stop_cluster) };
+    let options = format!(
+        "-c listen_addresses='' -c unix_socket_directories='{}' -c fsync=off \
+         -c max_connections=200",
+        path_str(&folder)?
+    );
+    let log = folder.join("server.log");
+    let started = run(
+        &bin,
+        as_postgres,
+        "pg_ctl",
+        &[
+            "-D",
+            path_str(&data)?,
+            "-l",
+            path_str(&log)?,
+            "-o",
+            &options,
+            "-w",
+            "start",
+        ],
+    );
+    if let Err(error) = started {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        return Err(format!("{error}\n{log}"));
+    }
+    Ok(Server {
+        template: format!(
+            "postgres://postgres@/{{database}}?host={}",
+            path_str(&folder)?
+        ),
+    })
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin` that has `initdb`.
+fn installed_binaries() -> Result<PathBuf, String> {
+    let root = Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(root)
+        .map_err(|e| format!("no PostgreSQL binaries in {}: {e}", root.display()))?
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let version = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .ok_or_else(|| format!("no initdb under {}", root.display()))
+}
+
+/// Runs `program` (from `bin`, or from the PATH for `chown`), as the
+/// `postgres` user when `as_postgres`.
+fn run(bin: &Path, as_postgres: bool, program: &str, args: &[&str]) -> Result<(), String> {
+    let path = if program == "chown" {
+        PathBuf::from(program)
+    } else {
+        bin.join(program)
+    };
+    let mut command = if as_postgres {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(&path);
+        command
+    } else {
+        Command::new(&path)
+    };
+    let output = command
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+fn path_str(path: &Path) -> Result<&str, String> {
+    path.to_str()
+        .ok_or_else(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// Stops the cluster this process started and removes its folder: run when
+/// the test process exits.
+extern "C" fn stop_cluster() {
+    let cluster = STARTED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(cluster) = cluster {
+        let data = cluster.folder.join("data");
+        if let Some(data) = data.to_str() {
+            let _ = run(
+                &cluster.bin,
+                cluster.as_postgres,
+                "pg_ctl",
+                &["-D", data, "-m", "immediate", "-w", "stop"],
+            );
+        }
+        let _ = std::fs::remove_dir_all(&cluster.folder);
+    }
+}
