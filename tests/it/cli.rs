@@ -12,8 +12,10 @@ use crate::support::binary::{json_of, keytally, keytally_with_umask, path_arg, B
 use crate::{mode_of, sidecar, TestResult};
 
 #[rstest]
-fn status_creates_a_private_database_under_umask_000(folder: TempDir) -> TestResult {
+fn migrate_creates_a_private_database_under_umask_000(folder: TempDir) -> TestResult {
     let path = folder.path().join("data").join("keytally.db");
+    let created = keytally_with_umask("000", &["--db", path_arg(&path)?, "migrate"])?;
+    assert!(created.status.success(), "{created:?}");
     let output = keytally_with_umask("000", &["--db", path_arg(&path)?, "--json", "status"])?;
     assert!(output.status.success(), "{output:?}");
     let status = json_of(&output)?;
@@ -44,6 +46,9 @@ fn status_creates_a_private_database_under_umask_000(folder: TempDir) -> TestRes
 #[rstest]
 fn status_text_names_the_settings(folder: TempDir) -> TestResult {
     let path = folder.path().join("keytally.db");
+    assert!(keytally(&["--db", path_arg(&path)?, "migrate"])?
+        .status
+        .success());
     let output = keytally(&["--db", path_arg(&path)?, "status"])?;
     assert!(output.status.success(), "{output:?}");
     let text = String::from_utf8(output.stdout)?;
@@ -55,6 +60,11 @@ fn status_text_names_the_settings(folder: TempDir) -> TestResult {
 #[rstest]
 fn keytally_db_environment_variable_sets_the_path(folder: TempDir) -> TestResult {
     let path = folder.path().join("from-env.db");
+    let created = Command::new(BIN)
+        .arg("migrate")
+        .env("KEYTALLY_DB", &path)
+        .output()?;
+    assert!(created.status.success(), "{created:?}");
     let output = Command::new(BIN)
         .args(["--json", "status"])
         .env("KEYTALLY_DB", &path)
@@ -67,6 +77,12 @@ fn keytally_db_environment_variable_sets_the_path(folder: TempDir) -> TestResult
 
 #[rstest]
 fn default_path_follows_xdg_data_home(folder: TempDir) -> TestResult {
+    let created = Command::new(BIN)
+        .arg("migrate")
+        .env_remove("KEYTALLY_DB")
+        .env("XDG_DATA_HOME", folder.path())
+        .output()?;
+    assert!(created.status.success(), "{created:?}");
     let output = Command::new(BIN)
         .args(["--json", "status"])
         .env_remove("KEYTALLY_DB")
@@ -102,7 +118,7 @@ fn migrate_lists_what_it_applied_then_nothing(folder: TempDir) -> TestResult {
 #[rstest]
 fn wider_mode_is_tightened_with_a_warning(folder: TempDir) -> TestResult {
     let path = folder.path().join("keytally.db");
-    assert!(keytally(&["--db", path_arg(&path)?, "status"])?
+    assert!(keytally(&["--db", path_arg(&path)?, "migrate"])?
         .status
         .success());
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664))?;

@@ -2,6 +2,7 @@
 
 mod architecture;
 mod backup;
+mod bad_conditions;
 mod cli;
 mod contention;
 mod crash;

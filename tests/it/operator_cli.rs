@@ -265,6 +265,7 @@ fn check_checkpoint_and_dry_run(folder: TempDir) -> TestResult {
         Some(keytally::known_versions()?.len())
     );
     assert!(!db.exists(), "a dry run created the database");
+    assert!(run(&db, &["migrate"], "")?.status.success());
     let check = run(&db, &["check"], "")?;
     assert!(check.status.success(), "{check:?}");
     assert!(json_of(&check)?["problems"]
@@ -559,6 +560,7 @@ fn closed_choices_are_usage_errors_that_list_the_valid_values(folder: TempDir) -
 #[rstest]
 fn event_queries_refuse_bad_arguments(folder: TempDir) -> TestResult {
     let db = database(&folder);
+    assert!(run(&db, &["migrate"], "")?.status.success());
     let bad_key = run(&db, &["events", "list", "--key", "not-a-uuid"], "")?;
     assert_eq!(bad_key.status.code(), Some(1));
     assert!(String::from_utf8(bad_key.stderr)?.contains("not a UUID"));

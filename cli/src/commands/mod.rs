@@ -7,11 +7,11 @@ mod ops;
 mod output;
 mod parse;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use output::Output;
 
-use crate::{Cli, Command};
+use crate::{Cli, Command, EventsCommand, KeysCommand};
 
 /// Why a command failed: a library error, or a verdict the command reports
 /// (a rejected secret, a failed check).
@@ -78,6 +78,9 @@ pub fn run(cli: &Cli, db_on_command_line: bool, out: &Output) -> CliResult {
         Command::Restore { src } => return ops::restore(&path, src, out),
         _ => {}
     }
+    if only_reads(&cli.command) {
+        refuse_missing(&path)?;
+    }
     let store = keytally::Store::open(&path)?;
     let outcome = match &cli.command {
         Command::Status => ops::status(&store, out),
@@ -91,6 +94,41 @@ pub fn run(cli: &Cli, db_on_command_line: bool, out: &Output) -> CliResult {
         Command::Restore { .. } => Ok(()),
     };
     close(store, outcome)
+}
+
+/// Whether the command only reads or copies the database: such a command on
+/// a path with no database is a typo, never a request to create one.
+fn only_reads(command: &Command) -> bool {
+    match command {
+        Command::Status | Command::Check | Command::Backup { .. } => true,
+        Command::Keys(keys) => matches!(
+            keys,
+            KeysCommand::List { .. } | KeysCommand::Show { .. } | KeysCommand::Resolve
+        ),
+        Command::Events(events) => matches!(
+            events,
+            EventsCommand::List { .. } | EventsCommand::Usage { .. }
+        ),
+        _ => false,
+    }
+}
+
+/// Refuses a database path where nothing is: a command that only reads
+/// would otherwise create an empty database there and report it empty.
+fn refuse_missing(path: &Path) -> CliResult {
+    match std::fs::symlink_metadata(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Err(Failure::Verdict {
+            message: format!(
+                "no database at {}; check --db or KEYTALLY_DB (keytally migrate creates one)",
+                path.display()
+            ),
+            json: serde_json::json!({
+                "error": "no database",
+                "path": path.display().to_string(),
+            }),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Closes the store with its final checkpoint, keeping the command's

@@ -12,9 +12,20 @@ use super::{close, CliResult, Failure, Output};
 
 pub fn status(store: &Store, out: &Output) -> CliResult {
     let status = store.status()?;
-    out.print(&status, || {
+    // Opening the store applied any migration this database lacked: say so.
+    let migrated = store.applied_at_open();
+    let mut value = json!(status);
+    value["migrated_now"] = json!(migrated);
+    out.print(&value, || {
+        let list = |items: &[String]| {
+            if items.is_empty() {
+                "(none)".to_owned()
+            } else {
+                items.join(", ")
+            }
+        };
         let mut text = format!(
-            "path:               {}\nsqlite_version:     {}\njournal_mode:       {}\nsynchronous:        {}\nforeign_keys:       {}\napplication_id:     {:#010x}\nuser_version:       {}\nschema_version:     {}\npending_migrations: {}\nfiles:\n",
+            "path:               {}\nsqlite_version:     {}\njournal_mode:       {}\nsynchronous:        {}\nforeign_keys:       {}\napplication_id:     {:#010x}\nuser_version:       {}\nschema_version:     {}\nmigrated now:       {}\npending_migrations: {}\nfiles:\n",
             status.path.display(),
             status.sqlite_version,
             status.journal_mode,
@@ -23,11 +34,8 @@ pub fn status(store: &Store, out: &Output) -> CliResult {
             status.application_id,
             status.user_version,
             status.schema_version.as_deref().unwrap_or("(none)"),
-            if status.pending_migrations.is_empty() {
-                "(none)".to_owned()
-            } else {
-                status.pending_migrations.join(", ")
-            }
+            list(migrated),
+            list(&status.pending_migrations),
         );
         for file in &status.files {
             text.push_str(&format!("  {}  {}  {} bytes\n", file.mode, file.name, file.bytes));
@@ -80,7 +88,7 @@ pub fn check(store: &Store, out: &Output) -> CliResult {
         return Ok(());
     }
     if out.json() {
-        println!("{}", json!(report));
+        super::output::write_stdout(&json!(report).to_string());
     }
     Err(Failure::Verdict {
         message: format!("check found problems:\n  {}", report.problems.join("\n  ")),

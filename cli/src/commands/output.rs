@@ -1,7 +1,7 @@
 //! Printing: text for people, one JSON value for programs, errors on stderr,
 //! and progress bars only on a terminal.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -31,16 +31,11 @@ impl Output {
     pub fn print<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) {
         if self.json {
             match serde_json::to_string(value) {
-                Ok(line) => println!("{line}"),
+                Ok(line) => write_stdout(&line),
                 Err(error) => eprintln!("keytally: cannot print JSON: {error}"),
             }
         } else {
-            let text = text();
-            if text.ends_with('\n') {
-                print!("{text}");
-            } else {
-                println!("{text}");
-            }
+            write_stdout(&text());
         }
     }
 
@@ -69,5 +64,23 @@ impl Output {
         }
         bar.enable_steady_tick(Duration::from_millis(120));
         bar
+    }
+}
+
+/// Writes `text` and a final newline to stdout. A reader that went away
+/// (`keytally events list | head -1`) ends the output quietly, as it does
+/// for other Unix tools: the command still finishes and closes the
+/// database.
+pub fn write_stdout(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let newline = if text.ends_with('\n') { "" } else { "\n" };
+    let written = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.write_all(newline.as_bytes()))
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(error) => eprintln!("keytally: cannot write the output: {error}"),
     }
 }

@@ -44,11 +44,17 @@ pub fn run(db: &Path, args: &[&str], input: &str) -> Result<Output, Box<dyn std:
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    child
+    let written = child
         .stdin
         .take()
         .ok_or("no stdin")?
-        .write_all(input.as_bytes())?;
+        .write_all(input.as_bytes());
+    match written {
+        // A command that ends without reading its input (a refusal) closes
+        // the pipe first.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other?,
+    }
     Ok(child.wait_with_output()?)
 }
 

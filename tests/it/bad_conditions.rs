@@ -1,0 +1,134 @@
+//! The operator's tool under bad conditions: a typo in the database path,
+//! a reader that goes away, an older schema.
+
+use std::path::Path;
+use std::process::Command;
+
+use diesel::Connection;
+use diesel_migrations::MigrationHarness;
+use keytally::testing::folder;
+use keytally::{NewEvent, Store, Timestamp};
+use rstest::rstest;
+use tempfile::TempDir;
+
+use crate::support::binary::{json_of, path_arg, run, stderr_json, BIN};
+use crate::TestResult;
+
+#[rstest]
+fn commands_that_only_read_refuse_a_missing_database_and_create_nothing(
+    folder: TempDir,
+) -> TestResult {
+    let typo = folder.path().join("srv").join("keytaly.db");
+    let backup = folder.path().join("nightly.db");
+    let key = "0190f0f0-0000-7000-8000-000000000000";
+    let commands: [&[&str]; 8] = [
+        &["status"],
+        &["check"],
+        &["keys", "list"],
+        &["keys", "show", key],
+        &["keys", "resolve"],
+        &["events", "list"],
+        &["events", "usage", "--since", "1d"],
+        &["backup", path_arg(&backup)?],
+    ];
+    for args in commands {
+        let output = run(&typo, args, "kt_whatever\n")?;
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {output:?}");
+        let error = stderr_json(&output)?;
+        assert_eq!(error["error"], "no database", "{args:?}: {error}");
+        assert_eq!(error["path"], path_arg(&typo)?);
+        assert!(!typo.exists(), "{args:?} created the database");
+        assert!(
+            !typo.parent().is_some_and(Path::exists),
+            "{args:?} created the folder"
+        );
+        assert!(!backup.exists(), "{args:?} wrote a backup");
+    }
+    // migrate creates it, and then they work.
+    assert!(run(&typo, &["migrate"], "")?.status.success());
+    for args in commands {
+        if args[0] == "keys" && args.len() > 1 && (args[1] == "show" || args[1] == "resolve") {
+            continue;
+        }
+        let output = run(&typo, args, "")?;
+        assert!(output.status.success(), "{args:?}: {output:?}");
+    }
+    assert!(backup.exists());
+    Ok(())
+}
+
+#[rstest]
+fn a_reader_that_goes_away_ends_the_output_quietly(folder: TempDir) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    {
+        let store = Store::open(&db)?;
+        let events: Vec<NewEvent> = (0..5_000)
+            .map(|n| -> keytally::Result<NewEvent> {
+                let mut event =
+                    NewEvent::new(Timestamp::from_millis(1_790_000_000_000 + n)?, "gpt-4o");
+                event.request_id = Some(format!("request-{n}"));
+                Ok(event)
+            })
+            .collect::<keytally::Result<_>>()?;
+        store.events().record_batch(&events)?;
+        let _ = store.close()?;
+    }
+    // More output than a pipe holds, so the writer meets the closed pipe.
+    for format in ["--json", "--db"] {
+        let json = format == "--json";
+        let script = format!(
+            "\"$0\" --db \"$1\" {} events list --limit 5000 2>\"$2\" | head -c 10 >/dev/null; \
+             echo \"${{PIPESTATUS[0]}}\"",
+            if json { "--json" } else { "" }
+        );
+        let stderr_file = folder.path().join("stderr.txt");
+        let output = Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .arg(BIN)
+            .arg(&db)
+            .arg(&stderr_file)
+            .env_remove("KEYTALLY_LOG")
+            .output()?;
+        let status = String::from_utf8(output.stdout)?;
+        let stderr = std::fs::read_to_string(&stderr_file)?;
+        assert_eq!(
+            status.trim(),
+            "0",
+            "json {json}: exit {status}, stderr {stderr}"
+        );
+        assert!(stderr.is_empty(), "json {json}: {stderr}");
+    }
+    // The database was closed properly: no log left behind.
+    assert!(!crate::sidecar(&db, "-wal").exists());
+    Ok(())
+}
+
+#[rstest]
+fn status_on_an_older_schema_says_what_it_migrated(folder: TempDir) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    let _ = Store::open(&db)?.close()?;
+    let newest = {
+        let mut conn = diesel::SqliteConnection::establish(path_arg(&db)?)?;
+        conn.revert_last_migration(keytally::MIGRATIONS)
+            .map_err(|e| e.to_string())?
+            .to_string()
+    };
+    let status = run(&db, &["status"], "")?;
+    assert!(status.status.success(), "{status:?}");
+    let report = json_of(&status)?;
+    let migrated = report["migrated_now"].as_array().ok_or("no migrated_now")?;
+    assert_eq!(migrated.len(), 1, "{report}");
+    assert!(
+        // The name is the folder's ("2026-11-24-014526-0000_…"), the
+        // version its digits.
+        migrated[0]
+            .as_str()
+            .is_some_and(|name| name.replace('-', "").starts_with(&newest)),
+        "{report}"
+    );
+    // A second look has nothing left to migrate.
+    let again = json_of(&run(&db, &["status"], "")?)?;
+    assert_eq!(again["migrated_now"], serde_json::json!([]));
+    Ok(())
+}
