@@ -132,3 +132,62 @@ fn status_on_an_older_schema_says_what_it_migrated(folder: TempDir) -> TestResul
     assert_eq!(again["migrated_now"], serde_json::json!([]));
     Ok(())
 }
+
+#[rstest]
+fn a_backup_or_restore_refuses_the_databases_own_files(folder: TempDir) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    {
+        let store = Store::open(&db)?;
+        store.keys().create(&keytally::NewKey::client("kept"))?;
+        let _ = store.close()?;
+    }
+    let before = std::fs::read(&db)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let own = crate::sidecar(&db, suffix);
+        let backup = run(&db, &["backup", "--force", path_arg(&own)?], "")?;
+        assert_eq!(backup.status.code(), Some(1), "{suffix}: {backup:?}");
+        let message = stderr_json(&backup)?["error"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(
+            message.contains("it is the database"),
+            "{suffix}: {message}"
+        );
+        let restore = run(&db, &["restore", path_arg(&own)?], "")?;
+        assert_eq!(restore.status.code(), Some(1), "{suffix}: {restore:?}");
+    }
+    assert_eq!(std::fs::read(&db)?, before, "the database changed");
+    let listed = json_of(&run(&db, &["keys", "list"], "")?)?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    Ok(())
+}
+
+#[rstest]
+fn a_backup_removes_what_a_killed_backup_left_and_nothing_of_a_live_one(
+    folder: TempDir,
+) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    let _ = Store::open(&db)?.close()?;
+    // A process that has ended: its id is free.
+    let mut ended = Command::new("true").spawn()?;
+    let dead_pid = ended.id();
+    ended.wait()?;
+    let dead = folder
+        .path()
+        .join(format!(".nightly.db.tmp-{dead_pid}-1-0"));
+    std::fs::write(&dead, vec![0u8; 4096])?;
+    std::fs::write(crate::sidecar(&dead, "-journal"), b"left over")?;
+    let live = folder
+        .path()
+        .join(format!(".nightly.db.tmp-{}-1-0", std::process::id()));
+    std::fs::write(&live, b"in use")?;
+    let dest = folder.path().join("nightly.db");
+    let backup = run(&db, &["backup", path_arg(&dest)?], "")?;
+    assert!(backup.status.success(), "{backup:?}");
+    assert!(!dead.exists(), "the killed backup's file is still there");
+    assert!(!crate::sidecar(&dead, "-journal").exists());
+    assert!(live.exists(), "a live process's file was removed");
+    assert!(dest.exists());
+    Ok(())
+}

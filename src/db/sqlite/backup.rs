@@ -53,13 +53,15 @@ pub(crate) struct TempFile {
 }
 
 impl TempFile {
-    /// Creates an empty file with mode 0600 beside `target`.
+    /// Creates an empty file with mode 0600 beside `target`, after removing
+    /// what earlier runs that died (killed, or out of power) left there.
     pub(crate) fn beside(target: &Path) -> Result<TempFile> {
         let folder = parent_of(target);
         let name = target
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_else(|| "keytally".to_owned());
+        remove_left_by_dead_runs(&folder, &name);
         for attempt in 0..100u32 {
             let path = folder.join(format!(
                 ".{name}.tmp-{}-{}-{attempt}",
@@ -95,11 +97,56 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         if !self.keep {
-            for path in files::database_files(&self.path) {
-                let _ = fs::remove_file(path);
-            }
+            remove_with_sidecars(&self.path);
         }
     }
+}
+
+/// Removes a temporary database and whatever SQLite made beside it.
+fn remove_with_sidecars(path: &Path) {
+    for file in files::database_files(path) {
+        let _ = fs::remove_file(file);
+    }
+    let _ = fs::remove_file(files::sidecar(path, files::JOURNAL_SUFFIX));
+}
+
+/// Removes the temporary files `.NAME.tmp-PID-…` in `folder` whose process
+/// no longer runs: a backup or restore that was killed cannot clean up after
+/// itself, so the next one does. Files of a process that still runs are
+/// left alone.
+fn remove_left_by_dead_runs(folder: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = fs::read_dir(folder) else {
+        return;
+    };
+    for entry in entries.filter_map(|entry| entry.ok()) {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file_name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Only the temporary database itself; its sidecars go with it.
+        if rest.ends_with("-wal") || rest.ends_with("-shm") || rest.ends_with("-journal") {
+            continue;
+        }
+        if pid > 0 && !process_runs(pid) {
+            tracing::info!(file = %entry.path().display(), "removing what a dead backup left");
+            remove_with_sidecars(&entry.path());
+        }
+    }
+}
+
+/// Whether a process with this id runs (or exists but is not ours).
+fn process_runs(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 sends nothing; it only checks the pid.
+    let result = unsafe { libc::kill(pid, 0) };
+    result == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 pub(crate) fn parent_of(path: &Path) -> PathBuf {
@@ -205,14 +252,10 @@ pub(crate) fn write_backup(
 }
 
 fn check_destination(database: &Path, destination: &Path, replace: bool) -> Result<()> {
-    let same = match (fs::canonicalize(database), fs::canonicalize(destination)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same {
+    if let Some(which) = own_file(database, destination) {
         return Err(Error::InvalidInput {
             field: "destination",
-            reason: "it is the database itself".to_owned(),
+            reason: format!("it is {which}"),
         });
     }
     match fs::symlink_metadata(destination) {
@@ -253,4 +296,31 @@ fn check_destination(database: &Path, destination: &Path, replace: bool) -> Resu
         }
         Err(e) => Err(Error::io(destination, e)),
     }
+}
+
+/// Whether `path` is the database at `database` or one of SQLite's files
+/// beside it (`-wal`, `-shm`, `-journal`), whether or not that file exists
+/// now: which one, if so.
+pub(crate) fn own_file(database: &Path, path: &Path) -> Option<&'static str> {
+    let canonical = |path: &Path| -> Option<PathBuf> {
+        let folder = fs::canonicalize(parent_of(path)).ok()?;
+        Some(folder.join(path.file_name()?))
+    };
+    let (database, path) = (canonical(database)?, canonical(path)?);
+    if path == database {
+        return Some("the database itself");
+    }
+    for (suffix, which) in [
+        (files::SIDECAR_SUFFIXES[0], "the database's write-ahead log"),
+        (
+            files::SIDECAR_SUFFIXES[1],
+            "the database's shared-memory file",
+        ),
+        (files::JOURNAL_SUFFIX, "the database's rollback journal"),
+    ] {
+        if path == files::sidecar(&database, suffix) {
+            return Some(which);
+        }
+    }
+    None
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::db::sqlite::backup::{fsync_folder, parent_of, verify_copy, TempFile};
+use crate::db::sqlite::backup::{fsync_folder, own_file, parent_of, verify_copy, TempFile};
 use crate::db::sqlite::files::{self, FILE_MODE};
 use crate::db::sqlite::online_backup::RawConnection;
 use crate::error::{Error, Result};
@@ -36,6 +36,12 @@ pub struct RestoreReport {
 /// the file meanwhile waits on the lock and then reads the restored
 /// database: the file is never swapped under it.
 pub(crate) fn install_backup(database: &Path, source: &Path) -> Result<Option<PathBuf>> {
+    if let Some(which) = own_file(database, source) {
+        return Err(Error::InvalidInput {
+            field: "source",
+            reason: format!("it is {which}; restore from a backup"),
+        });
+    }
     if fs::symlink_metadata(database).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(Error::Symlink {
             path: database.to_path_buf(),
