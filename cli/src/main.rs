@@ -242,10 +242,12 @@ impl Grouping {
 }
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(error) => error.exit(),
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches).map(|cli| (cli, matches)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
+        Err(error) => return usage_error(&error),
     };
     // Only a path typed on the command line sends `demo` to a real database.
     let db_on_command_line = matches.value_source("db") == Some(ValueSource::CommandLine);
@@ -258,4 +260,51 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Reports a usage error (or prints `--help`/`--version`): as clap renders
+/// it, but with anything that looks like a secret replaced, since a secret
+/// typed as an argument by mistake must not be echoed to the terminal or a
+/// log; as `{"error": …}` on stderr with `--json`. Exits 2 for an error.
+fn usage_error(error: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let informational = matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    );
+    if informational {
+        let _ = error.print();
+        return ExitCode::SUCCESS;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut text = error.render().to_string();
+    for arg in &args {
+        if looks_like_a_secret(arg) {
+            text = text.replace(arg.as_str(), "<secret not shown>");
+        }
+    }
+    if args.iter().any(|arg| looks_like_a_secret(arg)) {
+        text.push_str(
+            "\nkeytally never takes a secret as an argument (the shell history and the process \
+             list would keep it): pipe it on stdin, as in `keytally keys resolve < secret.txt`\n",
+        );
+    }
+    if args.iter().any(|arg| arg == "--json") {
+        let message = text.trim().trim_start_matches("error: ").to_owned();
+        eprintln!("{}", serde_json::json!({ "error": message, "usage": true }));
+    } else {
+        eprint!("{text}");
+    }
+    ExitCode::from(2)
+}
+
+/// Whether an argument has the shape of a keytally secret: the default
+/// prefix and a long run of letters and digits.
+fn looks_like_a_secret(arg: &str) -> bool {
+    let candidate = arg.split_once('=').map_or(arg, |(_, value)| value);
+    candidate
+        .strip_prefix(keytally::DEFAULT_SECRET_PREFIX)
+        .is_some_and(|body| {
+            body.len() >= 20 && body.bytes().all(|byte| byte.is_ascii_alphanumeric())
+        })
 }

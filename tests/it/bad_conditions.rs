@@ -191,3 +191,112 @@ fn a_backup_removes_what_a_killed_backup_left_and_nothing_of_a_live_one(
     assert!(dest.exists());
     Ok(())
 }
+
+#[rstest]
+fn a_secret_given_as_an_argument_is_refused_without_being_shown(folder: TempDir) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    assert!(run(&db, &["migrate"], "")?.status.success());
+    let created = json_of(&run(&db, &["keys", "create", "--label", "x"], "")?)?;
+    let secret = created["secret"].as_str().ok_or("no secret")?.to_owned();
+    for json in [false, true] {
+        let mut command = Command::new(BIN);
+        command.arg("--db").arg(&db);
+        if json {
+            command.arg("--json");
+        }
+        let output = command
+            .args(["keys", "resolve", &secret])
+            .env_remove("KEYTALLY_LOG")
+            .output()?;
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+        let stderr = String::from_utf8(output.stderr)?;
+        let stdout = String::from_utf8(output.stdout)?;
+        assert!(!stderr.contains(&secret[3..]), "json {json}: {stderr}");
+        assert!(!stdout.contains(&secret[3..]), "json {json}: {stdout}");
+        assert!(stderr.contains("stdin"), "json {json}: {stderr}");
+        if json {
+            let error: serde_json::Value = serde_json::from_str(stderr.trim())?;
+            assert_eq!(error["usage"], true);
+        }
+    }
+    Ok(())
+}
+
+#[rstest]
+fn resolve_on_a_terminal_prompts_without_echoing_the_secret(folder: TempDir) -> TestResult {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let db = folder.path().join("keytally.db");
+    assert!(run(&db, &["migrate"], "")?.status.success());
+    let created = json_of(&run(&db, &["keys", "create", "--label", "x"], "")?)?;
+    let secret = created["secret"].as_str().ok_or("no secret")?.to_owned();
+    let id = created["key"]["id"].as_str().ok_or("no id")?.to_owned();
+    // `script` runs the command on a pseudo-terminal and copies what the
+    // terminal shows (echoed input included) to its stdout.
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!("'{BIN}' --db '{}' keys resolve", path_arg(&db)?))
+        .arg("/dev/null")
+        .env_remove("KEYTALLY_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut terminal = child.stdout.take().ok_or("no stdout")?;
+    let (shown, seen) = std::sync::mpsc::channel::<Vec<u8>>();
+    let reader = std::thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = terminal.read(&mut buffer) {
+            if n == 0 || shown.send(buffer[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    // Type the secret once the prompt is on the screen, so that echo (if it
+    // were on) would show it.
+    let mut screen = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !String::from_utf8_lossy(&screen).contains("secret") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match seen.recv_timeout(left) {
+            Ok(bytes) => screen.extend(bytes),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&screen).contains("secret"),
+        "no prompt: {}",
+        String::from_utf8_lossy(&screen)
+    );
+    let mut input = child.stdin.take().ok_or("no stdin")?;
+    input.write_all(format!("{secret}\n").as_bytes())?;
+    input.flush()?;
+    // A bounded wait: a resolve that waits for more input fails the test
+    // instead of hanging it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill()?;
+            child.wait()?;
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    drop(input);
+    reader.join().map_err(|_| "the reader panicked")?;
+    while let Ok(bytes) = seen.try_recv() {
+        screen.extend(bytes);
+    }
+    let screen = String::from_utf8_lossy(&screen);
+    let status = status.ok_or_else(|| format!("resolve did not finish: {screen}"))?;
+    assert!(status.success(), "{screen}");
+    assert!(screen.contains(&id), "{screen}");
+    assert!(
+        !screen.contains(&secret[3..]),
+        "the secret was echoed: {screen}"
+    );
+    Ok(())
+}

@@ -106,14 +106,10 @@ pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
         }
         KeysCommand::Resolve => {
             // From stdin, never argv, where `ps` would show it.
-            let mut input = String::new();
-            std::io::stdin()
-                .take(4096)
-                .read_to_string(&mut input)
-                .map_err(|source| keytally::Error::Io {
-                    path: "(stdin)".into(),
-                    source,
-                })?;
+            let input = read_secret().map_err(|source| keytally::Error::Io {
+                path: "(stdin)".into(),
+                source,
+            })?;
             let secret = input.lines().next().unwrap_or("").trim();
             match store.keys().resolve(secret)? {
                 Ok(key) => {
@@ -178,4 +174,54 @@ fn key_text(key: &Key) -> String {
         or_none(key.revoked_at),
         or_none(key.last_used_at),
     )
+}
+
+/// The secret to resolve: typed at a prompt that does not echo it when
+/// stdin is a terminal, else the first line of stdin (at most 4 KiB read).
+fn read_secret() -> std::io::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    let mut input = String::new();
+    if std::io::stdin().is_terminal() {
+        // Echo goes off before the prompt shows, so nothing typed after
+        // the prompt appears can be echoed.
+        let _hidden = EchoOff::on_stdin()?;
+        eprint!("secret (not shown): ");
+        std::io::stdin().lock().take(4096).read_line(&mut input)?;
+        return Ok(input);
+    }
+    std::io::stdin().take(4096).read_to_string(&mut input)?;
+    Ok(input)
+}
+
+/// The terminal on stdin with echo off (but the final newline shown) until
+/// dropped.
+struct EchoOff {
+    original: libc::termios,
+}
+
+impl EchoOff {
+    fn on_stdin() -> std::io::Result<EchoOff> {
+        let mut original = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: stdin is an open terminal; tcgetattr fills the struct.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, original.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: tcgetattr succeeded, so the struct is initialised.
+        let original = unsafe { original.assume_init() };
+        let mut hidden = original;
+        hidden.c_lflag &= !libc::ECHO;
+        hidden.c_lflag |= libc::ECHONL;
+        // SAFETY: stdin is an open terminal and `hidden` a valid termios.
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &hidden) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(EchoOff { original })
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read from the same terminal.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.original) };
+    }
 }
