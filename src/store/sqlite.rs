@@ -122,15 +122,26 @@ impl Store {
     }
 
     /// Runs `integrity_check` and `foreign_key_check` and checks the
-    /// application id, the schema version and the files' modes. Problems are
-    /// reported, not returned as errors.
+    /// application id, the schema version and the files' modes, including
+    /// any this store tightened when it opened. Problems are reported, not
+    /// returned as errors.
     ///
     /// # Errors
     ///
     /// The store's errors if the checks themselves cannot run.
     pub fn check(&self) -> Result<CheckReport> {
         let mut conn = self.db.connection()?;
-        check::check(&mut conn, self.path())
+        let mut report = check::check(&mut conn, self.path())?;
+        // Opening the store already tightened what was too wide: that is
+        // still a finding.
+        for file in self.tightened_at_open() {
+            report.problems.push(format!(
+                "{} had mode {:04o} when the store opened (tightened to 0600)",
+                file.path.display(),
+                file.found_mode
+            ));
+        }
+        Ok(report)
     }
 
     /// A raw SQLite connection of the store's pool, with its pragmas set: for

@@ -300,3 +300,76 @@ fn resolve_on_a_terminal_prompts_without_echoing_the_secret(folder: TempDir) -> 
     );
     Ok(())
 }
+
+#[rstest]
+fn times_need_a_unit_windows_an_order_and_counts_their_grammar(folder: TempDir) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    assert!(run(&db, &["migrate"], "")?.status.success());
+    let bare = run(&db, &["events", "list", "--since", "5"], "")?;
+    assert_eq!(bare.status.code(), Some(1), "{bare:?}");
+    let message = stderr_json(&bare)?["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(message.contains("needs a unit or a date"), "{message}");
+    assert!(
+        message.contains("7d") && message.contains("RFC 3339"),
+        "{message}"
+    );
+    assert!(run(&db, &["events", "list", "--since", "5m"], "")?
+        .status
+        .success());
+    assert!(
+        run(&db, &["events", "list", "--since", "1790000000000"], "")?
+            .status
+            .success()
+    );
+    let inverted = run(
+        &db,
+        &["events", "list", "--since", "1d", "--until", "2d"],
+        "",
+    )?;
+    assert_eq!(inverted.status.code(), Some(1), "{inverted:?}");
+    assert!(stderr_json(&inverted)?["error"]
+        .as_str()
+        .is_some_and(|error| error.contains("before since")));
+    // One event is "1 event".
+    let one = Command::new(BIN)
+        .arg("--db")
+        .arg(&db)
+        .args(["events", "ingest"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(b"{\"ts\": 1790000000000, \"model\": \"m\", \"status\": 200}\n")?;
+            }
+            child.wait_with_output()
+        })?;
+    assert!(one.status.success(), "{one:?}");
+    let text = String::from_utf8(one.stdout)?;
+    assert!(
+        text.contains("ingested 1 event") && !text.contains("1 events"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[rstest]
+fn check_reports_a_mode_it_found_too_wide(folder: TempDir) -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let db = folder.path().join("keytally.db");
+    assert!(run(&db, &["migrate"], "")?.status.success());
+    assert!(run(&db, &["check"], "")?.status.success());
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644))?;
+    let check = run(&db, &["check"], "")?;
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+    let problems = stderr_json(&check)?["problems"].to_string();
+    assert!(problems.contains("0644"), "{problems}");
+    // It was tightened, so the next check is clean.
+    assert_eq!(crate::mode_of(&db)?, 0o600);
+    assert!(run(&db, &["check"], "")?.status.success());
+    Ok(())
+}

@@ -570,3 +570,22 @@ fn keys_are_never_deleted_so_their_row_ids_are_never_reused(store: TestStore) ->
     assert_eq!(store.events().usage(&window(second.key.id))?.requests, 0);
     Ok(())
 }
+
+#[rstest]
+fn a_revoked_key_cannot_be_updated(store: TestStore) -> TestResult {
+    let created = store.keys().create(&NewKey::client("revoked"))?;
+    store.keys().revoke(created.key.id)?;
+    let update = store.keys().update(
+        created.key.id,
+        &KeyUpdate {
+            label: Some("renamed".to_owned()),
+            ..KeyUpdate::default()
+        },
+    );
+    assert!(
+        matches!(update, Err(Error::KeyRevoked { .. })),
+        "{update:?}"
+    );
+    assert_eq!(store.keys().get(created.key.id)?.label, "revoked");
+    Ok(())
+}

@@ -82,8 +82,9 @@ fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
             }
             Err(keytally::Error::InvalidEvent { index, reason }) => Err(Failure::Verdict {
                 message: format!(
-                    "line {}: {reason}; {committed} events committed before it",
-                    first_line + index
+                    "line {}: {reason}; {} committed before it",
+                    first_line + index,
+                    parse::counted(committed, "event")
                 ),
                 json: json!({
                     "error": reason,
@@ -100,7 +101,8 @@ fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
             bar.finish_and_clear();
             return Err(Failure::Verdict {
                 message: format!(
-                    "interrupted: {committed} events committed, the store closed cleanly"
+                    "interrupted: {} committed, the store closed cleanly",
+                    parse::counted(committed, "event")
                 ),
                 json: json!({ "error": "interrupted", "ingested": committed }),
             });
@@ -126,7 +128,8 @@ fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
                         bar.finish_and_clear();
                         return Err(Failure::Verdict {
                             message: format!(
-                                "line {line_number}: {error}; {committed} events committed before it"
+                                "line {line_number}: {error}; {} committed before it",
+                                parse::counted(committed, "event")
                             ),
                             json: json!({
                                 "error": error.to_string(),
@@ -152,7 +155,7 @@ fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
     commit(&mut pending, first_pending_line)?;
     bar.finish_and_clear();
     out.print(&json!({ "ingested": committed }), || {
-        format!("ingested {committed} events")
+        format!("ingested {}", parse::counted(committed, "event"))
     });
     Ok(())
 }
@@ -174,6 +177,15 @@ fn list(
         limit: Some(limit),
         ..EventFilter::default()
     };
+    if let (Some(since), Some(until)) = (filter.since, filter.until) {
+        if until < since {
+            return Err(keytally::Error::InvalidInput {
+                field: "until",
+                reason: format!("{until} is before since ({since})"),
+            }
+            .into());
+        }
+    }
     let events = store.events().list(&filter)?;
     out.print(&events, || {
         if events.is_empty() {
@@ -319,8 +331,8 @@ fn prune(store: &Store, older_than: &str, batch: u32, out: &Output) -> CliResult
         &json!({ "deleted": report.events_deleted, "batches": report.batches, "cutoff": cutoff }),
         || {
             format!(
-                "deleted {} events older than {cutoff}",
-                report.events_deleted
+                "deleted {} older than {cutoff}",
+                parse::counted(report.events_deleted, "event")
             )
         },
     );

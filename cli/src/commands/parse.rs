@@ -33,6 +33,10 @@ pub fn duration(text: &str) -> Result<Duration, Error> {
         .ok_or_else(invalid)
 }
 
+/// The smallest bare number taken as Unix milliseconds: 1973-03-03. A
+/// smaller one (`--since 5`) is far more likely a duration without its unit.
+const SMALLEST_BARE_MILLIS: i64 = 100_000_000_000;
+
 /// A time: RFC 3339, Unix milliseconds, or a duration ago (`7d`).
 pub fn time(text: &str) -> Result<Timestamp, Error> {
     if let Ok(ago) = duration(text) {
@@ -40,7 +44,34 @@ pub fn time(text: &str) -> Result<Timestamp, Error> {
             return Ok(ago_from_now(ago));
         }
     }
-    Ok(Timestamp::parse(text)?)
+    if let Ok(number) = text.trim().parse::<i64>() {
+        if number < SMALLEST_BARE_MILLIS {
+            return Err(Error::InvalidInput {
+                field: "time",
+                reason: format!(
+                    "{text:?} needs a unit or a date: a duration ago such as 5m, 12h or 7d, \
+                     an RFC 3339 time such as 2026-11-20T00:00:00Z, or Unix milliseconds \
+                     such as 1790000000000"
+                ),
+            });
+        }
+    }
+    Timestamp::parse(text).map_err(|_| Error::InvalidInput {
+        field: "time",
+        reason: format!(
+            "{text:?} is not a time: use a duration ago such as 5m, 12h or 7d, an RFC 3339 \
+             time such as 2026-11-20T00:00:00Z, or Unix milliseconds such as 1790000000000"
+        ),
+    })
+}
+
+/// `count` and `noun`, in the plural unless it is one (`1 event`, `2 events`).
+pub fn counted(count: u64, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
 }
 
 /// Now minus `ago` (saturating at the epoch).

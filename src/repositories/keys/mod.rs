@@ -383,7 +383,8 @@ impl<'a> Keys<'a> {
     /// # Errors
     ///
     /// [`Error::InvalidInput`] for a bad label or an expiry that is not in
-    /// the future (as [`Keys::create`]), [`Error::KeyNotFound`], or the
+    /// the future (as [`Keys::create`]), [`Error::KeyNotFound`],
+    /// [`Error::KeyRevoked`] for a revoked key (as [`Keys::rotate`]), or the
     /// store's errors.
     pub fn update(&self, id: KeyId, update: &KeyUpdate) -> Result<Key> {
         let label = update.label.as_deref().map(validate_label).transpose()?;
@@ -401,6 +402,9 @@ impl<'a> Keys<'a> {
             && changes.expires_at.is_none()
             && changes.rate_limit_override.is_none();
         self.db.write(|conn| {
+            if find(conn, id)?.revoked_at.is_some() {
+                return Err(Error::KeyRevoked { id });
+            }
             if !nothing_to_change {
                 diesel::update(keys::table.filter(keys::id.eq(id)))
                     .set(&changes)
