@@ -48,6 +48,16 @@ struct NewSecretRow<'a> {
     created_at: Timestamp,
 }
 
+impl NewSecretRow<'_> {
+    /// Stores the secret's hash for its key.
+    fn insert(&self, conn: &mut Conn) -> Result<()> {
+        diesel::insert_into(key_secrets::table)
+            .values(self)
+            .execute(conn)?;
+        Ok(())
+    }
+}
+
 #[derive(AsChangeset)]
 #[diesel(table_name = keys)]
 struct KeyChanges<'a> {
@@ -168,13 +178,12 @@ impl<'a> Keys<'a> {
                 .values(&row)
                 .returning(keys::all_columns)
                 .get_result(conn)?;
-            diesel::insert_into(key_secrets::table)
-                .values(NewSecretRow {
-                    secret_hash: &hash.0,
-                    key_row_id: key.row_id,
-                    created_at: now,
-                })
-                .execute(conn)?;
+            NewSecretRow {
+                secret_hash: &hash.0,
+                key_row_id: key.row_id,
+                created_at: now,
+            }
+            .insert(conn)?;
             Ok(key)
         })?;
         tracing::info!(key = %key.id, tier = %key.tier, "created key");
@@ -361,13 +370,12 @@ impl<'a> Keys<'a> {
             )
             .set(key_secrets::valid_until.eq(old_until))
             .execute(conn)?;
-            diesel::insert_into(key_secrets::table)
-                .values(NewSecretRow {
-                    secret_hash: &hash.0,
-                    key_row_id: key.row_id,
-                    created_at: now,
-                })
-                .execute(conn)?;
+            NewSecretRow {
+                secret_hash: &hash.0,
+                key_row_id: key.row_id,
+                created_at: now,
+            }
+            .insert(conn)?;
             diesel::update(keys::table.filter(keys::row_id.eq(key.row_id)))
                 .set(keys::display_prefix.eq(&display_prefix))
                 .execute(conn)?;
