@@ -54,7 +54,7 @@ impl fmt::Display for EventId {
 /// `keytally events ingest` is this as JSON (`ts` as RFC 3339 or Unix
 /// milliseconds; `ts`, `model` and `status` required).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object of event fields")]
 pub struct NewEvent {
     /// When the request happened.
     #[serde(deserialize_with = "time_or_millis")]

@@ -373,3 +373,23 @@ fn check_reports_a_mode_it_found_too_wide(folder: TempDir) -> TestResult {
     assert!(run(&db, &["check"], "")?.status.success());
     Ok(())
 }
+
+#[test]
+fn ingest_errors_name_no_internal_types() -> TestResult {
+    for line in [
+        "5",
+        "[1, 2, 3]",
+        "\"text\"",
+        "{\"ts\": 1790000000000, \"model\": 5, \"status\": 200}",
+        "{\"ts\": 1790000000000, \"model\": \"m\"}",
+    ] {
+        let error = match keytally::parse_json_line(line) {
+            Ok(event) => return Err(format!("{line} parsed as {event:?}").into()),
+            Err(error) => error.to_string(),
+        };
+        for internal in ["struct", "NewEvent", "EventLine", "elements"] {
+            assert!(!error.contains(internal), "{line}: {error}");
+        }
+    }
+    Ok(())
+}
