@@ -393,3 +393,31 @@ fn ingest_errors_name_no_internal_types() -> TestResult {
     }
     Ok(())
 }
+
+#[rstest]
+fn an_incomplete_final_checkpoint_is_one_warning(folder: TempDir) -> TestResult {
+    use diesel::connection::SimpleConnection;
+    let db = folder.path().join("keytally.db");
+    assert!(run(&db, &["migrate"], "")?.status.success());
+    assert!(run(&db, &["keys", "create", "--label", "x"], "")?
+        .status
+        .success());
+    // A reader holding a snapshot keeps the log from being emptied.
+    let mut reader = crate::raw_connection(&db)?;
+    reader.batch_execute("BEGIN; SELECT count(*) FROM keys;")?;
+    let output = Command::new(BIN)
+        .arg("--db")
+        .arg(&db)
+        .args(["keys", "create", "--label", "y"])
+        .env_remove("KEYTALLY_LOG")
+        .output()?;
+    reader.batch_execute("COMMIT")?;
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8(output.stderr)?;
+    let warnings = stderr
+        .lines()
+        .filter(|line| line.contains("checkpoint"))
+        .count();
+    assert_eq!(warnings, 1, "{stderr}");
+    Ok(())
+}
