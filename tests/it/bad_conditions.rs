@@ -421,3 +421,112 @@ fn an_incomplete_final_checkpoint_is_one_warning(folder: TempDir) -> TestResult 
     assert_eq!(warnings, 1, "{stderr}");
     Ok(())
 }
+
+/// Runs `events ingest --json --batch 100` on `input`.
+fn ingest(db: &Path, input: &[u8]) -> Result<std::process::Output, Box<dyn std::error::Error>> {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .arg("--db")
+        .arg(db)
+        .args(["--json", "events", "ingest", "--batch", "100"])
+        .env_remove("KEYTALLY_LOG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // The command stops reading at a bad line.
+        match stdin.write_all(input) {
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {}
+            other => other?,
+        }
+    }
+    Ok(child.wait_with_output()?)
+}
+
+fn event_line(n: usize) -> String {
+    format!(
+        "{{\"ts\": {}, \"model\": \"m\", \"status\": 200, \"request_id\": \"r{n}\"}}\n",
+        1_790_000_000_000u64 + n as u64
+    )
+}
+
+#[rstest]
+fn a_failed_ingest_says_where_and_how_much_and_resumes_without_duplicates(
+    folder: TempDir,
+) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    assert!(run(&db, &["migrate"], "")?.status.success());
+    // Lines 1..=1499 are events, line 1500 is not UTF-8, 1501..=1600 events.
+    let mut input = Vec::new();
+    for n in 1..=1499 {
+        input.extend(event_line(n).into_bytes());
+    }
+    input.extend(b"{\"ts\": 1, \"model\": \"\xff\", \"status\": 200}\n");
+    for n in 1501..=1600 {
+        input.extend(event_line(n).into_bytes());
+    }
+    let failed = ingest(&db, &input)?;
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    let error = stderr_json(&failed)?;
+    assert_eq!(error["line"], 1500, "{error}");
+    assert_eq!(error["ingested"], 1499, "{error}");
+    assert_eq!(error["resume_from_line"], 1500, "{error}");
+    assert!(
+        error["error"].as_str().is_some_and(|e| e.contains("UTF-8")),
+        "{error}"
+    );
+    // Resume: the lines from the bad one on, the bad one fixed.
+    let resumed: Vec<u8> = std::iter::once(event_line(1500))
+        .chain((1501..=1600).map(event_line))
+        .flat_map(String::into_bytes)
+        .collect();
+    let resumed = ingest(&db, &resumed)?;
+    assert!(resumed.status.success(), "{resumed:?}");
+    let listed = json_of(&run(&db, &["events", "list", "--limit", "10000"], "")?)?;
+    let ids: std::collections::BTreeSet<String> = listed
+        .as_array()
+        .ok_or("not a list")?
+        .iter()
+        .filter_map(|event| event["request_id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1600),
+        "duplicates or gaps"
+    );
+    assert_eq!(ids.len(), 1600);
+
+    // A database error names the batch's first line, and nothing of that
+    // batch counts as committed.
+    let other = folder.path().join("other.db");
+    assert!(run(&other, &["migrate"], "")?.status.success());
+    let unknown_key = "{\"ts\": 1790000000000, \"model\": \"m\", \"status\": 200, \
+                       \"key_id\": \"0190f0f0-0000-7000-8000-000000000000\"}\n";
+    let mut input = event_line(1).into_bytes();
+    input.extend(unknown_key.as_bytes());
+    let failed = ingest(&other, &input)?;
+    let error = stderr_json(&failed)?;
+    assert_eq!(error["line"], 2, "{error}");
+    assert_eq!(error["ingested"], 0, "{error}");
+    assert_eq!(error["resume_from_line"], 1, "{error}");
+    Ok(())
+}
+
+#[rstest]
+fn a_line_over_the_limit_is_refused_while_it_is_read(folder: TempDir) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    assert!(run(&db, &["migrate"], "")?.status.success());
+    let mut input = event_line(1).into_bytes();
+    input.extend(vec![b'x'; 4 * 1024 * 1024]);
+    input.push(b'\n');
+    let failed = ingest(&db, &input)?;
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    let error = stderr_json(&failed)?;
+    assert_eq!(error["line"], 2, "{error}");
+    assert_eq!(error["ingested"], 1, "{error}");
+    assert!(error["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("longer than 16384 bytes")));
+    Ok(())
+}

@@ -1,6 +1,6 @@
 //! `keytally events …`.
 
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -35,7 +35,69 @@ pub fn run(store: Store, command: &EventsCommand, out: &Output) -> CliResult {
 }
 
 /// One line read from stdin, or the read error.
-type Line = std::io::Result<String>;
+/// What the reader thread hands over: one line of stdin, or why there is
+/// none.
+enum Line {
+    /// A line, without its newline.
+    Text(String),
+    /// A line longer than keytally reads: refused as soon as the limit is
+    /// passed, without reading the rest.
+    TooLong,
+    /// A line that is not UTF-8.
+    NotUtf8,
+    /// Reading failed.
+    Failed(std::io::Error),
+}
+
+/// Reads stdin line by line, at most `MAX_JSON_LINE_LEN` bytes a line,
+/// until its end or the first line that cannot be read.
+fn read_lines(sender: &mpsc::SyncSender<Line>) {
+    let mut stdin = std::io::stdin().lock();
+    let limit = keytally::MAX_JSON_LINE_LEN as u64 + 1;
+    loop {
+        let mut bytes = Vec::new();
+        let line = match (&mut stdin).take(limit).read_until(b'\n', &mut bytes) {
+            Ok(0) => return,
+            Ok(_) => {
+                if bytes.last() == Some(&b'\n') {
+                    bytes.pop();
+                    if bytes.last() == Some(&b'\r') {
+                        bytes.pop();
+                    }
+                    String::from_utf8(bytes).map_or(Line::NotUtf8, Line::Text)
+                } else if bytes.len() as u64 >= limit {
+                    Line::TooLong
+                } else {
+                    String::from_utf8(bytes).map_or(Line::NotUtf8, Line::Text)
+                }
+            }
+            Err(error) => Line::Failed(error),
+        };
+        let last = !matches!(line, Line::Text(_));
+        if sender.send(line).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// A failed ingest: what went wrong at which line, how many events were
+/// committed, and the line to resume from (`tail -n +LINE`) once it is
+/// fixed, without duplicating what was committed.
+fn ingest_failure(line: usize, resume_from: usize, committed: u64, reason: &str) -> Failure {
+    Failure::Verdict {
+        message: format!(
+            "line {line}: {reason}; {} committed before it; once it is fixed, resume with \
+             `tail -n +{resume_from} FILE | keytally events ingest`",
+            parse::counted(committed, "event")
+        ),
+        json: json!({
+            "error": reason,
+            "line": line,
+            "ingested": committed,
+            "resume_from_line": resume_from,
+        }),
+    }
+}
 
 fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
     if batch_size == 0 || batch_size > keytally::MAX_BATCH_LEN {
@@ -57,13 +119,7 @@ fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
     // Lines are read on their own thread so that a signal is noticed even
     // while stdin has nothing to say.
     let (sender, lines) = mpsc::sync_channel::<Line>(4 * batch_size);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    std::thread::spawn(move || read_lines(&sender));
     let bar = out.progress("events");
     let mut committed: u64 = 0;
     let mut pending: Vec<NewEvent> = Vec::with_capacity(batch_size);
@@ -80,19 +136,22 @@ fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
                 pending.clear();
                 Ok(())
             }
-            Err(keytally::Error::InvalidEvent { index, reason }) => Err(Failure::Verdict {
-                message: format!(
-                    "line {}: {reason}; {} committed before it",
-                    first_line + index,
-                    parse::counted(committed, "event")
+            // Nothing of the batch was written: resume at its first line.
+            Err(keytally::Error::InvalidEvent { index, reason }) => Err(ingest_failure(
+                first_line + index,
+                first_line,
+                committed,
+                &reason,
+            )),
+            Err(error) => Err(ingest_failure(
+                first_line,
+                first_line,
+                committed,
+                &format!(
+                    "the batch from this line was not committed: {}",
+                    error.report()
                 ),
-                json: json!({
-                    "error": reason,
-                    "line": first_line + index,
-                    "ingested": committed,
-                }),
-            }),
-            Err(error) => Err(error.into()),
+            )),
         }
     };
     loop {
@@ -107,49 +166,39 @@ fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
                 json: json!({ "error": "interrupted", "ingested": committed }),
             });
         }
-        match lines.recv_timeout(Duration::from_millis(100)) {
-            Ok(Ok(line)) => {
-                line_number += 1;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match keytally::parse_json_line(&line) {
-                    Ok(event) => {
-                        if pending.is_empty() {
-                            first_pending_line = line_number;
-                        }
-                        pending.push(event);
-                        if pending.len() >= batch_size {
-                            commit(&mut pending, first_pending_line)?;
-                        }
-                    }
-                    Err(error) => {
-                        commit(&mut pending, first_pending_line)?;
-                        bar.finish_and_clear();
-                        return Err(Failure::Verdict {
-                            message: format!(
-                                "line {line_number}: {error}; {} committed before it",
-                                parse::counted(committed, "event")
-                            ),
-                            json: json!({
-                                "error": error.to_string(),
-                                "line": line_number,
-                                "ingested": committed,
-                            }),
-                        });
-                    }
-                }
-            }
-            Ok(Err(error)) => {
-                commit(&mut pending, first_pending_line)?;
-                return Err(keytally::Error::Io {
-                    path: "(stdin)".into(),
-                    source: error,
-                }
-                .into());
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        let line = match lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        line_number += 1;
+        let parsed = match line {
+            Line::Text(text) if text.trim().is_empty() => continue,
+            Line::Text(text) => keytally::parse_json_line(&text).map_err(|error| error.to_string()),
+            Line::TooLong => Err(format!(
+                "the line is longer than {} bytes",
+                keytally::MAX_JSON_LINE_LEN
+            )),
+            Line::NotUtf8 => Err("the line is not valid UTF-8".to_owned()),
+            Line::Failed(error) => Err(format!("stdin could not be read: {error}")),
+        };
+        match parsed {
+            Ok(event) => {
+                if pending.is_empty() {
+                    first_pending_line = line_number;
+                }
+                pending.push(event);
+                if pending.len() >= batch_size {
+                    commit(&mut pending, first_pending_line)?;
+                }
+            }
+            Err(reason) => {
+                // What came before the bad line is committed, so the run
+                // resumes at the bad line itself.
+                commit(&mut pending, first_pending_line)?;
+                bar.finish_and_clear();
+                return Err(ingest_failure(line_number, line_number, committed, &reason));
+            }
         }
     }
     commit(&mut pending, first_pending_line)?;
