@@ -146,9 +146,9 @@ struct UpdateKey {
 
 #[derive(Debug, Subcommand)]
 enum EventsCommand {
-    /// Read JSON Lines events on stdin and commit them in batches.
+    /// Read JSON Lines events on stdin (at most 16 KiB a line) and commit them in batches.
     Ingest {
-        /// Events per committed batch.
+        /// Events per committed batch (1 to 100,000).
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
@@ -166,8 +166,8 @@ enum EventsCommand {
         /// Before this time (RFC 3339, Unix ms, or a duration ago).
         #[arg(long)]
         until: Option<String>,
-        /// At most this many events.
-        #[arg(long, default_value_t = 100)]
+        /// At most this many events, newest first (read 10,000 at a time).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
     /// Usage totals over a window, optionally grouped.

@@ -530,3 +530,95 @@ fn a_line_over_the_limit_is_refused_while_it_is_read(folder: TempDir) -> TestRes
         .is_some_and(|e| e.contains("longer than 16384 bytes")));
     Ok(())
 }
+
+#[rstest]
+fn events_list_pages_past_ten_thousand(folder: TempDir) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    {
+        let store = Store::open(&db)?;
+        for chunk in 0..3 {
+            let events: Vec<NewEvent> = (0..10_000)
+                .map(|n| -> keytally::Result<NewEvent> {
+                    let n = chunk * 10_000 + n;
+                    // Pairs of events share a millisecond, so pages meet
+                    // inside one.
+                    let mut event =
+                        NewEvent::new(Timestamp::from_millis(1_790_000_000_000 + n / 2)?, "m");
+                    event.request_id = Some(format!("r{n}"));
+                    Ok(event)
+                })
+                .collect::<keytally::Result<_>>()?;
+            store.events().record_batch(&events)?;
+        }
+        let _ = store.close()?;
+    }
+    let listed = json_of(&run(&db, &["events", "list", "--limit", "25000"], "")?)?;
+    let listed = listed.as_array().ok_or("not a list")?;
+    assert_eq!(listed.len(), 25_000);
+    let ids: std::collections::BTreeSet<i64> = listed
+        .iter()
+        .filter_map(|event| event["id"].as_i64())
+        .collect();
+    assert_eq!(ids.len(), 25_000, "an event was listed twice");
+    let times: Vec<String> = listed
+        .iter()
+        .filter_map(|event| event["ts"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        times.windows(2).all(|pair| pair[0] >= pair[1]),
+        "not newest first"
+    );
+    // Asking for more than there are gives them all; zero is a usage error.
+    let all = json_of(&run(&db, &["events", "list", "--limit", "40000"], "")?)?;
+    assert_eq!(all.as_array().map(Vec::len), Some(30_000));
+    assert_eq!(
+        run(&db, &["events", "list", "--limit", "0"], "")?
+            .status
+            .code(),
+        Some(2)
+    );
+    Ok(())
+}
+
+#[rstest]
+fn progress_is_drawn_when_stderr_is_a_terminal_and_only_then(folder: TempDir) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    assert!(run(&db, &["migrate"], "")?.status.success());
+    let events = folder.path().join("events.jsonl");
+    let lines: String = (0..60_000).map(event_line).collect();
+    std::fs::write(&events, lines)?;
+    let on_terminal = |redirect: &str| -> Result<String, Box<dyn std::error::Error>> {
+        // script(1) puts the command on a pseudo-terminal and copies what it
+        // shows to its stdout.
+        let output = Command::new("script")
+            .args(["-q", "-e", "-c"])
+            .arg(format!(
+                "'{BIN}' --db '{}' events ingest --batch 500 < '{}' {redirect}",
+                path_arg(&db)?,
+                path_arg(&events)?
+            ))
+            .arg("/dev/null")
+            .env_remove("KEYTALLY_LOG")
+            .output()?;
+        assert!(output.status.success(), "{output:?}");
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    // Output to a file, stderr on the terminal: the spinner is drawn.
+    let out_file = folder.path().join("out.txt");
+    let screen = on_terminal(&format!("> '{}'", path_arg(&out_file)?))?;
+    assert!(
+        screen.contains("events"),
+        "no progress on the terminal: {screen:?}"
+    );
+    assert!(std::fs::read_to_string(&out_file)?.contains("ingested 60000 events"));
+    // stderr to a file: nothing is drawn there.
+    let err_file = folder.path().join("err.txt");
+    let screen = on_terminal(&format!("2> '{}'", path_arg(&err_file)?))?;
+    assert_eq!(
+        std::fs::read_to_string(&err_file)?,
+        "",
+        "progress went to a file"
+    );
+    assert!(screen.contains("ingested 60000 events"), "{screen:?}");
+    Ok(())
+}

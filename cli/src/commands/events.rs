@@ -218,12 +218,11 @@ fn list(
     limit: u32,
     out: &Output,
 ) -> CliResult {
-    let filter = EventFilter {
+    let mut filter = EventFilter {
         key: key.as_deref().map(parse::key_id).transpose()?,
         model: model.clone(),
         since: since.as_deref().map(parse::time).transpose()?,
         until: until.as_deref().map(parse::time).transpose()?,
-        limit: Some(limit),
         ..EventFilter::default()
     };
     if let (Some(since), Some(until)) = (filter.since, filter.until) {
@@ -235,7 +234,21 @@ fn list(
             .into());
         }
     }
-    let events = store.events().list(&filter)?;
+    // The library hands out at most MAX_PAGE_SIZE events a call; larger
+    // listings go on from the last event of each page.
+    let wanted = limit as usize;
+    let mut events: Vec<Event> = Vec::new();
+    while events.len() < wanted {
+        let page_size = (wanted - events.len()).min(keytally::MAX_PAGE_SIZE as usize);
+        filter.limit = Some(page_size as u32);
+        filter.before = events.last().map(Event::cursor);
+        let page = store.events().list(&filter)?;
+        let done = page.len() < page_size;
+        events.extend(page);
+        if done {
+            break;
+        }
+    }
     out.print(&events, || {
         if events.is_empty() {
             return "no events".to_owned();

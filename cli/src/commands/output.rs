@@ -51,9 +51,11 @@ impl Output {
         }
     }
 
-    /// A spinner counting `unit`, shown only when stdout is a terminal.
+    /// A spinner counting `unit` on stderr, shown only when stderr is a
+    /// terminal (as curl and pv do), so that it never mixes with output
+    /// redirected to a file.
     pub fn progress(&self, unit: &'static str) -> ProgressBar {
-        if !std::io::stdout().is_terminal() {
+        if !std::io::stderr().is_terminal() {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::new_spinner();
