@@ -12,7 +12,7 @@ use crate::repositories::keys::cache::DEFAULT_KEY_CACHE_SIZE;
 /// The default number of connections in the pool.
 pub const DEFAULT_POOL_SIZE: u32 = 8;
 
-/// How to open a [`Store`]: the path and the few settings that can change.
+/// How to open a [`crate::Store`]: the path and the few settings that can change.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub(crate) path: PathBuf,

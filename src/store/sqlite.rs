@@ -60,7 +60,7 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::Io`] or [`Error::Pool`].
+    /// [`crate::Error::Database`], [`crate::Error::Io`] or [`crate::Error::Pool`].
     pub fn status(&self) -> Result<Status> {
         let mut conn = self.db.connection()?;
         let conn = &mut *conn;
@@ -97,7 +97,7 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// [`Error::Pool`] or [`Error::Database`]. A checkpoint that runs but
+    /// [`crate::Error::Pool`] or [`crate::Error::Database`]. A checkpoint that runs but
     /// cannot complete is not an error: the report says so.
     pub fn checkpoint(&self) -> Result<CheckpointReport> {
         let mut conn = self.db.connection()?;
