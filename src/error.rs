@@ -50,7 +50,7 @@ pub enum Error {
 
     /// The file is an SQLite database that belongs to another application: it
     /// carries another `application_id`, or it has tables but no keytally mark.
-    #[error("{} is an SQLite database of another application ({detail}); keytally will not touch it, point it at its own database file", path.display())]
+    #[error("{} is a database of another application ({detail}); keytally will not touch it, point it at its own database", path.display())]
     Foreign {
         /// The file that was refused.
         path: PathBuf,
@@ -217,6 +217,30 @@ pub enum Error {
         source: BoxedError,
     },
 
+    /// An operation only the SQLite backend has (a backup, a restore, a
+    /// checkpoint, raw SQLite access) was asked of a store on PostgreSQL.
+    #[error("{operation} works only on an SQLite store; on PostgreSQL use the server's own tools (pg_dump, continuous archiving), see docs/operations.md")]
+    SqliteOnly {
+        /// What was asked.
+        operation: &'static str,
+    },
+
+    /// PostgreSQL support was asked for (a `postgres://` URL) by a build of
+    /// keytally without its `postgres` feature.
+    #[error(
+        "this build of keytally has no PostgreSQL support; build it with the `postgres` feature"
+    )]
+    PostgresNotBuilt,
+
+    /// A PostgreSQL transaction kept failing on serialization failures or
+    /// deadlocks with other writers, and was given up after several tries.
+    /// Nothing of it was written; the call can be made again.
+    #[error("the transaction kept conflicting with other writers and was rolled back")]
+    Conflict {
+        /// The database's last error.
+        source: BoxedError,
+    },
+
     /// Any other database error.
     #[error("database error")]
     Database(#[source] diesel::result::Error),
@@ -234,6 +258,14 @@ impl Error {
             source = cause.source();
         }
         text
+    }
+
+    /// Whether the call failed only because it met another writer
+    /// (PostgreSQL's serialization failures and deadlocks): running it
+    /// again can succeed.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn is_transient(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {

@@ -63,7 +63,7 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use db::database::CloseReport;
+pub use db::database::{Backend, CloseReport};
 #[cfg(feature = "postgres")]
 pub use db::postgres::POSTGRES_MIGRATIONS;
 pub use db::schema;
@@ -88,6 +88,7 @@ pub use model::key::{
     Rejection, Tier, DEFAULT_PAGE_SIZE, DEFAULT_ROTATION_GRACE, MAX_ALLOWED_MODELS,
     MAX_LABEL_CHARS, MAX_MODEL_NAME_CHARS, MAX_PAGE_SIZE,
 };
+pub use model::location::Location;
 pub use model::secret::{Secret, DEFAULT_SECRET_PREFIX};
 pub use model::time::Timestamp;
 pub use model::usage::{Bucket, GroupUsage, Totals, UsageFilter};
@@ -98,5 +99,7 @@ pub use sink::{EventSink, SinkOptions, SinkReport, Ticket};
 pub use store::options::{
     Retention, StoreOptions, DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_POOL_SIZE,
 };
+#[cfg(feature = "postgres")]
+pub use store::postgres::PostgresStatus;
 pub use store::sqlite::{restore, SqlitePooledConnection, Status};
 pub use store::Store;

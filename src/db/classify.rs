@@ -10,6 +10,9 @@ use crate::error::Error;
 impl From<diesel::result::Error> for Error {
     fn from(error: diesel::result::Error) -> Self {
         match message_class(&error) {
+            Some(Class::Conflict) => Error::Conflict {
+                source: Box::new(error),
+            },
             Some(Class::Busy) => Error::Busy {
                 source: Box::new(error),
             },
@@ -99,6 +102,9 @@ pub(crate) fn from_result_code(code: i32, message: String, path: &Path) -> Error
 }
 
 enum Class {
+    /// A PostgreSQL serialization failure or deadlock: the transaction can
+    /// run again.
+    Conflict,
     Busy,
     Full,
     NotADatabase(String),
@@ -106,7 +112,11 @@ enum Class {
 }
 
 fn message_class(error: &diesel::result::Error) -> Option<Class> {
+    use diesel::result::DatabaseErrorKind;
     match error {
+        diesel::result::Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
+            Some(Class::Conflict)
+        }
         diesel::result::Error::DatabaseError(_, info) => class_of_message(info.message()),
         _ => None,
     }
@@ -118,7 +128,15 @@ fn class_of_message(message: &str) -> Option<Class> {
         || message.starts_with("database is busy")
     {
         Some(Class::Busy)
-    } else if message.starts_with("database or disk is full") {
+    } else if message.starts_with("deadlock detected") {
+        // PostgreSQL's message for SQLSTATE 40P01, which Diesel does not
+        // name.
+        Some(Class::Conflict)
+    } else if message.starts_with("canceling statement due to lock timeout") {
+        Some(Class::Busy)
+    } else if message.starts_with("database or disk is full")
+        || message.contains("No space left on device")
+    {
         Some(Class::Full)
     } else if message.contains("not a database") {
         Some(Class::NotADatabase(message.to_owned()))

@@ -5,23 +5,106 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
-use diesel::Connection;
+use diesel::r2d2::{ConnectionManager, ManageConnection, Pool, PooledConnection};
+use diesel::{Connection, SqliteConnection};
 use scheduled_thread_pool::ScheduledThreadPool;
 use serde::Serialize;
 
 use crate::db::gate::WriteGate;
+#[cfg(feature = "postgres")]
+use crate::db::postgres::connection::PgSetup;
 use crate::db::sqlite::checkpoint;
 use crate::db::sqlite::connection::ConnectionSetup;
 use crate::error::{Error, Result};
 
-/// The connection every repository runs on. Only SQLite's today: a second
-/// backend turns this into an enum of connections (Diesel's
-/// `MultiConnection`), and the few statements whose SQL differs match on it.
-pub(crate) type Conn = diesel::SqliteConnection;
+/// One connection of the store's backend, as the repositories see it inside
+/// a transaction or a read. Statements that are the same on both backends
+/// are written once with [`on_backend!`], which type-checks them against
+/// each connection; the few whose SQL differs match on it.
+pub(crate) enum Conn<'a> {
+    /// The embedded SQLite.
+    Sqlite(&'a mut SqliteConnection),
+    /// A PostgreSQL server.
+    #[cfg(feature = "postgres")]
+    Postgres(&'a mut diesel::PgConnection),
+}
+
+/// Runs `$body` with `$c` bound to the connection of whichever backend
+/// `$conn` (a `&mut Conn`) is on: the body is compiled once per backend,
+/// so each runs its own prepared, native statement.
+macro_rules! on_backend {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::db::database::Conn::Sqlite(inner) => {
+                let $c: &mut diesel::SqliteConnection = inner;
+                $body
+            }
+            #[cfg(feature = "postgres")]
+            $crate::db::database::Conn::Postgres(inner) => {
+                let $c: &mut diesel::PgConnection = inner;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use on_backend;
 
 /// A connection checked out of the pool; it goes back when dropped.
-pub(crate) type PooledConn = PooledConnection<ConnectionManager<Conn>>;
+pub(crate) enum PooledConn {
+    /// From an SQLite pool.
+    Sqlite(PooledConnection<ConnectionManager<SqliteConnection>>),
+    /// From a PostgreSQL pool.
+    #[cfg(feature = "postgres")]
+    Postgres(PooledConnection<ConnectionManager<diesel::PgConnection>>),
+}
+
+impl PooledConn {
+    /// The connection, for the repositories' functions.
+    pub(crate) fn conn(&mut self) -> Conn<'_> {
+        match self {
+            PooledConn::Sqlite(conn) => Conn::Sqlite(conn),
+            #[cfg(feature = "postgres")]
+            PooledConn::Postgres(conn) => Conn::Postgres(conn),
+        }
+    }
+}
+
+/// The pool of one backend.
+#[derive(Clone)]
+enum Pools {
+    Sqlite(Pool<ConnectionManager<SqliteConnection>>),
+    #[cfg(feature = "postgres")]
+    Postgres(Pool<ConnectionManager<diesel::PgConnection>>),
+}
+
+/// Where the database is and how each connection to it is prepared.
+#[derive(Clone)]
+pub(crate) enum Target {
+    /// An SQLite file.
+    Sqlite(ConnectionSetup),
+    /// A PostgreSQL database.
+    #[cfg(feature = "postgres")]
+    Postgres(PgSetup),
+}
+
+/// Which backend a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded SQLite.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+        })
+    }
+}
 
 /// What closing the database did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -46,9 +129,9 @@ pub struct CloseReport {
 /// clone: clones share the pool and the gate.
 #[derive(Clone)]
 pub(crate) struct Database {
-    setup: ConnectionSetup,
+    target: Target,
     /// `None` once closed.
-    pool: Option<Pool<ConnectionManager<Conn>>>,
+    pool: Option<Pools>,
     /// The pool's worker threads. The pool's shared state holds the only
     /// other reference, so once this is the last one every pooled connection
     /// has been closed: [`Database::close`] waits for that.
@@ -59,58 +142,142 @@ pub(crate) struct Database {
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Database")
-            .field("path", &self.setup.path)
+            .field("path", &self.path())
             .finish_non_exhaustive()
     }
 }
 
+/// A pool's worker threads, one for each pool.
+fn pool_threads() -> Arc<ScheduledThreadPool> {
+    Arc::new(
+        ScheduledThreadPool::builder()
+            .num_threads(1)
+            .thread_name_pattern("keytally-pool-{}")
+            .build(),
+    )
+}
+
+/// A pool of up to `size` connections made by `manager`, waiting up to
+/// `timeout` for a free one.
+fn build_pool<M: ManageConnection<Error = diesel::r2d2::Error>>(
+    manager: M,
+    threads: &Arc<ScheduledThreadPool>,
+    size: u32,
+    timeout: Duration,
+    customizer: Box<dyn diesel::r2d2::CustomizeConnection<M::Connection, diesel::r2d2::Error>>,
+) -> Pool<M> {
+    Pool::builder()
+        .thread_pool(Arc::clone(threads))
+        .max_size(size.max(1))
+        .min_idle(Some(1))
+        // A checked-out connection is used at once; a broken one shows
+        // its error there. Testing each checkout would cost a query on
+        // every request.
+        .test_on_check_out(false)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connection_timeout(timeout.max(Duration::from_secs(1)))
+        .connection_customizer(customizer)
+        .build_unchecked(manager)
+}
+
+/// Waits until `pool` has every connection back or `deadline` passes;
+/// returns how many were still out.
+fn wait_for_connections<M: ManageConnection>(pool: &Pool<M>, deadline: Instant) -> u32 {
+    loop {
+        let state = pool.state();
+        let out = state.connections - state.idle_connections;
+        if out == 0 || Instant::now() >= deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// How often a PostgreSQL transaction that failed on a serialization
+/// failure or a deadlock is run again before the error is returned.
+#[cfg(feature = "postgres")]
+const POSTGRES_RETRIES: u32 = 5;
+
 impl Database {
-    /// Builds the pool of up to `pool_size` connections, each prepared by
-    /// `setup`. `first`, a prepared connection, is closed only once the pool
-    /// holds one of its own, so the write-ahead log is never closed and
-    /// reopened in between.
-    pub(crate) fn open(setup: ConnectionSetup, first: Conn, pool_size: u32) -> Result<Database> {
+    /// Builds the pool of up to `pool_size` SQLite connections, each
+    /// prepared by `setup`. `first`, a prepared connection, is closed only
+    /// once the pool holds one of its own, so the write-ahead log is never
+    /// closed and reopened in between.
+    pub(crate) fn open(
+        setup: ConnectionSetup,
+        first: SqliteConnection,
+        pool_size: u32,
+    ) -> Result<Database> {
         let path_str = setup.path.to_str().ok_or_else(|| Error::Open {
             path: setup.path.clone(),
             source: "the path is not valid UTF-8".into(),
         })?;
-        let pool_threads = Arc::new(
-            ScheduledThreadPool::builder()
-                .num_threads(1)
-                .thread_name_pattern("keytally-pool-{}")
-                .build(),
+        let pool_threads = pool_threads();
+        let pool = build_pool(
+            ConnectionManager::<SqliteConnection>::new(path_str),
+            &pool_threads,
+            pool_size,
+            setup.busy_timeout,
+            Box::new(setup.clone()),
         );
-        let pool = Pool::builder()
-            .thread_pool(Arc::clone(&pool_threads))
-            .max_size(pool_size.max(1))
-            .min_idle(Some(1))
-            // A checked-out connection is used at once; a broken one shows
-            // its error there. Testing each checkout would cost a query on
-            // every request.
-            .test_on_check_out(false)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connection_timeout(setup.busy_timeout.max(Duration::from_secs(1)))
-            .connection_customizer(Box::new(setup.clone()))
-            .build_unchecked(ConnectionManager::new(path_str));
         drop(pool.get()?);
         drop(first);
         Ok(Database {
-            setup,
-            pool: Some(pool),
+            target: Target::Sqlite(setup),
+            pool: Some(Pools::Sqlite(pool)),
             pool_threads,
             gate: Arc::new(WriteGate::default()),
         })
     }
 
-    /// The database file's path.
+    /// Builds the pool of up to `pool_size` PostgreSQL connections, each
+    /// prepared by `setup`, and checks that one can be opened.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn open_postgres(setup: PgSetup, pool_size: u32) -> Result<Database> {
+        let pool_threads = pool_threads();
+        let pool = build_pool(
+            ConnectionManager::<diesel::PgConnection>::new(setup.url()),
+            &pool_threads,
+            pool_size,
+            setup.busy_timeout,
+            Box::new(setup.clone()),
+        );
+        drop(pool.get()?);
+        Ok(Database {
+            target: Target::Postgres(setup),
+            pool: Some(Pools::Postgres(pool)),
+            pool_threads,
+            gate: Arc::new(WriteGate::default()),
+        })
+    }
+
+    /// The backend this database is on.
+    pub(crate) fn backend(&self) -> Backend {
+        match &self.target {
+            Target::Sqlite(_) => Backend::Sqlite,
+            #[cfg(feature = "postgres")]
+            Target::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// The SQLite file's path; for PostgreSQL, the URL with its password
+    /// left out.
     pub(crate) fn path(&self) -> &Path {
-        &self.setup.path
+        match &self.target {
+            Target::Sqlite(setup) => &setup.path,
+            #[cfg(feature = "postgres")]
+            Target::Postgres(setup) => Path::new(setup.redacted()),
+        }
     }
 
     /// How long a connection waits for a lock.
     pub(crate) fn busy_timeout(&self) -> Duration {
-        self.setup.busy_timeout
+        match &self.target {
+            Target::Sqlite(setup) => setup.busy_timeout,
+            #[cfg(feature = "postgres")]
+            Target::Postgres(setup) => setup.busy_timeout,
+        }
     }
 
     /// The gate every writer of this database passes.
@@ -125,24 +292,72 @@ impl Database {
     /// [`Error::Closed`] once closed, [`Error::Pool`] if none became free
     /// within the busy timeout or a new one could not be opened.
     pub(crate) fn connection(&self) -> Result<PooledConn> {
-        Ok(self.pool.as_ref().ok_or(Error::Closed)?.get()?)
+        Ok(match self.pool.as_ref().ok_or(Error::Closed)? {
+            Pools::Sqlite(pool) => PooledConn::Sqlite(pool.get()?),
+            #[cfg(feature = "postgres")]
+            Pools::Postgres(pool) => PooledConn::Postgres(pool.get()?),
+        })
     }
 
-    /// Runs `f` in a write transaction (`BEGIN IMMEDIATE`) once this
-    /// database's other writers are done: it takes SQLite's write lock up
-    /// front, waiting up to the busy timeout, so it never fails half-way with
-    /// "database is locked". Commits if `f` returns `Ok`, rolls back
-    /// otherwise.
+    /// Checks an SQLite connection out of the pool, for what only SQLite
+    /// has.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SqliteOnly`] on PostgreSQL, or as [`Database::connection`].
+    #[cfg_attr(
+        not(feature = "postgres"),
+        expect(unused_variables, reason = "only PostgreSQL refuses")
+    )]
+    pub(crate) fn sqlite_connection(
+        &self,
+        operation: &'static str,
+    ) -> Result<PooledConnection<ConnectionManager<SqliteConnection>>> {
+        match self.connection()? {
+            PooledConn::Sqlite(conn) => Ok(conn),
+            #[cfg(feature = "postgres")]
+            PooledConn::Postgres(_) => Err(Error::SqliteOnly { operation }),
+        }
+    }
+
+    /// Runs `f` in a write transaction once this process's other writers of
+    /// this database are done. On SQLite the transaction is `BEGIN
+    /// IMMEDIATE`: it takes the write lock up front, waiting up to the busy
+    /// timeout, so it never fails half-way with "database is locked". On
+    /// PostgreSQL a transaction that fails on a serialization failure or a
+    /// deadlock is rolled back and `f` runs again, up to five times. Commits
+    /// if `f` returns `Ok`, rolls back otherwise.
     ///
     /// # Errors
     ///
     /// What `f` returns, [`Error::NestedWrite`] when called inside another
     /// write on the same thread, [`Error::Busy`] if the lock stayed taken, or
     /// [`Error::Pool`].
-    pub(crate) fn write<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
-        let _turn = self.gate.enter()?;
-        let mut conn = self.connection()?;
-        conn.immediate_transaction(f)
+    pub(crate) fn write<T>(&self, mut f: impl FnMut(&mut Conn<'_>) -> Result<T>) -> Result<T> {
+        // SQLite has one writer at a time: this process's writers queue at
+        // the gate. PostgreSQL's writers run side by side; the gate only
+        // refuses a nested write, which would wait for itself.
+        let queue = self.backend() == Backend::Sqlite;
+        let _turn = self.gate.enter(queue)?;
+        let mut pooled = self.connection()?;
+        match &mut pooled {
+            PooledConn::Sqlite(conn) => {
+                conn.immediate_transaction(|conn| f(&mut Conn::Sqlite(conn)))
+            }
+            #[cfg(feature = "postgres")]
+            PooledConn::Postgres(conn) => {
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match conn.transaction(|conn| f(&mut Conn::Postgres(conn))) {
+                        Err(error) if error.is_transient() && tries < POSTGRES_RETRIES => {
+                            tracing::debug!(error = %error.report(), tries, "transaction retried");
+                        }
+                        outcome => return outcome,
+                    }
+                }
+            }
+        }
     }
 
     /// Runs `f` in a read transaction, which sees one consistent snapshot.
@@ -151,15 +366,23 @@ impl Database {
     /// # Errors
     ///
     /// What `f` returns, or [`Error::Pool`].
-    pub(crate) fn read<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
-        let mut conn = self.connection()?;
-        (*conn).transaction(f)
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&mut Conn<'_>) -> Result<T>) -> Result<T> {
+        let mut pooled = self.connection()?;
+        match &mut pooled {
+            PooledConn::Sqlite(conn) => conn.transaction(|conn| f(&mut Conn::Sqlite(conn))),
+            #[cfg(feature = "postgres")]
+            PooledConn::Postgres(conn) => conn
+                .build_transaction()
+                .repeatable_read()
+                .read_only()
+                .run(|conn| f(&mut Conn::Postgres(conn))),
+        }
     }
 
     /// Closes the database: stops handing out connections, waits (up to the
-    /// busy timeout) for checked-out ones to come back, closes the pool, then
-    /// runs the final checkpoint on a connection of its own and closes it,
-    /// which removes `-wal` and `-shm`.
+    /// busy timeout) for checked-out ones to come back, closes the pool; on
+    /// SQLite, then runs the final checkpoint on a connection of its own and
+    /// closes it, which removes `-wal` and `-shm`.
     ///
     /// # Errors
     ///
@@ -171,14 +394,11 @@ impl Database {
         let Some(pool) = self.pool.take() else {
             return Err(Error::Closed);
         };
-        let deadline = Instant::now() + self.setup.busy_timeout;
-        let connections_still_out = loop {
-            let state = pool.state();
-            let out = state.connections - state.idle_connections;
-            if out == 0 || Instant::now() >= deadline {
-                break out;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let deadline = Instant::now() + self.busy_timeout();
+        let connections_still_out = match &pool {
+            Pools::Sqlite(pool) => wait_for_connections(pool, deadline),
+            #[cfg(feature = "postgres")]
+            Pools::Postgres(pool) => wait_for_connections(pool, deadline),
         };
         if connections_still_out > 0 {
             tracing::warn!(
@@ -193,7 +413,21 @@ impl Database {
         while Arc::strong_count(&self.pool_threads) > 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let (checkpoint, sidecars_gone) = checkpoint::final_checkpoint(&self.setup)?;
+        let setup = match &self.target {
+            Target::Sqlite(setup) => setup,
+            #[cfg(feature = "postgres")]
+            Target::Postgres(_) => {
+                // A server keeps its own log; there is nothing to checkpoint.
+                return Ok(CloseReport {
+                    checkpoint_complete: true,
+                    log_frames: 0,
+                    checkpointed_frames: 0,
+                    connections_still_out,
+                    sidecars_gone: true,
+                });
+            }
+        };
+        let (checkpoint, sidecars_gone) = checkpoint::final_checkpoint(setup)?;
         // The caller gets the report and says what it means to its user (the
         // binary prints one warning; a store dropped unclosed logs one).
         if !checkpoint.complete {

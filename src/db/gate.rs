@@ -25,22 +25,24 @@ pub(crate) struct WriteGate {
 
 /// This thread's turn at the gate, until dropped.
 pub(crate) struct GateGuard<'a> {
-    _lock: MutexGuard<'a, ()>,
+    _lock: Option<MutexGuard<'a, ()>>,
     address: usize,
 }
 
 impl WriteGate {
-    /// Waits for this thread's turn.
+    /// Waits for this thread's turn if `queue`; without it, only marks
+    /// the gate as held by this thread, which refuses a nested write all
+    /// the same.
     ///
     /// # Errors
     ///
     /// [`Error::NestedWrite`] if this thread already holds the gate.
-    pub(crate) fn enter(&self) -> Result<GateGuard<'_>> {
+    pub(crate) fn enter(&self, queue: bool) -> Result<GateGuard<'_>> {
         let address = std::ptr::from_ref(self) as usize;
         if HELD.with_borrow(|held| held.contains(&address)) {
             return Err(Error::NestedWrite);
         }
-        let lock = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let lock = queue.then(|| self.lock.lock().unwrap_or_else(PoisonError::into_inner));
         HELD.with_borrow_mut(|held| held.push(address));
         Ok(GateGuard {
             _lock: lock,

@@ -15,13 +15,13 @@
 use std::borrow::Cow;
 use std::marker::PhantomData;
 
+use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::Error as DieselError;
-use diesel::sql_types::{BigInt, Nullable, Text, Untyped};
-use diesel::sqlite::{Sqlite, SqliteConnection};
-use diesel::{QueryResult, RunQueryDsl};
+use diesel::sql_types::{BigInt, Bool, Nullable, Text, Untyped};
+use diesel::QueryResult;
 
-/// A value bound to a `?` placeholder, with its SQL type: a nullable
+/// A value bound to a placeholder, with its SQL type: a nullable
 /// column is bound as nullable whether or not this value is null, so a
 /// statement's placeholders keep one type from call to call (its prepared
 /// form is reused, and a backend that types parameters at prepare time
@@ -34,6 +34,8 @@ pub(crate) enum Value<'a> {
     NullableInt(Option<i64>),
     /// `Nullable<Text>`.
     NullableText(Option<&'a str>),
+    /// `Bool` (an integer 0 or 1 on SQLite).
+    Bool(bool),
 }
 
 impl From<i64> for Value<'_> {
@@ -54,12 +56,13 @@ impl<'a> From<Option<&'a str>> for Value<'a> {
     }
 }
 
-/// Pushes `sql` with each `?` bound to the next of `binds`.
-fn walk_placeholders<'b, V>(
+/// Pushes `sql` with each `?` bound to the next of `binds`: the backend
+/// writes its own placeholder (`?` on SQLite, `$1`, `$2`, … on PostgreSQL).
+fn walk_placeholders<'b, V, DB: Backend>(
     sql: &'b str,
     binds: &'b [V],
-    out: &mut AstPass<'_, 'b, Sqlite>,
-    bind: impl Fn(&'b V, &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()>,
+    out: &mut AstPass<'_, 'b, DB>,
+    bind: impl Fn(&'b V, &mut AstPass<'_, 'b, DB>) -> QueryResult<()>,
 ) -> QueryResult<()> {
     let mut pieces = sql.split('?');
     let mut binds = binds.iter();
@@ -99,13 +102,58 @@ impl CachedSql {
     }
 }
 
-impl QueryFragment<Sqlite> for CachedSql {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        walk_placeholders(&self.sql, &self.binds, &mut out, |value, out| {
-            out.push_bind_param::<BigInt, i64>(value)
-        })
-    }
+/// Implements the statements' traits for each backend, with one body:
+/// the backend's query builder writes its own placeholders.
+macro_rules! for_backend {
+    ($backend:ty, $connection:ty) => {
+        impl QueryFragment<$backend> for CachedSql {
+            fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, $backend>) -> QueryResult<()> {
+                walk_placeholders(&self.sql, &self.binds, &mut out, |value, out| {
+                    out.push_bind_param::<BigInt, i64>(value)
+                })
+            }
+        }
+
+        impl diesel::RunQueryDsl<$connection> for CachedSql {}
+
+        impl<S: SqlText> QueryFragment<$backend> for FixedSql<'_, S> {
+            fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, $backend>) -> QueryResult<()> {
+                let (first, rest) = S::pieces().split_first().unwrap_or((&"", &[]));
+                if rest.len() != self.binds.len() {
+                    return Err(DieselError::QueryBuilderError(
+                        format!(
+                            "{} placeholders and {} values",
+                            rest.len(),
+                            self.binds.len()
+                        )
+                        .into(),
+                    ));
+                }
+                out.push_sql(first);
+                for (value, piece) in self.binds.iter().zip(rest) {
+                    match value {
+                        Value::Int(int) => out.push_bind_param::<BigInt, i64>(int)?,
+                        Value::NullableInt(int) => {
+                            out.push_bind_param::<Nullable<BigInt>, Option<i64>>(int)?;
+                        }
+                        Value::NullableText(text) => {
+                            out.push_bind_param::<Nullable<Text>, Option<&str>>(text)?;
+                        }
+                        Value::Bool(flag) => out.push_bind_param::<Bool, bool>(flag)?,
+                    }
+                    out.push_sql(piece);
+                }
+                Ok(())
+            }
+        }
+
+        impl<S: SqlText> diesel::RunQueryDsl<$connection> for FixedSql<'_, S> {}
+    };
 }
+
+for_backend!(diesel::sqlite::Sqlite, diesel::SqliteConnection);
+#[cfg(feature = "postgres")]
+for_backend!(diesel::pg::Pg, diesel::PgConnection);
 
 impl QueryId for CachedSql {
     type QueryId = ();
@@ -116,8 +164,6 @@ impl QueryId for CachedSql {
 impl Query for CachedSql {
     type SqlType = Untyped;
 }
-
-impl RunQueryDsl<SqliteConnection> for CachedSql {}
 
 /// A statement known at compile time: one type per statement text.
 pub(crate) trait SqlText: 'static {
@@ -164,36 +210,6 @@ impl<'a, S: SqlText> FixedSql<'a, S> {
     }
 }
 
-impl<S: SqlText> QueryFragment<Sqlite> for FixedSql<'_, S> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        let (first, rest) = S::pieces().split_first().unwrap_or((&"", &[]));
-        if rest.len() != self.binds.len() {
-            return Err(DieselError::QueryBuilderError(
-                format!(
-                    "{} placeholders and {} values",
-                    rest.len(),
-                    self.binds.len()
-                )
-                .into(),
-            ));
-        }
-        out.push_sql(first);
-        for (value, piece) in self.binds.iter().zip(rest) {
-            match value {
-                Value::Int(int) => out.push_bind_param::<BigInt, i64>(int)?,
-                Value::NullableInt(int) => {
-                    out.push_bind_param::<Nullable<BigInt>, Option<i64>>(int)?;
-                }
-                Value::NullableText(text) => {
-                    out.push_bind_param::<Nullable<Text>, Option<&str>>(text)?;
-                }
-            }
-            out.push_sql(piece);
-        }
-        Ok(())
-    }
-}
-
 impl<S: SqlText> QueryId for FixedSql<'_, S> {
     type QueryId = S;
     const HAS_STATIC_QUERY_ID: bool = true;
@@ -202,5 +218,3 @@ impl<S: SqlText> QueryId for FixedSql<'_, S> {
 impl<S: SqlText> Query for FixedSql<'_, S> {
     type SqlType = Untyped;
 }
-
-impl<S: SqlText> RunQueryDsl<SqliteConnection> for FixedSql<'_, S> {}

@@ -6,6 +6,7 @@
 pub(crate) mod event;
 pub(crate) mod invalid;
 pub(crate) mod key;
+pub(crate) mod location;
 pub(crate) mod secret;
 pub(crate) mod time;
 pub(crate) mod usage;

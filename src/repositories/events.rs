@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 
-use crate::db::database::{Conn, Database};
+use crate::db::database::{on_backend, Conn, Database};
 use crate::db::schema::events;
 use crate::db::sql::{sql_text, CachedSql, FixedSql, Value};
 use crate::error::{Error, Result};
@@ -90,11 +90,18 @@ impl<'a> Events<'a> {
         let valid = self
             .resolve_models(valid)
             .map_err(|refused| refused.at(0))?;
-        self.record_valid(std::slice::from_ref(&valid))
+        self.record_valid(std::slice::from_ref(&valid))?
+            .first()
+            .copied()
+            .ok_or_else(|| Error::BadStoredValue {
+                message: "recording an event returned no id".to_owned(),
+            })
     }
 
     /// Records a batch of events in one transaction: all or nothing. Returns
-    /// the ids, which are consecutive, in the batch's order.
+    /// the ids in the batch's order: consecutive on SQLite; on PostgreSQL
+    /// ascending, and consecutive unless other processes took ids from the
+    /// sequence at the same moment.
     ///
     /// # Errors
     ///
@@ -123,14 +130,12 @@ impl<'a> Events<'a> {
                     .map_err(|refused| refused.at(index))
             })
             .collect::<Result<Vec<_>>>()?;
-        let first = self.record_valid(&valid)?;
-        Ok((0..valid.len() as i64)
-            .map(|offset| EventId(first.0 + offset))
-            .collect())
+        self.record_valid(&valid)
     }
 
-    /// Records validated events in one transaction; returns the first id.
-    pub(crate) fn record_valid(&self, valid: &[ValidEvent<'_>]) -> Result<EventId> {
+    /// Records validated events in one transaction; returns their ids, in
+    /// their order.
+    pub(crate) fn record_valid(&self, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {
         self.db.write(|conn| insert(conn, valid))
     }
 
@@ -194,41 +199,53 @@ impl<'a> Events<'a> {
     /// for an unknown key, or the store's errors.
     pub fn list(&self, filter: &EventFilter) -> Result<Vec<Event>> {
         let limit = page_size(filter.limit)?;
-        let mut query = events::table
-            .select(events::all_columns)
-            .order((events::ts.desc(), events::id.desc()))
-            .limit(i64::from(limit))
-            .into_boxed();
-        if let Some(key) = filter.key {
-            query = query.filter(events::key_row_id.eq(self.key_row_for_query(key)?));
-        }
-        if let Some(model) = &filter.model {
-            match self.models.existing(self.db, model)? {
-                Some(id) => query = query.filter(events::model_id.eq(id)),
+        let key_row = filter
+            .key
+            .map(|key| self.key_row_for_query(key))
+            .transpose()?;
+        let model_id = match &filter.model {
+            None => None,
+            Some(model) => match self.models.existing(self.db, model)? {
+                Some(id) => Some(id),
                 None => return Ok(Vec::new()),
-            }
-        }
-        if let Some(since) = filter.since {
-            query = query.filter(events::ts.ge(since));
-        }
-        if let Some(until) = filter.until {
-            query = query.filter(events::ts.lt(until));
-        }
-        if let Some(status) = filter.status {
-            let Ok(status) = i32::try_from(status) else {
-                return Ok(Vec::new());
-            };
-            query = query.filter(events::status.eq(status));
-        }
-        if let Some(cursor) = filter.before {
-            query = query.filter(
-                events::ts
-                    .lt(cursor.ts)
-                    .or(events::ts.eq(cursor.ts).and(events::id.lt(cursor.id))),
-            );
-        }
+            },
+        };
+        let status = match filter.status.map(i32::try_from) {
+            None => None,
+            Some(Ok(status)) => Some(status),
+            Some(Err(_)) => return Ok(Vec::new()),
+        };
         self.db.read(|conn| {
-            let rows: Vec<Row> = query.load(conn)?;
+            let rows: Vec<Row> = on_backend!(conn, |c| {
+                let mut query = events::table
+                    .select(events::all_columns)
+                    .order((events::ts.desc(), events::id.desc()))
+                    .limit(i64::from(limit))
+                    .into_boxed();
+                if let Some(key_row) = key_row {
+                    query = query.filter(events::key_row_id.eq(key_row));
+                }
+                if let Some(model_id) = model_id {
+                    query = query.filter(events::model_id.eq(model_id));
+                }
+                if let Some(since) = filter.since {
+                    query = query.filter(events::ts.ge(since));
+                }
+                if let Some(until) = filter.until {
+                    query = query.filter(events::ts.lt(until));
+                }
+                if let Some(status) = status {
+                    query = query.filter(events::status.eq(status));
+                }
+                if let Some(cursor) = filter.before {
+                    query = query.filter(
+                        events::ts
+                            .lt(cursor.ts)
+                            .or(events::ts.eq(cursor.ts).and(events::id.lt(cursor.id))),
+                    );
+                }
+                query.load(c)
+            })?;
             let names = models::names(conn)?;
             let mut key_rows: Vec<i64> = rows.iter().filter_map(|row| row.2).collect();
             key_rows.sort_unstable();
@@ -314,19 +331,25 @@ fn refuse_zero_batch(batch: u32) -> Result<()> {
 
 /// Deletes at most `batch` raw events older than `cutoff`, inside the
 /// caller's write transaction. Returns how many it deleted.
-pub(crate) fn delete_before(conn: &mut Conn, cutoff: Timestamp, batch: u32) -> Result<usize> {
-    Ok(CachedSql::new(
+pub(crate) fn delete_before(conn: &mut Conn<'_>, cutoff: Timestamp, batch: u32) -> Result<usize> {
+    let delete = CachedSql::new(
         "DELETE FROM events WHERE (ts, id) IN \
          (SELECT ts, id FROM events WHERE ts < ? ORDER BY ts, id LIMIT ?)",
         vec![cutoff.as_millis(), i64::from(batch)],
-    )
-    .execute(conn)?)
+    );
+    Ok(on_backend!(conn, |c| delete.execute(c))?)
 }
 
 sql_text!(
     /// The id the next event gets: ids are given explicitly, so a batch's
     /// are known without reading each one back.
     NextEventId = "SELECT next AS value FROM sequences WHERE name = 'events'"
+);
+#[cfg(feature = "postgres")]
+sql_text!(
+    /// The ids of `?` new events on PostgreSQL, from the `event_ids`
+    /// sequence, which no writer waits on.
+    NextPostgresEventIds = "SELECT nextval('event_ids') AS value FROM generate_series(1, ?)"
 );
 sql_text!(
     /// Moves the event id sequence past a transaction's events.
@@ -365,45 +388,30 @@ impl ValidEvent<'_> {
             Value::Int(event.status),
             Value::Int(event.latency_ms),
             Value::NullableText(event.error.as_deref()),
-            Value::Int(i64::from(event.usage_unknown)),
+            Value::Bool(event.usage_unknown),
             Value::NullableText(event.thinking_level.as_deref()),
         ]
     }
 }
 
 /// Inserts validated events and adds them to the rollups, inside the
-/// caller's write transaction. The events get consecutive ids in their
-/// order; returns the first.
-fn insert(conn: &mut Conn, valid: &[ValidEvent<'_>]) -> Result<EventId> {
+/// caller's write transaction. Returns their ids, in their order.
+fn insert(conn: &mut Conn<'_>, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {
     if valid.is_empty() {
         return Err(Error::InvalidInput {
             field: "batch",
             reason: "it is empty".to_owned(),
         });
     }
-    let first = FixedSql::<NextEventId>::new(Vec::new())
-        .get_result::<IdRow>(conn)
-        .optional()?
-        .ok_or_else(|| Error::BadStoredValue {
-            message: "the event id sequence is missing from the sequences table".to_owned(),
-        })?
-        .value;
-    let next = i64::try_from(valid.len())
-        .ok()
-        .and_then(|len| first.checked_add(len))
-        .ok_or_else(|| Error::BadStoredValue {
-            message: format!("event ids are exhausted (next id {first})"),
-        })?;
+    let ids = allocate_ids(conn, valid.len())?;
     // The table is ordered by time: rows go in in that order, so a batch
     // that arrives slightly out of order still fills each page once.
     let mut order: Vec<usize> = (0..valid.len()).collect();
     order.sort_by_key(|&offset| valid[offset].event.ts);
     for offset in order {
-        // `offset` < len and `first + len` did not overflow.
-        let id = first + offset as i64;
-        FixedSql::<InsertEvent>::new(valid[offset].values(id)).execute(conn)?;
+        let row = FixedSql::<InsertEvent>::new(valid[offset].values(ids[offset].0));
+        on_backend!(conn, |c| row.execute(c))?;
     }
-    FixedSql::<SetNextEventId>::new(vec![Value::Int(next)]).execute(conn)?;
     rollups::add(
         conn,
         valid.iter().map(|valid| Counted {
@@ -413,7 +421,43 @@ fn insert(conn: &mut Conn, valid: &[ValidEvent<'_>]) -> Result<EventId> {
             event: &valid.event,
         }),
     )?;
-    Ok(EventId(first))
+    Ok(ids)
+}
+
+/// `count` new event ids. On SQLite, consecutive ones from the `events`
+/// counter, which the write lock keeps to one writer at a time; on
+/// PostgreSQL, from the `event_ids` sequence.
+fn allocate_ids(conn: &mut Conn<'_>, count: usize) -> Result<Vec<EventId>> {
+    let count = i64::try_from(count).map_err(|_| Error::InvalidInput {
+        field: "batch",
+        reason: "too many events".to_owned(),
+    })?;
+    match conn {
+        Conn::Sqlite(c) => {
+            let first = FixedSql::<NextEventId>::new(Vec::new())
+                .get_result::<IdRow>(*c)
+                .optional()?
+                .ok_or_else(|| Error::BadStoredValue {
+                    message: "the event id sequence is missing from the sequences table".to_owned(),
+                })?
+                .value;
+            let next = first
+                .checked_add(count)
+                .ok_or_else(|| Error::BadStoredValue {
+                    message: format!("event ids are exhausted (next id {first})"),
+                })?;
+            FixedSql::<SetNextEventId>::new(vec![Value::Int(next)]).execute(*c)?;
+            Ok((first..next).map(EventId).collect())
+        }
+        #[cfg(feature = "postgres")]
+        Conn::Postgres(c) => Ok(
+            FixedSql::<NextPostgresEventIds>::new(vec![Value::Int(count)])
+                .load::<IdRow>(*c)?
+                .into_iter()
+                .map(|row| EventId(row.value))
+                .collect(),
+        ),
+    }
 }
 
 /// An event row as stored (`events::all_columns`): its key and models by

@@ -7,7 +7,7 @@ use std::sync::{PoisonError, RwLock};
 
 use diesel::prelude::*;
 
-use crate::db::database::{Conn, Database};
+use crate::db::database::{on_backend, Conn, Database};
 use crate::db::schema::models;
 use crate::error::Result;
 
@@ -26,14 +26,16 @@ impl ModelIds {
             return Ok(id);
         }
         let id = db.write(|conn| {
-            diesel::insert_into(models::table)
-                .values(models::name.eq(name))
-                .on_conflict_do_nothing()
-                .execute(conn)?;
-            Ok(models::table
-                .filter(models::name.eq(name))
-                .select(models::id)
-                .get_result::<i64>(conn)?)
+            Ok(on_backend!(conn, |c| {
+                diesel::insert_into(models::table)
+                    .values(models::name.eq(name))
+                    .on_conflict_do_nothing()
+                    .execute(c)?;
+                models::table
+                    .filter(models::name.eq(name))
+                    .select(models::id)
+                    .get_result::<i64>(c)
+            })?)
         })?;
         self.remember(name, id);
         Ok(id)
@@ -44,12 +46,12 @@ impl ModelIds {
         if let Some(id) = self.known(name) {
             return Ok(Some(id));
         }
-        let mut conn = db.connection()?;
-        let id = models::table
+        let mut pooled = db.connection()?;
+        let id = on_backend!(&mut pooled.conn(), |c| models::table
             .filter(models::name.eq(name))
             .select(models::id)
-            .get_result(&mut *conn)
-            .optional()?;
+            .get_result(c)
+            .optional())?;
         if let Some(id) = id {
             self.remember(name, id);
         }
@@ -73,10 +75,10 @@ impl ModelIds {
 }
 
 /// Every model's name by id (the table is small: one row per model name).
-pub(crate) fn names(conn: &mut Conn) -> Result<HashMap<i64, String>> {
-    Ok(models::table
+pub(crate) fn names(conn: &mut Conn<'_>) -> Result<HashMap<i64, String>> {
+    Ok(on_backend!(conn, |c| models::table
         .select((models::id, models::name))
-        .load::<(i64, String)>(conn)?
-        .into_iter()
-        .collect())
+        .load::<(i64, String)>(c))?
+    .into_iter()
+    .collect())
 }

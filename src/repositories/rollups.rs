@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use diesel::RunQueryDsl;
 
-use crate::db::database::Conn;
+use crate::db::database::{on_backend, Conn};
 use crate::db::sql::{sql_text, CachedSql, FixedSql, Value};
 use crate::error::Result;
 use crate::model::event::NewEvent;
@@ -39,7 +39,7 @@ pub(crate) const COLUMNS: [RollupColumn; 9] = [
     column("requests", "1", Combine::Sum),
     column(
         "errors",
-        "(status >= 400 OR error IS NOT NULL)",
+        "CASE WHEN status >= 400 OR error IS NOT NULL THEN 1 ELSE 0 END",
         Combine::Sum,
     ),
     column("prompt_tokens", "prompt_tokens", Combine::Sum),
@@ -68,15 +68,17 @@ pub(crate) fn column_list() -> String {
     COLUMNS.map(|column| column.name).join(", ")
 }
 
-/// One row of `events` as a rollup row: `1 AS requests, … AS errors, …`.
+/// One row of `events` as a rollup row: `1 AS requests, … AS errors, …`,
+/// each a `BIGINT` as in the rollup tables (PostgreSQL's event columns
+/// are `INTEGER`, and a `UNION` with them would not be).
 pub(crate) fn event_as_rollup_row() -> String {
     COLUMNS
-        .map(|column| format!("{} AS {}", column.per_event, column.name))
+        .map(|column| format!("CAST({} AS BIGINT) AS {}", column.per_event, column.name))
         .join(", ")
 }
 
-/// The totals over rollup-shaped rows: `coalesce(sum(requests), 0) AS
-/// requests, …, coalesce(max(latency_ms_max), 0) AS latency_ms_max`.
+/// The totals over rollup-shaped rows: `CAST(coalesce(sum(requests), 0)
+/// AS BIGINT) AS requests, …` (PostgreSQL sums a `BIGINT` as a `NUMERIC`).
 pub(crate) fn totals_of_rows() -> String {
     COLUMNS
         .map(|column| {
@@ -84,7 +86,10 @@ pub(crate) fn totals_of_rows() -> String {
                 Combine::Sum => "sum",
                 Combine::Max => "max",
             };
-            format!("coalesce({function}({0}), 0) AS {0}", column.name)
+            format!(
+                "CAST(coalesce({function}({0}), 0) AS BIGINT) AS {0}",
+                column.name
+            )
         })
         .join(", ")
 }
@@ -97,7 +102,11 @@ fn upsert(table: &str, key_columns: &[&str]) -> String {
     let updates = COLUMNS
         .map(|column| match column.combine {
             Combine::Sum => format!("{0} = {0} + excluded.{0}", column.name),
-            Combine::Max => format!("{0} = max({0}, excluded.{0})", column.name),
+            // SQLite's two-argument max() is PostgreSQL's greatest().
+            Combine::Max => format!(
+                "{0} = CASE WHEN excluded.{0} > {0} THEN excluded.{0} ELSE {0} END",
+                column.name
+            ),
         })
         .join(", ");
     format!(
@@ -128,7 +137,7 @@ pub(crate) struct Counted<'a> {
 /// transaction. Rows are visited in key order, so a batch walks each table
 /// once from one end to the other.
 pub(crate) fn add<'a>(
-    conn: &mut Conn,
+    conn: &mut Conn<'_>,
     events: impl IntoIterator<Item = Counted<'a>>,
 ) -> Result<()> {
     let mut by_key: BTreeMap<(i64, i64, i64), Totals> = BTreeMap::new();
@@ -144,11 +153,12 @@ pub(crate) fn add<'a>(
             .add_event(counted.event);
     }
     for ((key_row_id, hour, model_id), totals) in by_key {
-        FixedSql::<AddToKeyRollup>::new(binds(&[key_row_id, hour, model_id], &totals))
-            .execute(conn)?;
+        let upsert = FixedSql::<AddToKeyRollup>::new(binds(&[key_row_id, hour, model_id], &totals));
+        on_backend!(conn, |c| upsert.execute(c))?;
     }
     for ((hour, model_id), totals) in by_model {
-        FixedSql::<AddToModelRollup>::new(binds(&[hour, model_id], &totals)).execute(conn)?;
+        let upsert = FixedSql::<AddToModelRollup>::new(binds(&[hour, model_id], &totals));
+        on_backend!(conn, |c| upsert.execute(c))?;
     }
     Ok(())
 }
@@ -164,18 +174,18 @@ fn binds(key: &[i64], totals: &Totals) -> Vec<Value<'static>> {
 
 /// Deletes at most `batch` rows of each rollup table for hours before
 /// `cutoff_hour`, inside the caller's write transaction.
-pub(crate) fn delete_before(conn: &mut Conn, cutoff_hour: i64, batch: u32) -> Result<usize> {
+pub(crate) fn delete_before(conn: &mut Conn<'_>, cutoff_hour: i64, batch: u32) -> Result<usize> {
     let by_key = CachedSql::new(
         "DELETE FROM usage_key_hourly WHERE (key_row_id, hour, model_id) IN \
          (SELECT key_row_id, hour, model_id FROM usage_key_hourly WHERE hour < ? LIMIT ?)",
         vec![cutoff_hour, i64::from(batch)],
-    )
-    .execute(conn)?;
+    );
+    let by_key = on_backend!(conn, |c| by_key.execute(c))?;
     let by_model = CachedSql::new(
         "DELETE FROM usage_model_hourly WHERE (hour, model_id) IN \
          (SELECT hour, model_id FROM usage_model_hourly WHERE hour < ? LIMIT ?)",
         vec![cutoff_hour, i64::from(batch)],
-    )
-    .execute(conn)?;
+    );
+    let by_model = on_backend!(conn, |c| by_model.execute(c))?;
     Ok(by_key + by_model)
 }

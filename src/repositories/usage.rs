@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 
+use crate::db::database::on_backend;
 use crate::db::sql::{sql_text, CachedSql, FixedSql, Value};
 use crate::error::{Error, Result};
 use crate::model::key::KeyId;
@@ -179,8 +180,9 @@ impl<'a> Events<'a> {
             .map(Value::Int)
             .to_vec();
             let row: GroupRow = {
-                let mut conn = self.db.connection()?;
-                FixedSql::<KeyWindowTotals>::new(values).get_result(&mut *conn)?
+                let mut pooled = self.db.connection()?;
+                let query = FixedSql::<KeyWindowTotals>::new(values);
+                on_backend!(&mut pooled.conn(), |c| query.get_result(c))?
             };
             let mut grouped = BTreeMap::new();
             if row.totals.requests > 0 {
@@ -220,8 +222,8 @@ impl<'a> Events<'a> {
             return Ok(BTreeMap::new());
         };
         let rows: Vec<GroupRow> = {
-            let mut conn = self.db.connection()?;
-            query.load(&mut *conn)?
+            let mut pooled = self.db.connection()?;
+            on_backend!(&mut pooled.conn(), |c| query.load(c))?
         };
         let mut grouped: BTreeMap<i64, Totals> = BTreeMap::new();
         for row in rows {
@@ -237,10 +239,11 @@ sql_text!(
     /// edges from its raw events (an edge not needed is an empty window).
     /// Fixed for the process, so Diesel keeps it prepared by type.
     KeyWindowTotals = format!(
-        "SELECT 0 AS grp, {totals} FROM (\
+        "SELECT CAST(0 AS BIGINT) AS grp, {totals} FROM (\
          SELECT {columns} FROM usage_key_hourly WHERE key_row_id = ? AND hour >= ? AND hour < ? \
          UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ? \
-         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ?)",
+         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ?) \
+         AS parts",
         totals = rollups::totals_of_rows(),
         columns = rollups::column_list(),
         per_event = rollups::event_as_rollup_row(),
@@ -279,7 +282,7 @@ impl Compound {
             " GROUP BY grp"
         };
         let sql = format!(
-            "SELECT coalesce(grp, 0) AS grp, {} FROM ({}){group_by}",
+            "SELECT CAST(coalesce(grp, 0) AS BIGINT) AS grp, {} FROM ({}) AS parts{group_by}",
             rollups::totals_of_rows(),
             self.sql
         );

@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::db::database::Database;
+use crate::db::database::{Backend, Database};
 use crate::db::sqlite::checkpoint;
 use crate::error::{Error, Result};
 use crate::model::event::DEFAULT_PRUNE_BATCH;
@@ -121,7 +121,11 @@ fn run(
                 tracing::warn!(error = %error.report(), "retention sweep failed; will retry");
             }
         }
-        let checkpointed = checkpoint::background_checkpoint(|| db.connection(), db.gate());
+        if db.backend() != Backend::Sqlite {
+            continue;
+        }
+        let checkpointed =
+            checkpoint::background_checkpoint(|| db.sqlite_connection("checkpoint"), db.gate());
         if let Err(error) = checkpointed {
             tracing::debug!(error = %error.report(), "background checkpoint did not run");
         }

@@ -4,17 +4,20 @@
 
 pub(crate) mod maintenance;
 pub(crate) mod options;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 pub(crate) mod sqlite;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::db::classify;
-use crate::db::database::{CloseReport, Database};
+use crate::db::database::{Backend, CloseReport, Database};
 use crate::db::sqlite::connection::ConnectionSetup;
 use crate::db::sqlite::files::{self, TightenedFile};
 use crate::db::sqlite::migrations;
 use crate::error::{Error, Result};
+use crate::model::location::Location;
 use crate::repositories::events::Events;
 use crate::repositories::keys::{KeyMemory, Keys};
 use crate::repositories::models::ModelIds;
@@ -35,8 +38,8 @@ pub struct Store {
     applied_at_open: Vec<String>,
     tightened_at_open: Vec<TightenedFile>,
     /// Declared last, so dropped after the pool: while it lives, nothing in
-    /// this process opens the database file with plain I/O.
-    _claim: files::OpenClaim,
+    /// this process opens the SQLite database file with plain I/O.
+    _claim: Option<files::OpenClaim>,
 }
 
 impl std::fmt::Debug for Store {
@@ -87,22 +90,16 @@ impl Store {
             &options.secret_prefix,
             options.key_cache_size,
         )?);
-        let path = options.path.clone();
-        files::prepare_database_path(&path)?;
-        // Refuse what is not ours before SQLite (or a chmod) touches it.
-        let claim = files::claim_for_store(&path)?;
-        let tightened_at_open = files::tighten_modes(&path)?;
-        let setup = ConnectionSetup {
-            path: path.clone(),
-            synchronous: options.synchronous,
-            busy_timeout: options.busy_timeout,
+        let (db, applied_at_open, tightened_at_open, claim) = match &options.location {
+            Location::Sqlite(path) => {
+                let (db, applied, tightened, claim) = open_sqlite(path, options)?;
+                (db, applied, tightened, Some(claim))
+            }
+            Location::Postgres(url) => {
+                let (db, applied) = open_postgres(url, options)?;
+                (db, applied, Vec::new(), None)
+            }
         };
-        let mut first = setup
-            .establish()
-            .map_err(|e| classify::about_file(e, &path))?;
-        let applied_at_open = migrations::run_pending(&mut first, &path)
-            .map_err(|e| classify::about_file(e, &path))?;
-        let db = Database::open(setup, first, options.pool_size)?;
         let maintenance = Maintenance::start(
             db.clone(),
             Arc::clone(&keys),
@@ -120,7 +117,13 @@ impl Store {
         })
     }
 
-    /// The database file's path.
+    /// Which backend the store runs on.
+    pub fn backend(&self) -> Backend {
+        self.db.backend()
+    }
+
+    /// The SQLite database file's path; for PostgreSQL, its URL with the
+    /// password left out.
     pub fn path(&self) -> &Path {
         self.db.path()
     }
@@ -169,6 +172,46 @@ impl Store {
         self.maintenance.stop();
         self.db.close()
     }
+}
+
+/// Opens and migrates the SQLite database at `path`.
+fn open_sqlite(
+    path: &Path,
+    options: &StoreOptions,
+) -> Result<(Database, Vec<String>, Vec<TightenedFile>, files::OpenClaim)> {
+    files::prepare_database_path(path)?;
+    // Refuse what is not ours before SQLite (or a chmod) touches it.
+    let claim = files::claim_for_store(path)?;
+    let tightened_at_open = files::tighten_modes(path)?;
+    let setup = ConnectionSetup {
+        path: path.to_path_buf(),
+        synchronous: options.synchronous,
+        busy_timeout: options.busy_timeout,
+    };
+    let mut first = setup
+        .establish()
+        .map_err(|e| classify::about_file(e, path))?;
+    let applied_at_open =
+        migrations::run_pending(&mut first, path).map_err(|e| classify::about_file(e, path))?;
+    let db = Database::open(setup, first, options.pool_size)?;
+    Ok((db, applied_at_open, tightened_at_open, claim))
+}
+
+/// Connects to the PostgreSQL database at `url` and migrates it.
+#[cfg(feature = "postgres")]
+fn open_postgres(url: &str, options: &StoreOptions) -> Result<(Database, Vec<String>)> {
+    use crate::db::postgres::{connection::PgSetup, migrations as pg_migrations};
+    let setup = PgSetup::new(url, options.busy_timeout);
+    let mut first = setup.establish()?;
+    let applied = pg_migrations::run_pending(&mut first, setup.redacted())?;
+    drop(first);
+    Ok((Database::open_postgres(setup, options.pool_size)?, applied))
+}
+
+/// Without the `postgres` feature, a URL is refused.
+#[cfg(not(feature = "postgres"))]
+fn open_postgres(_url: &str, _options: &StoreOptions) -> Result<(Database, Vec<String>)> {
+    Err(Error::PostgresNotBuilt)
 }
 
 impl Drop for Store {

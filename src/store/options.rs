@@ -1,21 +1,23 @@
 //! [`StoreOptions`]: how to open a store, and [`Retention`]: how long it
 //! keeps what.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::db::sqlite::connection::{Synchronous, DEFAULT_BUSY_TIMEOUT};
 use crate::model::event::DEFAULT_RAW_RETENTION;
+use crate::model::location::Location;
 use crate::model::secret::DEFAULT_SECRET_PREFIX;
 use crate::repositories::keys::cache::DEFAULT_KEY_CACHE_SIZE;
 
 /// The default number of connections in the pool.
 pub const DEFAULT_POOL_SIZE: u32 = 8;
 
-/// How to open a [`crate::Store`]: the path and the few settings that can change.
+/// How to open a [`crate::Store`]: where its database is and the few
+/// settings that can change.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    pub(crate) path: PathBuf,
+    pub(crate) location: Location,
     pub(crate) synchronous: Synchronous,
     pub(crate) busy_timeout: Duration,
     pub(crate) pool_size: u32,
@@ -53,11 +55,16 @@ impl Default for Retention {
 pub const DEFAULT_LAST_USED_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 
 impl StoreOptions {
-    /// Options for the database at `path`, with the defaults: synchronous
-    /// `NORMAL`, a 5 s busy timeout, 8 pooled connections.
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    /// Options for the database at `location`, with the defaults:
+    /// synchronous `NORMAL`, a 5 s busy timeout, 8 pooled connections.
+    ///
+    /// `location` is read as [`Location::parse`] reads it: a
+    /// `postgres://` or `postgresql://` URL names a PostgreSQL database
+    /// (with the `postgres` feature), `sqlite://PATH` or any other text the
+    /// path of an SQLite file.
+    pub fn new(location: impl AsRef<Path>) -> Self {
         StoreOptions {
-            path: path.into(),
+            location: Location::parse(location),
             synchronous: Synchronous::Normal,
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             pool_size: DEFAULT_POOL_SIZE,
@@ -108,25 +115,29 @@ impl StoreOptions {
         self
     }
 
-    /// The same options for another database path.
+    /// The same options for another SQLite database.
     pub(crate) fn with_path(mut self, path: &Path) -> Self {
-        self.path = path.to_path_buf();
+        self.location = Location::Sqlite(path.to_path_buf());
         self
     }
 
-    /// The database path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the database is.
+    pub fn location(&self) -> &Location {
+        &self.location
     }
 
-    /// Sets `PRAGMA synchronous` for every connection.
+    /// Sets `PRAGMA synchronous` for every connection (SQLite only: on
+    /// PostgreSQL a commit is durable as the server's `synchronous_commit`
+    /// says).
     #[must_use]
     pub fn synchronous(mut self, synchronous: Synchronous) -> Self {
         self.synchronous = synchronous;
         self
     }
 
-    /// Sets how long a connection waits for a lock before [`crate::Error::Busy`].
+    /// Sets how long a connection waits for a lock before
+    /// [`crate::Error::Busy`] (on PostgreSQL, the `lock_timeout` of every
+    /// connection).
     #[must_use]
     pub fn busy_timeout(mut self, busy_timeout: Duration) -> Self {
         self.busy_timeout = busy_timeout;

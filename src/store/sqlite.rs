@@ -9,6 +9,7 @@ use diesel::sql_types::Text;
 use diesel::{QueryableByName, RunQueryDsl, SqliteConnection};
 use serde::Serialize;
 
+use crate::db::database::Conn;
 use crate::db::sqlite::backup::{self, BackupReport};
 use crate::db::sqlite::check::{self, CheckReport};
 use crate::db::sqlite::checkpoint::{self, CheckpointReport};
@@ -16,7 +17,7 @@ use crate::db::sqlite::connection::{pragma_integer, Synchronous};
 use crate::db::sqlite::files::{self, FileInfo};
 use crate::db::sqlite::migrations;
 use crate::db::sqlite::restore::{self as restoring, RestoreReport};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::options::StoreOptions;
 use crate::store::Store;
 
@@ -56,13 +57,15 @@ struct TextRow {
 }
 
 impl Store {
-    /// Reports the database's settings, schema version and files.
+    /// Reports the SQLite database's settings, schema version and files
+    /// (on PostgreSQL, see `Store::postgres_status`).
     ///
     /// # Errors
     ///
-    /// [`crate::Error::Database`], [`crate::Error::Io`] or [`crate::Error::Pool`].
+    /// [`crate::Error::SqliteOnly`] on PostgreSQL, [`crate::Error::Database`],
+    /// [`crate::Error::Io`] or [`crate::Error::Pool`].
     pub fn status(&self) -> Result<Status> {
-        let mut conn = self.db.connection()?;
+        let mut conn = self.db.sqlite_connection("status")?;
         let conn = &mut *conn;
         let sqlite_version = diesel::sql_query("SELECT sqlite_version() AS value")
             .get_result::<TextRow>(conn)?
@@ -100,7 +103,7 @@ impl Store {
     /// [`crate::Error::Pool`] or [`crate::Error::Database`]. A checkpoint that runs but
     /// cannot complete is not an error: the report says so.
     pub fn checkpoint(&self) -> Result<CheckpointReport> {
-        let mut conn = self.db.connection()?;
+        let mut conn = self.db.sqlite_connection("checkpoint")?;
         checkpoint::checkpoint_truncate(&mut conn, self.db.busy_timeout(), Duration::ZERO)
     }
 
@@ -117,7 +120,7 @@ impl Store {
     /// [`crate::Error::Io`] or the store's errors. On error nothing is left
     /// at `destination` that was not there before.
     pub fn backup_to(&self, destination: &Path, replace: bool) -> Result<BackupReport> {
-        let mut conn = self.db.connection()?;
+        let mut conn = self.db.sqlite_connection("backup")?;
         backup::write_backup(&mut conn, self.path(), destination, replace)
     }
 
@@ -130,7 +133,11 @@ impl Store {
     ///
     /// The store's errors if the checks themselves cannot run.
     pub fn check(&self) -> Result<CheckReport> {
-        let mut conn = self.db.connection()?;
+        #[cfg(feature = "postgres")]
+        if self.backend() == crate::Backend::Postgres {
+            return self.postgres_check();
+        }
+        let mut conn = self.db.sqlite_connection("check")?;
         let mut report = check::check(&mut conn, self.path())?;
         // Opening the store already tightened what was too wide: that is
         // still a finding.
@@ -153,7 +160,7 @@ impl Store {
     ///
     /// [`crate::Error::Closed`] or [`crate::Error::Pool`].
     pub fn sqlite_connection(&self) -> Result<SqlitePooledConnection> {
-        self.db.connection()
+        self.db.sqlite_connection("raw SQLite access")
     }
 
     /// Runs `f` on a raw SQLite connection in a write transaction (`BEGIN
@@ -167,7 +174,13 @@ impl Store {
     /// [`crate::Error::Busy`] if the lock stayed taken, or
     /// [`crate::Error::Pool`].
     pub fn sqlite_write<T>(&self, f: impl FnOnce(&mut SqliteConnection) -> Result<T>) -> Result<T> {
-        self.db.write(f)
+        let mut f = Some(f);
+        self.db.write(|conn| match (conn, f.take()) {
+            (Conn::Sqlite(conn), Some(f)) => f(conn),
+            _ => Err(Error::SqliteOnly {
+                operation: "raw SQLite access",
+            }),
+        })
     }
 }
 

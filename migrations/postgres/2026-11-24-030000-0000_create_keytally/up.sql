@@ -24,6 +24,10 @@ CREATE TABLE keys (
     last_used_at BIGINT
 );
 
+-- keytally's mark, in place of SQLite's application id: a schema whose keys
+-- table does not carry it is another application's, and is not touched.
+COMMENT ON TABLE keys IS 'keytally';
+
 CREATE TABLE key_secrets (
     -- SHA-256 of the secret.
     secret_hash BYTEA PRIMARY KEY CHECK (octet_length(secret_hash) = 32),

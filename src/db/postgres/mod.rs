@@ -1,10 +1,9 @@
-//! What only PostgreSQL has. Today: its migrations, which declare the same
-//! tables and columns as SQLite's (`schema.rs`), with identity columns, a
-//! sequence for event ids and PL/pgSQL triggers where SQLite has its own.
+//! What only PostgreSQL has: its connections (the URL kept out of sight)
+//! and its migrations, which declare the same tables and columns as
+//! SQLite's (`schema.rs`), with identity columns, a sequence for event ids
+//! and PL/pgSQL triggers where SQLite has its own.
 
-use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+pub(crate) mod connection;
+pub(crate) mod migrations;
 
-/// The PostgreSQL migrations compiled into this binary, from
-/// `migrations/postgres/` (`diesel-postgres.toml` points the diesel CLI
-/// there).
-pub const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+pub use migrations::POSTGRES_MIGRATIONS;

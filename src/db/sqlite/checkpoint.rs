@@ -57,7 +57,7 @@ pub(crate) fn background_checkpoint<C: DerefMut<Target = SqliteConnection>>(
     };
     let first = passive(&mut *connection()?)?;
     if first.busy == 0 && first.log >= RESTART_LOG_FRAMES {
-        let _turn = gate.enter()?;
+        let _turn = gate.enter(true)?;
         passive(&mut *connection()?)?;
     }
     Ok(())

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use crate::db::database::{Conn, Database};
+use crate::db::database::{on_backend, Conn, Database};
 use crate::db::sql::CachedSql;
 use crate::error::Result;
 use crate::repositories::fast_hash::BuildFastHasher;
@@ -57,15 +57,15 @@ impl LastUsed {
 }
 
 /// Writes noted `last_used_at` times, never moving one backwards.
-fn write(conn: &mut Conn, noted: &[(i64, i64)]) -> Result<()> {
+fn write(conn: &mut Conn<'_>, noted: &[(i64, i64)]) -> Result<()> {
     for &(row_id, millis) in noted {
         // Diesel does not keep an UPDATE prepared; this runs once per key.
-        CachedSql::new(
+        let update = CachedSql::new(
             "UPDATE keys SET last_used_at = ? WHERE row_id = ? \
              AND (last_used_at IS NULL OR last_used_at < ?)",
             vec![millis, row_id, millis],
-        )
-        .execute(conn)?;
+        );
+        on_backend!(conn, |c| update.execute(c))?;
     }
     Ok(())
 }

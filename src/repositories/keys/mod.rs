@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use diesel::prelude::*;
 
-use crate::db::database::{Conn, Database};
+use crate::db::database::{on_backend, Conn, Database};
 use crate::db::schema::{key_secrets, keys, sequences};
 use crate::db::sql::{sql_text, FixedSql};
 use crate::error::{Error, Result};
@@ -50,10 +50,10 @@ struct NewSecretRow<'a> {
 
 impl NewSecretRow<'_> {
     /// Stores the secret's hash for its key.
-    fn insert(&self, conn: &mut Conn) -> Result<()> {
-        diesel::insert_into(key_secrets::table)
+    fn insert(&self, conn: &mut Conn<'_>) -> Result<()> {
+        on_backend!(conn, |c| diesel::insert_into(key_secrets::table)
             .values(self)
-            .execute(conn)?;
+            .execute(c))?;
         Ok(())
     }
 }
@@ -111,14 +111,16 @@ struct CountRow {
 }
 
 /// The database's count of key changes, read in its own read transaction.
-fn key_changes(conn: &mut Conn) -> Result<i64> {
-    Ok(FixedSql::<KeyChangeCount>::new(Vec::new())
-        .get_result::<CountRow>(conn)
-        .optional()?
+fn key_changes(conn: &mut Conn<'_>) -> Result<i64> {
+    Ok(
+        on_backend!(conn, |c| FixedSql::<KeyChangeCount>::new(Vec::new())
+            .get_result::<CountRow>(c)
+            .optional())?
         .ok_or_else(|| Error::BadStoredValue {
             message: "the count of key changes is missing from the sequences table".to_owned(),
         })?
-        .value)
+        .value,
+    )
 }
 
 /// What resolving a secret reads: the key's row id, id, tier, allowed
@@ -174,10 +176,10 @@ impl<'a> Keys<'a> {
             expires_at: new.expires_at,
         };
         let key = self.db.write(|conn| {
-            let key: Key = diesel::insert_into(keys::table)
+            let key: Key = on_backend!(conn, |c| diesel::insert_into(keys::table)
                 .values(&row)
                 .returning(keys::all_columns)
-                .get_result(conn)?;
+                .get_result(c))?;
             NewSecretRow {
                 secret_hash: &hash.0,
                 key_row_id: key.row_id,
@@ -206,33 +208,35 @@ impl<'a> Keys<'a> {
             return Ok(Err(Rejection::Malformed));
         };
         let row = {
-            let mut conn = self.db.connection()?;
+            let mut pooled = self.db.connection()?;
+            let conn = &mut pooled.conn();
             let cache = &self.memory.cache;
             match cache.get(&hash.0) {
-                Some((changes, row)) if key_changes(&mut conn)? == changes => Some(row),
+                Some((changes, row)) if key_changes(conn)? == changes => Some(row),
                 _ => {
-                    let found: Option<(Option<i64>, Resolved)> = key_secrets::table
-                        .inner_join(keys::table)
-                        .left_join(sequences::table.on(sequences::name.eq(KEY_CHANGES)))
-                        .filter(key_secrets::secret_hash.eq(&hash.0[..]))
-                        .select((
-                            sequences::next.nullable(),
-                            (
-                                keys::row_id,
-                                keys::id,
-                                keys::tier,
-                                keys::allowed_models,
-                                keys::rate_limit_override,
-                                keys::expires_at,
-                                keys::revoked_at,
-                                key_secrets::valid_until,
-                            ),
-                        ))
-                        // `get_result`, not `first`: `first` binds LIMIT as a
-                        // parameter, which makes SQLite re-prepare the
-                        // statement on every call.
-                        .get_result(&mut *conn)
-                        .optional()?;
+                    let found: Option<(Option<i64>, Resolved)> =
+                        on_backend!(conn, |c| key_secrets::table
+                            .inner_join(keys::table)
+                            .left_join(sequences::table.on(sequences::name.eq(KEY_CHANGES)))
+                            .filter(key_secrets::secret_hash.eq(&hash.0[..]))
+                            .select((
+                                sequences::next.nullable(),
+                                (
+                                    keys::row_id,
+                                    keys::id,
+                                    keys::tier,
+                                    keys::allowed_models,
+                                    keys::rate_limit_override,
+                                    keys::expires_at,
+                                    keys::revoked_at,
+                                    key_secrets::valid_until,
+                                ),
+                            ))
+                            // `get_result`, not `first`: `first` binds LIMIT as a
+                            // parameter, which makes SQLite re-prepare the
+                            // statement on every call.
+                            .get_result(c)
+                            .optional())?;
                     if let Some((Some(changes), row)) = &found {
                         cache.put(*changes, hash.0, row.clone());
                     }
@@ -275,8 +279,8 @@ impl<'a> Keys<'a> {
     ///
     /// [`Error::KeyNotFound`], or the store's errors.
     pub fn get(&self, id: KeyId) -> Result<Key> {
-        let mut conn = self.db.connection()?;
-        find(&mut conn, id)
+        let mut pooled = self.db.connection()?;
+        find(&mut pooled.conn(), id)
     }
 
     /// Keys in id (creation) order, filtered, one page at a time.
@@ -288,33 +292,35 @@ impl<'a> Keys<'a> {
     pub fn list(&self, filter: &KeyFilter) -> Result<Vec<Key>> {
         let limit = page_size(filter.limit)?;
         let now = Timestamp::now();
-        let mut query = keys::table
-            .select(keys::all_columns)
-            .order(keys::id.asc())
-            .limit(i64::from(limit))
-            .into_boxed();
-        if let Some(after) = filter.after {
-            query = query.filter(keys::id.gt(after));
-        }
-        if let Some(tier) = filter.tier {
-            query = query.filter(keys::tier.eq(tier));
-        }
-        match filter.state {
-            None => {}
-            Some(KeyState::Revoked) => query = query.filter(keys::revoked_at.is_not_null()),
-            Some(KeyState::Expired) => {
-                query = query
-                    .filter(keys::revoked_at.is_null())
-                    .filter(keys::expires_at.le(now));
+        let mut pooled = self.db.connection()?;
+        Ok(on_backend!(&mut pooled.conn(), |c| {
+            let mut query = keys::table
+                .select(keys::all_columns)
+                .order(keys::id.asc())
+                .limit(i64::from(limit))
+                .into_boxed();
+            if let Some(after) = filter.after {
+                query = query.filter(keys::id.gt(after));
             }
-            Some(KeyState::Active) => {
-                query = query
-                    .filter(keys::revoked_at.is_null())
-                    .filter(keys::expires_at.is_null().or(keys::expires_at.gt(now)));
+            if let Some(tier) = filter.tier {
+                query = query.filter(keys::tier.eq(tier));
             }
-        }
-        let mut conn = self.db.connection()?;
-        Ok(query.load(&mut *conn)?)
+            match filter.state {
+                None => {}
+                Some(KeyState::Revoked) => query = query.filter(keys::revoked_at.is_not_null()),
+                Some(KeyState::Expired) => {
+                    query = query
+                        .filter(keys::revoked_at.is_null())
+                        .filter(keys::expires_at.le(now));
+                }
+                Some(KeyState::Active) => {
+                    query = query
+                        .filter(keys::revoked_at.is_null())
+                        .filter(keys::expires_at.is_null().or(keys::expires_at.gt(now)));
+                }
+            }
+            query.load(c)
+        })?)
     }
 
     /// Revokes a key. Idempotent: revoking again keeps the first time. The
@@ -326,13 +332,13 @@ impl<'a> Keys<'a> {
     pub fn revoke(&self, id: KeyId) -> Result<Key> {
         let now = Timestamp::now();
         let key = self.db.write(|conn| {
-            diesel::update(
+            on_backend!(conn, |c| diesel::update(
                 keys::table
                     .filter(keys::id.eq(id))
                     .filter(keys::revoked_at.is_null()),
             )
             .set(keys::revoked_at.eq(now))
-            .execute(conn)?;
+            .execute(c))?;
             find(conn, id)
         })?;
         tracing::info!(key = %id, "revoked key");
@@ -353,13 +359,13 @@ impl<'a> Keys<'a> {
         let hash = secret.hash();
         let display_prefix = secret.display_prefix();
         let key = self.db.write(|conn| {
-            let key = find(conn, id)?;
+            let key = find_for_update(conn, id)?;
             if key.revoked_at.is_some() {
                 return Err(Error::KeyRevoked { id });
             }
             // Every secret still valid past the new deadline now ends there;
             // one already ending sooner keeps its earlier end.
-            diesel::update(
+            on_backend!(conn, |c| diesel::update(
                 key_secrets::table
                     .filter(key_secrets::key_row_id.eq(key.row_id))
                     .filter(
@@ -369,16 +375,18 @@ impl<'a> Keys<'a> {
                     ),
             )
             .set(key_secrets::valid_until.eq(old_until))
-            .execute(conn)?;
+            .execute(c))?;
             NewSecretRow {
                 secret_hash: &hash.0,
                 key_row_id: key.row_id,
                 created_at: now,
             }
             .insert(conn)?;
-            diesel::update(keys::table.filter(keys::row_id.eq(key.row_id)))
-                .set(keys::display_prefix.eq(&display_prefix))
-                .execute(conn)?;
+            on_backend!(conn, |c| diesel::update(
+                keys::table.filter(keys::row_id.eq(key.row_id))
+            )
+            .set(keys::display_prefix.eq(&display_prefix))
+            .execute(c))?;
             find(conn, id)
         })?;
         tracing::info!(key = %id, grace_ms, "rotated key");
@@ -410,13 +418,15 @@ impl<'a> Keys<'a> {
             && changes.expires_at.is_none()
             && changes.rate_limit_override.is_none();
         self.db.write(|conn| {
-            if find(conn, id)?.revoked_at.is_some() {
+            if find_for_update(conn, id)?.revoked_at.is_some() {
                 return Err(Error::KeyRevoked { id });
             }
             if !nothing_to_change {
-                diesel::update(keys::table.filter(keys::id.eq(id)))
-                    .set(&changes)
-                    .execute(conn)?;
+                on_backend!(conn, |c| diesel::update(
+                    keys::table.filter(keys::id.eq(id))
+                )
+                .set(&changes)
+                .execute(c))?;
             }
             find(conn, id)
         })
@@ -444,12 +454,12 @@ impl<'a> Keys<'a> {
         {
             return Ok(Some(*row_id));
         }
-        let mut conn = self.db.connection()?;
-        let row_id = keys::table
+        let mut pooled = self.db.connection()?;
+        let row_id = on_backend!(&mut pooled.conn(), |c| keys::table
             .filter(keys::id.eq(id))
             .select(keys::row_id)
-            .get_result(&mut *conn)
-            .optional()?;
+            .get_result(c)
+            .optional())?;
         if let Some(row_id) = row_id {
             self.memory
                 .row_ids
@@ -462,23 +472,42 @@ impl<'a> Keys<'a> {
 }
 
 /// The key with this id.
-fn find(conn: &mut Conn, id: KeyId) -> Result<Key> {
-    keys::table
+fn find(conn: &mut Conn<'_>, id: KeyId) -> Result<Key> {
+    on_backend!(conn, |c| keys::table
         .filter(keys::id.eq(id))
         .select(keys::all_columns)
-        .get_result(conn)
-        .optional()?
-        .ok_or(Error::KeyNotFound { id })
+        .get_result(c)
+        .optional())?
+    .ok_or(Error::KeyNotFound { id })
+}
+
+/// The key with this id, locked until the caller's transaction ends, so
+/// that two changes of one key run one after the other. On SQLite the
+/// write transaction already holds the database's one write lock; on
+/// PostgreSQL the row is locked (`FOR UPDATE`), so a rotate that races a
+/// revoke sees it committed and is refused, instead of both writing.
+fn find_for_update(conn: &mut Conn<'_>, id: KeyId) -> Result<Key> {
+    match conn {
+        Conn::Sqlite(_) => find(conn, id),
+        #[cfg(feature = "postgres")]
+        Conn::Postgres(c) => keys::table
+            .filter(keys::id.eq(id))
+            .select(keys::all_columns)
+            .for_update()
+            .get_result(*c)
+            .optional()?
+            .ok_or(Error::KeyNotFound { id }),
+    }
 }
 
 /// The public ids of keys by their internal row ids.
-pub(crate) fn ids_of(conn: &mut Conn, row_ids: &[i64]) -> Result<HashMap<i64, KeyId>> {
+pub(crate) fn ids_of(conn: &mut Conn<'_>, row_ids: &[i64]) -> Result<HashMap<i64, KeyId>> {
     let mut ids = HashMap::with_capacity(row_ids.len());
     for chunk in row_ids.chunks(500) {
-        let rows: Vec<(i64, KeyId)> = keys::table
+        let rows: Vec<(i64, KeyId)> = on_backend!(conn, |c| keys::table
             .filter(keys::row_id.eq_any(chunk))
             .select((keys::row_id, keys::id))
-            .load(conn)?;
+            .load(c))?;
         ids.extend(rows);
     }
     Ok(ids)
