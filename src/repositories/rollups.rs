@@ -101,10 +101,12 @@ fn upsert(table: &str, key_columns: &[&str]) -> String {
     let placeholders = vec!["?"; key_columns.len() + COLUMNS.len()].join(", ");
     let updates = COLUMNS
         .map(|column| match column.combine {
-            Combine::Sum => format!("{0} = {0} + excluded.{0}", column.name),
+            // The row's own columns are named with the table: PostgreSQL
+            // finds a bare name ambiguous beside `excluded`.
+            Combine::Sum => format!("{0} = {table}.{0} + excluded.{0}", column.name),
             // SQLite's two-argument max() is PostgreSQL's greatest().
             Combine::Max => format!(
-                "{0} = CASE WHEN excluded.{0} > {0} THEN excluded.{0} ELSE {0} END",
+                "{0} = CASE WHEN excluded.{0} > {table}.{0} THEN excluded.{0} ELSE {table}.{0} END",
                 column.name
             ),
         })

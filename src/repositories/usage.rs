@@ -276,13 +276,14 @@ impl Compound {
         if self.sql.is_empty() {
             return None;
         }
-        let group_by = if grouping == Grouping::Nothing {
-            ""
+        // Without a grouping every row is one group, 0.
+        let (group, group_by) = if grouping == Grouping::Nothing {
+            ("0", "")
         } else {
-            " GROUP BY grp"
+            ("coalesce(grp, 0)", " GROUP BY grp")
         };
         let sql = format!(
-            "SELECT CAST(coalesce(grp, 0) AS BIGINT) AS grp, {} FROM ({}) AS parts{group_by}",
+            "SELECT CAST({group} AS BIGINT) AS grp, {} FROM ({}) AS parts{group_by}",
             rollups::totals_of_rows(),
             self.sql
         );

@@ -4,14 +4,16 @@
 use std::collections::BTreeMap;
 
 use diesel::sql_types::BigInt;
-use diesel::{QueryableByName, RunQueryDsl};
-use keytally::testing::{store, TestStore};
+use diesel::QueryableByName;
+use keytally::testing::{store_on, TestStore};
+use keytally::Backend;
 use keytally::{
     Bucket, Error, EventFilter, KeyId, NewEvent, NewKey, Timestamp, Totals, UsageFilter,
 };
 use rstest::rstest;
 
 use crate::support::random::Rng;
+use crate::support::sql::{raw, Raw};
 use crate::TestResult;
 
 /// 2026-11-01T00:00:00Z.
@@ -75,7 +77,10 @@ fn make_keys(store: &TestStore, n: usize) -> Result<Vec<KeyId>, Error> {
 }
 
 #[rstest]
-fn recorded_event_reads_back_whole(store: TestStore) -> TestResult {
+fn recorded_event_reads_back_whole(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let key = make_keys(&store, 1)?[0];
     let mut event = NewEvent::new(ts(T0)?, "gpt-4o");
     event.key_id = Some(key);
@@ -128,10 +133,11 @@ fn recorded_event_reads_back_whole(store: TestStore) -> TestResult {
 #[case::long_request_id(|e: &mut NewEvent| e.request_id = Some("r".repeat(129)), "request_id")]
 #[case::unknown_key(|e: &mut NewEvent| e.key_id = "0190f0f0-0000-7000-8000-000000000000".parse().ok(), "key_id")]
 fn a_bad_event_spoils_its_whole_batch_and_is_named(
-    store: TestStore,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
     #[case] spoil: fn(&mut NewEvent),
     #[case] field: &str,
 ) -> TestResult {
+    let store = store_on(backend);
     let mut batch: Vec<NewEvent> = (0..6)
         .map(|i| Ok(NewEvent::new(ts(T0 + i)?, "fine-model")))
         .collect::<Result<_, Error>>()?;
@@ -150,9 +156,9 @@ fn a_bad_event_spoils_its_whole_batch_and_is_named(
         .to_string()
         .contains("nothing of the batch was written"));
     // Nothing at all was written: no event, no rollup, no model name.
-    let mut conn = store.sqlite_connection()?;
+    let mut conn = raw(&store)?;
     for table in ["events", "usage_key_hourly", "usage_model_hourly", "models"] {
-        let count = count_rows(&mut conn, table)?;
+        let count = conn.number(&format!("SELECT count(*) AS n FROM {table}"))?;
         assert_eq!(count, 0, "{table} has {count} rows");
     }
     drop(conn);
@@ -162,20 +168,6 @@ fn a_bad_event_spoils_its_whole_batch_and_is_named(
         Err(Error::InvalidEvent { index: 0, .. })
     ));
     Ok(())
-}
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-fn count_rows(conn: &mut diesel::SqliteConnection, table: &str) -> diesel::QueryResult<i64> {
-    Ok(
-        diesel::sql_query(format!("SELECT count(*) AS n FROM {table}"))
-            .get_result::<Count>(conn)?
-            .n,
-    )
 }
 
 #[rstest]
@@ -191,7 +183,10 @@ fn out_of_range_timestamps_cannot_even_be_built() {
 }
 
 #[rstest]
-fn batch_ids_are_consecutive_and_in_order(store: TestStore) -> TestResult {
+fn batch_ids_are_consecutive_and_in_order(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let batch: Vec<NewEvent> = (0..50)
         .map(|i| Ok(NewEvent::new(ts(T0 + i * 1000)?, "o3")))
         .collect::<Result<_, Error>>()?;
@@ -204,7 +199,10 @@ fn batch_ids_are_consecutive_and_in_order(store: TestStore) -> TestResult {
 }
 
 #[rstest]
-fn event_ids_keep_growing_after_every_event_is_pruned(store: TestStore) -> TestResult {
+fn event_ids_keep_growing_after_every_event_is_pruned(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let batch: Vec<NewEvent> = (0..5)
         .map(|i| Ok(NewEvent::new(ts(T0 + i * 1000)?, "o3")))
         .collect::<Result<_, Error>>()?;
@@ -222,7 +220,10 @@ fn event_ids_keep_growing_after_every_event_is_pruned(store: TestStore) -> TestR
 }
 
 #[rstest]
-fn pages_return_every_event_once_newest_first(store: TestStore) -> TestResult {
+fn pages_return_every_event_once_newest_first(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let keys = make_keys(&store, 3)?;
     let mut rng = Rng::new(11);
     let mut batch = Vec::new();
@@ -280,7 +281,10 @@ fn pages_return_every_event_once_newest_first(store: TestStore) -> TestResult {
 }
 
 #[rstest]
-fn prune_removes_exactly_the_old_events_in_batches(store: TestStore) -> TestResult {
+fn prune_removes_exactly_the_old_events_in_batches(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let batch: Vec<NewEvent> = (0..100)
         .map(|i| Ok(NewEvent::new(ts(T0 + i * 60_000)?, "o3")))
         .collect::<Result<_, Error>>()?;
@@ -300,12 +304,9 @@ fn prune_removes_exactly_the_old_events_in_batches(store: TestStore) -> TestResu
     assert!(left.iter().all(|event| event.ts >= cutoff));
     assert!(left.iter().any(|event| event.ts == cutoff));
     // Whole-hour rollups are untouched by pruning raw events.
-    let mut conn = store.sqlite_connection()?;
-    let rollup_requests: Count =
-        diesel::sql_query("SELECT coalesce(sum(requests), 0) AS n FROM usage_model_hourly")
-            .get_result(&mut *conn)?;
-    assert_eq!(rollup_requests.n, 100);
-    drop(conn);
+    let rollup_requests = raw(&store)?
+        .number("SELECT CAST(coalesce(sum(requests), 0) AS BIGINT) AS n FROM usage_model_hourly")?;
+    assert_eq!(rollup_requests, 100);
     assert_eq!(before.requests, 100);
     assert!(matches!(
         store.events().prune(cutoff, 0),
@@ -321,7 +322,7 @@ fn prune_removes_exactly_the_old_events_in_batches(store: TestStore) -> TestResu
 type RollupTable = BTreeMap<(i64, String), (i64, i64, i64, i64)>;
 
 /// The model rollups as stored, from SQL.
-fn rollups(conn: &mut diesel::SqliteConnection) -> diesel::QueryResult<RollupTable> {
+fn rollups(conn: &mut Raw) -> diesel::QueryResult<RollupTable> {
     #[derive(QueryableByName)]
     struct Row {
         #[diesel(sql_type = BigInt)]
@@ -337,11 +338,10 @@ fn rollups(conn: &mut diesel::SqliteConnection) -> diesel::QueryResult<RollupTab
         #[diesel(sql_type = BigInt)]
         latency_max: i64,
     }
-    let rows: Vec<Row> = diesel::sql_query(
+    let rows: Vec<Row> = conn.load(
         "SELECT hour, name AS model, requests, errors, prompt_tokens AS prompt, \
          latency_ms_max AS latency_max FROM usage_model_hourly JOIN models ON models.id = model_id",
-    )
-    .load(conn)?;
+    )?;
     Ok(rows
         .into_iter()
         .map(|r| {
@@ -358,15 +358,16 @@ fn rollups(conn: &mut diesel::SqliteConnection) -> diesel::QueryResult<RollupTab
 #[case::seed_2(2)]
 #[case::seed_3(3)]
 fn rollups_equal_a_recount_after_records_and_prunes(
-    store: TestStore,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
     #[case] seed: u64,
 ) -> TestResult {
+    let store = store_on(backend);
     let keys = make_keys(&store, 4)?;
     let mut rng = Rng::new(seed);
     let span = 30 * HOUR;
     let mut recorded: Vec<NewEvent> = Vec::new();
     // Whether each recorded event is still there as a raw event.
-    let mut raw: Vec<bool> = Vec::new();
+    let mut kept: Vec<bool> = Vec::new();
     let mut cutoff = T0;
     for _ in 0..60 {
         match rng.below(5) {
@@ -374,7 +375,7 @@ fn rollups_equal_a_recount_after_records_and_prunes(
                 let event = random_event(&mut rng, &keys, span)?;
                 store.events().record(&event)?;
                 recorded.push(event);
-                raw.push(true);
+                kept.push(true);
             }
             1 => {
                 cutoff = cutoff.max(T0 + rng.below(span as u64 / 2) as i64);
@@ -382,7 +383,7 @@ fn rollups_equal_a_recount_after_records_and_prunes(
                     .events()
                     .prune(ts(cutoff)?, 1 + rng.below(20) as u32)?;
                 let mut removed = 0;
-                for (event, present) in recorded.iter().zip(raw.iter_mut()) {
+                for (event, present) in recorded.iter().zip(kept.iter_mut()) {
                     if *present && event.ts.as_millis() < cutoff {
                         *present = false;
                         removed += 1;
@@ -395,7 +396,7 @@ fn rollups_equal_a_recount_after_records_and_prunes(
                     .map(|_| random_event(&mut rng, &keys, span))
                     .collect::<Result<_, Error>>()?;
                 store.events().record_batch(&batch)?;
-                raw.extend(batch.iter().map(|_| true));
+                kept.extend(batch.iter().map(|_| true));
                 recorded.extend(batch);
             }
         }
@@ -405,11 +406,9 @@ fn rollups_equal_a_recount_after_records_and_prunes(
         limit: Some(10_000),
         ..EventFilter::default()
     })?;
-    assert_eq!(left.len(), raw.iter().filter(|present| **present).count());
+    assert_eq!(left.len(), kept.iter().filter(|present| **present).count());
     // The model rollups hold every event ever recorded, pruned or not.
-    let mut conn = store.sqlite_connection()?;
-    let stored = rollups(&mut conn)?;
-    drop(conn);
+    let stored = rollups(&mut raw(&store)?)?;
     let mut expected: BTreeMap<(i64, String), Totals> = BTreeMap::new();
     for event in &recorded {
         let hour = event.ts.as_millis() / HOUR;
@@ -526,7 +525,10 @@ fn rollups_equal_a_recount_after_records_and_prunes(
 }
 
 #[rstest]
-fn usage_rejects_an_inverted_window_and_an_unknown_key(store: TestStore) -> TestResult {
+fn usage_rejects_an_inverted_window_and_an_unknown_key(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     assert!(matches!(
         store
             .events()
@@ -590,7 +592,10 @@ fn the_maintenance_thread_enforces_retention() -> TestResult {
 }
 
 #[rstest]
-fn a_key_filter_reports_a_failed_look_up_as_it_is(store: TestStore) -> TestResult {
+fn a_key_filter_reports_a_failed_look_up_as_it_is(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let unknown: KeyId = "0190f0f0-0000-7000-8000-000000000000".parse()?;
     let listed = store.events().list(&EventFilter {
         key: Some(unknown),
@@ -603,13 +608,7 @@ fn a_key_filter_reports_a_failed_look_up_as_it_is(store: TestStore) -> TestResul
     // A key never looked up by this store, then a database that cannot
     // answer: the error says so, not "no key with id".
     let created = store.keys().create(&NewKey::client("looked up later"))?;
-    store.sqlite_write(|conn| {
-        diesel::connection::SimpleConnection::batch_execute(
-            conn,
-            "ALTER TABLE keys RENAME TO keys_elsewhere",
-        )?;
-        Ok(())
-    })?;
+    raw(&store)?.execute("ALTER TABLE keys RENAME TO keys_elsewhere")?;
     let listed = store.events().list(&EventFilter {
         key: Some(created.key.id),
         ..EventFilter::default()

@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use diesel::sql_types::BigInt;
 use diesel::{QueryableByName, RunQueryDsl};
-use keytally::testing::{store, TestStore};
+use keytally::testing::{store_on, TestStore};
+use keytally::Backend;
 use keytally::{
     AllowedModels, Error, KeyFilter, KeyId, KeyState, KeyUpdate, NewKey, Rejection, StoreOptions,
     Tier, Timestamp,
 };
 use rstest::rstest;
 
+use crate::support::sql::raw;
 use crate::TestResult;
 
 #[derive(QueryableByName)]
@@ -26,8 +28,32 @@ fn data_version(conn: &mut diesel::SqliteConnection) -> diesel::QueryResult<i64>
         .data_version)
 }
 
+/// A number that changes whenever anything is written to the keys: SQLite's
+/// `data_version` seen from a connection of its own, or the sum of the
+/// transaction ids that wrote the PostgreSQL rows.
+fn row_versions(
+    store: &TestStore,
+    observer: &mut Option<diesel::SqliteConnection>,
+) -> Result<i64, Box<dyn std::error::Error>> {
+    if store.database_url().is_none() {
+        let observer = match observer {
+            Some(observer) => observer,
+            None => observer.insert(crate::raw_connection(store.path())?),
+        };
+        return Ok(data_version(observer)?);
+    }
+    Ok(raw(store)?.number(
+        "SELECT CAST(coalesce(sum(xmin::text::bigint), 0) AS BIGINT) AS n FROM \
+         (SELECT xmin FROM keys UNION ALL SELECT xmin FROM key_secrets \
+          UNION ALL SELECT xmin FROM sequences) AS versions",
+    )?)
+}
+
 #[rstest]
-fn created_key_resolves_and_stores_no_secret(store: TestStore) -> TestResult {
+fn created_key_resolves_and_stores_no_secret(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let new = NewKey {
         label: "ci runner".to_owned(),
         tier: Tier::Admin,
@@ -55,12 +81,25 @@ fn created_key_resolves_and_stores_no_secret(store: TestStore) -> TestResult {
     assert_eq!(key.label, "ci runner");
     assert_eq!(key.state_at(Timestamp::now()), KeyState::Active);
     // The database holds the hash, never the secret.
-    let bytes = std::fs::read(store.path())?;
-    let wal = std::fs::read(crate::sidecar(store.path(), "-wal")).unwrap_or_default();
-    for haystack in [&bytes, &wal] {
-        assert!(!haystack
-            .windows(secret.len())
-            .any(|window| window == secret.as_bytes()));
+    if backend == Backend::Sqlite {
+        let bytes = std::fs::read(store.path())?;
+        let wal = std::fs::read(crate::sidecar(store.path(), "-wal")).unwrap_or_default();
+        for haystack in [&bytes, &wal] {
+            assert!(!haystack
+                .windows(secret.len())
+                .any(|window| window == secret.as_bytes()));
+        }
+    } else {
+        let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+        let mut raw = raw(&store)?;
+        for table in ["keys", "key_secrets"] {
+            let found = raw.number(&format!(
+                "SELECT count(*) AS n FROM {table} AS t \
+                 WHERE position('{}' IN t::text) > 0 OR position('{hex}' IN t::text) > 0",
+                &secret[3..]
+            ))?;
+            assert_eq!(found, 0, "the secret is in {table}");
+        }
     }
     Ok(())
 }
@@ -85,7 +124,10 @@ fn malformed_and_mistyped_secrets_are_rejected_without_a_lookup() -> TestResult 
 }
 
 #[rstest]
-fn secret_of_another_store_is_unknown(store: TestStore) -> TestResult {
+fn secret_of_another_store_is_unknown(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let other = keytally::testing::TestStore::new()?;
     let foreign = other.keys().create(&NewKey::client("elsewhere"))?;
     assert_eq!(
@@ -96,7 +138,10 @@ fn secret_of_another_store_is_unknown(store: TestStore) -> TestResult {
 }
 
 #[rstest]
-fn revoked_key_is_rejected_and_revoke_is_idempotent(store: TestStore) -> TestResult {
+fn revoked_key_is_rejected_and_revoke_is_idempotent(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let created = store.keys().create(&NewKey::client("to revoke"))?;
     let first = store.keys().revoke(created.key.id)?;
     let revoked_at = first.revoked_at.ok_or("revoked_at not set")?;
@@ -115,7 +160,10 @@ fn revoked_key_is_rejected_and_revoke_is_idempotent(store: TestStore) -> TestRes
 }
 
 #[rstest]
-fn expired_key_is_rejected(store: TestStore) -> TestResult {
+fn expired_key_is_rejected(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let created = store.keys().create(&NewKey::client("short-lived"))?;
     expire_now(&store, created.key.id)?;
     assert_eq!(
@@ -127,20 +175,21 @@ fn expired_key_is_rejected(store: TestStore) -> TestResult {
 
 /// Moves a key's expiry into the past, as time passing would: the API
 /// refuses to set an expiry that is not in the future.
-fn expire_now(store: &keytally::Store, id: KeyId) -> TestResult {
-    use diesel::sql_types::{BigInt, Binary};
-    store.sqlite_write(|conn| {
-        diesel::sql_query("UPDATE keys SET expires_at = ? WHERE id = ?")
-            .bind::<BigInt, _>(Timestamp::now().plus_millis(-1).as_millis())
-            .bind::<Binary, _>(id.as_uuid().as_bytes().to_vec())
-            .execute(conn)?;
-        Ok(())
-    })?;
+fn expire_now(store: &TestStore, id: KeyId) -> TestResult {
+    let mut raw = raw(store)?;
+    let id = raw.blob(id.as_uuid().as_bytes());
+    raw.execute(&format!(
+        "UPDATE keys SET expires_at = {} WHERE id = {id}",
+        Timestamp::now().plus_millis(-1).as_millis()
+    ))?;
     Ok(())
 }
 
 #[rstest]
-fn an_update_refuses_an_expiry_that_is_not_in_the_future(store: TestStore) -> TestResult {
+fn an_update_refuses_an_expiry_that_is_not_in_the_future(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let created = store.keys().create(&NewKey::client("later"))?;
     for expiry in [Timestamp::now().plus_millis(-1), Timestamp::now()] {
         let update = store.keys().update(
@@ -176,7 +225,10 @@ fn an_update_refuses_an_expiry_that_is_not_in_the_future(store: TestStore) -> Te
 }
 
 #[rstest]
-fn expiry_in_the_past_is_refused_at_creation(store: TestStore) -> TestResult {
+fn expiry_in_the_past_is_refused_at_creation(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let mut new = NewKey::client("late");
     new.expires_at = Some(Timestamp::now().plus_millis(-1000));
     assert!(matches!(
@@ -191,7 +243,10 @@ fn expiry_in_the_past_is_refused_at_creation(store: TestStore) -> TestResult {
 }
 
 #[rstest]
-fn rotated_secret_works_within_grace_then_stops(store: TestStore) -> TestResult {
+fn rotated_secret_works_within_grace_then_stops(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let mut new = NewKey::client("rotating");
     let expiry = Timestamp::now().plus_millis(86_400_000);
     new.expires_at = Some(expiry);
@@ -225,7 +280,10 @@ fn rotated_secret_works_within_grace_then_stops(store: TestStore) -> TestResult 
 }
 
 #[rstest]
-fn rotation_never_extends_an_earlier_grace(store: TestStore) -> TestResult {
+fn rotation_never_extends_an_earlier_grace(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let original = store.keys().create(&NewKey::client("k"))?;
     store.keys().rotate(original.key.id, Duration::ZERO)?;
     // A later rotation with a long grace does not revive the first secret.
@@ -240,7 +298,10 @@ fn rotation_never_extends_an_earlier_grace(store: TestStore) -> TestResult {
 }
 
 #[rstest]
-fn update_changes_fields_but_never_the_tier(store: TestStore) -> TestResult {
+fn update_changes_fields_but_never_the_tier(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let created = store.keys().create(&NewKey::client("old label"))?;
     let updated = store.keys().update(
         created.key.id,
@@ -267,8 +328,7 @@ fn update_changes_fields_but_never_the_tier(store: TestStore) -> TestResult {
     )?;
     assert_eq!(cleared.rate_limit_override, None);
     // Even SQL written by hand cannot change the tier.
-    let mut conn = store.sqlite_connection()?;
-    let attempt = diesel::sql_query("UPDATE keys SET tier = 'admin'").execute(&mut *conn);
+    let attempt = raw(&store)?.execute("UPDATE keys SET tier = 'admin'");
     assert!(attempt.is_err());
     Ok(())
 }
@@ -279,9 +339,10 @@ fn update_changes_fields_but_never_the_tier(store: TestStore) -> TestResult {
 #[case::control("line\nbreak")]
 #[case::too_long(&"x".repeat(201))]
 fn bad_labels_are_refused_and_nothing_is_written(
-    store: TestStore,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
     #[case] label: &str,
 ) -> TestResult {
+    let store = store_on(backend);
     let result = store.keys().create(&NewKey::client(label));
     assert!(
         matches!(result, Err(Error::InvalidInput { field: "label", .. })),
@@ -320,7 +381,10 @@ fn bad_model_lists_and_tiers_are_refused() {
 }
 
 #[rstest]
-fn unknown_key_ids_are_not_found(store: TestStore) -> TestResult {
+fn unknown_key_ids_are_not_found(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let id: KeyId = "0190f0f0-0000-7000-8000-000000000000".parse()?;
     assert!(matches!(
         store.keys().get(id),
@@ -342,7 +406,10 @@ fn unknown_key_ids_are_not_found(store: TestStore) -> TestResult {
 }
 
 #[rstest]
-fn list_pages_return_every_key_once_and_filters_apply(store: TestStore) -> TestResult {
+fn list_pages_return_every_key_once_and_filters_apply(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let mut created = Vec::new();
     for i in 0..23 {
         let mut new = NewKey::client(format!("key {i}"));
@@ -412,19 +479,26 @@ fn list_pages_return_every_key_once_and_filters_apply(store: TestStore) -> TestR
 }
 
 #[rstest]
-fn resolve_writes_nothing_and_last_used_is_flushed_in_batches(store: TestStore) -> TestResult {
+fn resolve_writes_nothing_and_last_used_is_flushed_in_batches(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let a = store.keys().create(&NewKey::client("a"))?;
     let b = store.keys().create(&NewKey::client("b"))?;
-    let mut observer = crate::raw_connection(store.path())?;
-    let before = data_version(&mut observer)?;
+    let mut observer = None;
+    let before = row_versions(&store, &mut observer)?;
     for _ in 0..200 {
         assert!(store.keys().resolve(a.secret.expose())?.is_ok());
         assert!(store.keys().resolve(b.secret.expose())?.is_ok());
     }
-    assert_eq!(data_version(&mut observer)?, before, "a resolve wrote");
+    assert_eq!(
+        row_versions(&store, &mut observer)?,
+        before,
+        "a resolve wrote"
+    );
     assert_eq!(store.keys().get(a.key.id)?.last_used_at, None);
     assert_eq!(store.keys().flush_last_used()?, 2);
-    assert_ne!(data_version(&mut observer)?, before);
+    assert_ne!(row_versions(&store, &mut observer)?, before);
     let used = store
         .keys()
         .get(a.key.id)?
@@ -481,34 +555,23 @@ fn custom_secret_prefix_is_used_and_checked() -> TestResult {
     Ok(())
 }
 
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    value: i64,
-}
-
 /// The database's count of changes to existing keys and secrets.
-fn key_changes(store: &keytally::Store) -> Result<i64, Box<dyn std::error::Error>> {
-    let mut conn = store.sqlite_connection()?;
-    let row: Count =
-        diesel::sql_query("SELECT next AS value FROM sequences WHERE name = 'key_changes'")
-            .get_result(&mut *conn)?;
-    Ok(row.value)
+fn key_changes(store: &TestStore) -> Result<i64, Box<dyn std::error::Error>> {
+    Ok(raw(store)?.number("SELECT next AS n FROM sequences WHERE name = 'key_changes'")?)
 }
 
 #[rstest]
-fn only_changes_to_existing_keys_move_the_key_change_count() -> TestResult {
-    let folder = tempfile::tempdir()?;
-    let path = folder.path().join("keytally.db");
-    let store = keytally::Store::open(&path)?;
+fn only_changes_to_existing_keys_move_the_key_change_count(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let start = key_changes(&store)?;
-    // Adding keys and using them (last_used_at, written on close) leaves
-    // every resolved answer as it was.
+    // Adding keys and using them (last_used_at) leaves every resolved
+    // answer as it was.
     let created = store.keys().create(&NewKey::client("counted"))?;
     store.keys().create(&NewKey::client("other"))?;
     assert!(store.keys().resolve(created.secret.expose())?.is_ok());
-    assert!(store.close()?.checkpoint_complete);
-    let store = keytally::Store::open(&path)?;
+    assert_eq!(store.keys().flush_last_used()?, 1);
     assert!(store.keys().get(created.key.id)?.last_used_at.is_some());
     assert_eq!(key_changes(&store)?, start);
     // Every change to a key that exists counts.
@@ -528,30 +591,23 @@ fn only_changes_to_existing_keys_move_the_key_change_count() -> TestResult {
     // Revoking again changes nothing, and counts nothing.
     store.keys().revoke(created.key.id)?;
     assert_eq!(key_changes(&store)?, before_revoke + 1);
-    assert!(store.close()?.checkpoint_complete);
     Ok(())
 }
 
 #[rstest]
-fn keys_are_never_deleted_so_their_row_ids_are_never_reused(store: TestStore) -> TestResult {
+fn keys_are_never_deleted_so_their_row_ids_are_never_reused(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let first = store.keys().create(&NewKey::client("first"))?;
     let mut event = keytally::NewEvent::new(Timestamp::now(), "gpt-4o");
     event.key_id = Some(first.key.id);
     event.prompt_tokens = 100;
     store.events().record(&event)?;
-    let deleted = store.sqlite_write(|conn| {
-        diesel::sql_query("DELETE FROM keys").execute(conn)?;
-        Ok(())
-    });
-    assert!(
-        matches!(&deleted, Err(Error::Database(_))),
-        "a key was deleted: {deleted:?}"
-    );
-    let moved = store.sqlite_write(|conn| {
-        diesel::sql_query("UPDATE keys SET row_id = row_id + 1000").execute(conn)?;
-        Ok(())
-    });
-    assert!(matches!(&moved, Err(Error::Database(_))), "{moved:?}");
+    let deleted = raw(&store)?.execute("DELETE FROM keys");
+    assert!(deleted.is_err(), "a key was deleted: {deleted:?}");
+    let moved = raw(&store)?.execute("UPDATE keys SET row_id = row_id + 1000");
+    assert!(moved.is_err(), "{moved:?}");
     // The first key and its usage are still there, and a new key's usage
     // starts at zero.
     assert_eq!(store.keys().get(first.key.id)?.label, "first");
@@ -572,7 +628,10 @@ fn keys_are_never_deleted_so_their_row_ids_are_never_reused(store: TestStore) ->
 }
 
 #[rstest]
-fn a_revoked_key_cannot_be_updated(store: TestStore) -> TestResult {
+fn a_revoked_key_cannot_be_updated(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
     let created = store.keys().create(&NewKey::client("revoked"))?;
     store.keys().revoke(created.key.id)?;
     let update = store.keys().update(

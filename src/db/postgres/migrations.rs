@@ -158,6 +158,15 @@ pub(crate) fn run_pending(conn: &mut PgConnection, shown_as: &str) -> Result<Vec
 fn apply_pending(conn: &mut PgConnection, shown_as: &str) -> Result<Vec<String>> {
     let state = inspect(conn, shown_as)?;
     let mut applied = Vec::new();
+    if state.pending.is_empty() {
+        return Ok(applied);
+    }
+    // Creates Diesel's bookkeeping table if it is not there yet.
+    conn.applied_migrations()
+        .map_err(|error| Error::Migration {
+            version: "(bookkeeping)".to_owned(),
+            message: error.to_string(),
+        })?;
     for migration in known_migrations()? {
         let version = migration.name().version().to_string();
         if !state.pending.contains(&version) {

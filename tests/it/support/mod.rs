@@ -5,6 +5,6 @@
 pub mod binary;
 pub mod crash_writer;
 pub mod files;
-pub mod postgres;
 pub mod random;
+pub mod sql;
 pub mod tmpfs;

@@ -1,4 +1,5 @@
-//! A real PostgreSQL server for the tests: the one `KEYTALLY_TEST_POSTGRES`
+//! A real PostgreSQL server for tests (the `testing` and `postgres`
+//! features): the one `KEYTALLY_TEST_POSTGRES`
 //! names (a URL whose database the tests may create others beside), or else
 //! a throwaway cluster started from the installed binaries
 //! (`/usr/lib/postgresql/*/bin`) in a temporary folder: a Unix socket in that
@@ -66,6 +67,29 @@ impl Server {
         Ok(self.url(&name))
     }
 
+    /// Drops a database made by [`Server::fresh_database`], closing any
+    /// connection still open to it.
+    ///
+    /// # Errors
+    ///
+    /// If the server refuses.
+    pub fn drop_database(&self, url: &str) -> Result<(), Box<dyn std::error::Error>> {
+        let Some(name) = self.database_of(url) else {
+            return Ok(());
+        };
+        let mut admin = PgConnection::establish(&self.url("postgres"))?;
+        diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)?;
+        Ok(())
+    }
+
+    /// The name of a database made by [`Server::fresh_database`] from its URL.
+    fn database_of(&self, url: &str) -> Option<String> {
+        let (prefix, suffix) = self.template.split_once("{database}")?;
+        let name = url.strip_prefix(prefix)?.strip_suffix(suffix)?;
+        name.starts_with("keytally_test_").then(|| name.to_owned())
+    }
+
     fn url(&self, database: &str) -> String {
         self.template.replace("{database}", database)
     }
@@ -89,6 +113,8 @@ fn start() -> Result<Server, String> {
     let bin = installed_binaries()?;
     // SAFETY: geteuid(2) has no preconditions.
     let as_postgres = unsafe { libc::geteuid() } == 0;
+    // A folder of its own per process, under a short path: a Unix socket's
+    // path is limited to about 100 bytes.
     let folder = std::env::temp_dir().join(format!("keytally-pg-{}", std::process::id()));
     std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
     if as_postgres {
@@ -229,4 +255,23 @@ extern "C" fn stop_cluster() {
         }
         let _ = std::fs::remove_dir_all(&cluster.folder);
     }
+}
+
+/// A fresh database on the shared server (started on first use), as a URL.
+pub(crate) fn fresh_database_url() -> crate::Result<String> {
+    let unavailable = |reason: String| crate::Error::Open {
+        path: "(test PostgreSQL server)".into(),
+        source: reason.into(),
+    };
+    server()
+        .map_err(unavailable)?
+        .fresh_database()
+        .map_err(|error| unavailable(error.to_string()))
+}
+
+/// Drops a database made by [`fresh_database_url`].
+pub(crate) fn drop_database_url(url: &str) -> Result<(), String> {
+    server()?
+        .drop_database(url)
+        .map_err(|error| error.to_string())
 }

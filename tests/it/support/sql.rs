@@ -1,0 +1,68 @@
+//! Hand-written SQL on a test store's database, whichever backend it is on:
+//! its SQLite pool's connection, or a connection of its own to its
+//! PostgreSQL database. For looking under the repositories, and for the
+//! writes they refuse to make.
+
+use diesel::pg::Pg;
+use diesel::sql_types::BigInt;
+use diesel::sqlite::Sqlite;
+use diesel::{Connection, PgConnection, QueryResult, QueryableByName, RunQueryDsl};
+use keytally::testing::TestStore;
+use keytally::SqlitePooledConnection;
+
+/// A connection to a test store's database.
+pub enum Raw {
+    /// One of the store's own SQLite connections.
+    Sqlite(SqlitePooledConnection),
+    /// A connection of its own to the store's PostgreSQL database.
+    Postgres(PgConnection),
+}
+
+#[derive(QueryableByName)]
+struct Number {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// A connection to `store`'s database.
+pub fn raw(store: &TestStore) -> Result<Raw, Box<dyn std::error::Error>> {
+    Ok(match store.database_url() {
+        Some(url) => Raw::Postgres(PgConnection::establish(url)?),
+        None => Raw::Sqlite(store.sqlite_connection()?),
+    })
+}
+
+impl Raw {
+    /// Runs a statement; returns the rows it changed.
+    pub fn execute(&mut self, sql: &str) -> QueryResult<usize> {
+        match self {
+            Raw::Sqlite(conn) => diesel::sql_query(sql).execute(&mut **conn),
+            Raw::Postgres(conn) => diesel::sql_query(sql).execute(conn),
+        }
+    }
+
+    /// Runs a query whose one row has one integer column named `n`.
+    pub fn number(&mut self, sql: &str) -> QueryResult<i64> {
+        Ok(self.load::<Number>(sql)?.first().map_or(0, |row| row.n))
+    }
+
+    /// Loads a query's rows.
+    pub fn load<T>(&mut self, sql: &str) -> QueryResult<Vec<T>>
+    where
+        T: QueryableByName<Sqlite> + QueryableByName<Pg> + 'static,
+    {
+        match self {
+            Raw::Sqlite(conn) => diesel::sql_query(sql).load(&mut **conn),
+            Raw::Postgres(conn) => diesel::sql_query(sql).load(conn),
+        }
+    }
+
+    /// `bytes` as an SQL literal of this backend.
+    pub fn blob(&self, bytes: &[u8]) -> String {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        match self {
+            Raw::Sqlite(_) => format!("X'{hex}'"),
+            Raw::Postgres(_) => format!("'\\x{hex}'::bytea"),
+        }
+    }
+}
