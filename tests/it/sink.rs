@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
+use diesel::Connection;
 use keytally::testing::TestStore;
-use keytally::{Error, EventFilter, EventSink, NewEvent, NewKey, SinkOptions, Timestamp};
+use keytally::{Backend, Error, EventFilter, EventSink, NewEvent, NewKey, SinkOptions, Timestamp};
 use rstest::rstest;
 
 use crate::TestResult;
@@ -29,9 +30,32 @@ fn all_event_count(store: &keytally::Store) -> Result<usize, Error> {
         .len())
 }
 
+/// A connection that holds, until it commits, the lock every writer of
+/// events needs: SQLite's write lock, or PostgreSQL's lock on `events`.
+fn block_writes(
+    store: &keytally::Store,
+    database_url: Option<&str>,
+) -> Result<Box<dyn SimpleConnection>, Box<dyn std::error::Error>> {
+    Ok(match store.backend() {
+        Backend::Sqlite => {
+            let mut blocker = crate::raw_connection(store.path())?;
+            blocker.batch_execute("BEGIN IMMEDIATE")?;
+            Box::new(blocker)
+        }
+        Backend::Postgres => {
+            let url = database_url.ok_or("no database URL")?;
+            let mut blocker = diesel::PgConnection::establish(url)?;
+            blocker.batch_execute("BEGIN; LOCK TABLE events IN EXCLUSIVE MODE")?;
+            Box::new(blocker)
+        }
+    })
+}
+
 #[rstest]
-fn concurrent_producers_lose_nothing() -> TestResult {
-    let test_store = TestStore::new()?;
+fn concurrent_producers_lose_nothing(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let test_store = TestStore::on(backend)?;
     let key = test_store
         .keys()
         .create(&NewKey::client("producer"))?
@@ -84,8 +108,12 @@ fn concurrent_producers_lose_nothing() -> TestResult {
 }
 
 #[rstest]
-fn a_full_queue_blocks_the_producer_and_memory_stays_bounded() -> TestResult {
-    let (store, _folder) = TestStore::new()?.into_parts();
+fn a_full_queue_blocks_the_producer_and_memory_stays_bounded(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let test_store = TestStore::on(backend)?;
+    let database_url = test_store.database_url().map(str::to_owned);
+    let (store, _folder) = test_store.into_parts();
     let store = Arc::new(store);
     let options = SinkOptions {
         capacity: 10,
@@ -94,8 +122,7 @@ fn a_full_queue_blocks_the_producer_and_memory_stays_bounded() -> TestResult {
     };
     let sink = Arc::new(EventSink::new(Arc::clone(&store), options)?);
     // Another connection holds the write lock, so the writer is stuck.
-    let mut blocker = crate::raw_connection(store.path())?;
-    blocker.batch_execute("BEGIN IMMEDIATE")?;
+    let mut blocker = block_writes(&store, database_url.as_deref())?;
     let submitted = Arc::new(AtomicU64::new(0));
     let total = 100u64;
     let producer = {
@@ -126,9 +153,13 @@ fn a_full_queue_blocks_the_producer_and_memory_stays_bounded() -> TestResult {
 }
 
 #[rstest]
-fn a_failed_batch_is_reported_and_the_sink_recovers() -> TestResult {
-    let (store, _folder) =
-        TestStore::with_options(|o| o.busy_timeout(Duration::from_millis(100)))?.into_parts();
+fn a_failed_batch_is_reported_and_the_sink_recovers(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let test_store =
+        TestStore::with_options_on(backend, |o| o.busy_timeout(Duration::from_millis(100)))?;
+    let database_url = test_store.database_url().map(str::to_owned);
+    let (store, _folder) = test_store.into_parts();
     let store = Arc::new(store);
     let sink = EventSink::new(
         Arc::clone(&store),
@@ -141,8 +172,8 @@ fn a_failed_batch_is_reported_and_the_sink_recovers() -> TestResult {
     // The model name is registered first: that is a write of its own.
     let first = sink.submit(&event(0)?)?;
     sink.wait(first)?;
-    let mut blocker = crate::raw_connection(store.path())?;
-    blocker.batch_execute("BEGIN IMMEDIATE")?;
+    // Another connection holds what the batch must write to.
+    let mut blocker = block_writes(&store, database_url.as_deref())?;
     let lost = sink.submit(&event(1)?)?;
     // Longer than the busy timeout: the batch must fail, and say so.
     let outcome = sink.wait(lost);
@@ -166,8 +197,10 @@ fn a_failed_batch_is_reported_and_the_sink_recovers() -> TestResult {
 }
 
 #[rstest]
-fn close_commits_what_was_queued_and_bad_events_are_refused_at_submit() -> TestResult {
-    let (store, _folder) = TestStore::new()?.into_parts();
+fn close_commits_what_was_queued_and_bad_events_are_refused_at_submit(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let (store, _folder) = TestStore::on(backend)?.into_parts();
     let store = Arc::new(store);
     let sink = EventSink::new(
         Arc::clone(&store),
