@@ -100,6 +100,6 @@ pub use store::options::{
     Retention, StoreOptions, DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_POOL_SIZE,
 };
 #[cfg(feature = "postgres")]
-pub use store::postgres::PostgresStatus;
+pub use store::postgres::{postgres_schema, PostgresSchema, PostgresStatus};
 pub use store::sqlite::{restore, SqlitePooledConnection, Status};
 pub use store::Store;

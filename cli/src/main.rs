@@ -17,9 +17,17 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "keytally", version, about)]
 pub struct Cli {
-    /// The database file [default: $XDG_DATA_HOME/keytally/keytally.db,
-    /// else ~/.local/share/keytally/keytally.db].
-    #[arg(long, global = true, env = keytally::DB_PATH_ENV, value_name = "PATH")]
+    /// The database: an SQLite file's path (also sqlite://PATH) or a
+    /// postgres:// URL; give a password with PGPASSWORD or ~/.pgpass, not
+    /// here [default: $XDG_DATA_HOME/keytally/keytally.db, else
+    /// ~/.local/share/keytally/keytally.db].
+    #[arg(
+        long,
+        global = true,
+        env = keytally::DB_PATH_ENV,
+        hide_env_values = true,
+        value_name = "PATH|URL"
+    )]
     db: Option<PathBuf>,
 
     /// Print one JSON object (an array for lists) on stdout instead of text.

@@ -5,6 +5,7 @@ use diesel::{QueryableByName, RunQueryDsl};
 use serde::Serialize;
 
 use crate::db::database::PooledConn;
+use crate::db::postgres::connection::PgSetup;
 use crate::db::postgres::migrations;
 use crate::db::sqlite::check::CheckReport;
 use crate::error::{Error, Result};
@@ -43,6 +44,33 @@ struct ServerRow {
     schema: String,
     #[diesel(sql_type = BigInt)]
     database_bytes: i64,
+}
+
+/// The migrations applied to a PostgreSQL database and those pending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PostgresSchema {
+    /// Versions of the applied migrations, oldest first.
+    pub applied: Vec<String>,
+    /// Versions of this build's migrations not applied yet, oldest first.
+    pub pending: Vec<String>,
+}
+
+/// Reads what migrations the PostgreSQL database at `url` has and lacks,
+/// without changing anything (no table is created).
+///
+/// # Errors
+///
+/// [`Error::Open`] if no connection can be made, [`Error::Foreign`] or
+/// [`Error::SchemaTooNew`] for a database keytally must not touch, or
+/// [`Error::Database`].
+pub fn postgres_schema(url: &str) -> Result<PostgresSchema> {
+    let setup = PgSetup::new(url, crate::DEFAULT_BUSY_TIMEOUT);
+    let mut conn = setup.establish()?;
+    let state = migrations::inspect(&mut conn, setup.redacted())?;
+    Ok(PostgresSchema {
+        applied: state.applied,
+        pending: state.pending,
+    })
 }
 
 impl Store {

@@ -13,6 +13,7 @@ mod hostile_input;
 mod keys;
 mod operator_cli;
 mod postgres_schema;
+mod postgres_store;
 mod restore_race;
 mod schema_details;
 mod secrets;

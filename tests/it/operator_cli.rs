@@ -5,7 +5,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use keytally::testing::folder;
+use keytally::testing::{folder, postgres};
+use keytally::Backend;
 use rstest::rstest;
 use tempfile::TempDir;
 
@@ -14,6 +15,15 @@ use crate::TestResult;
 
 fn database(folder: &TempDir) -> PathBuf {
     folder.path().join("keytally.db")
+}
+
+/// Where a test's database goes on `backend`: a file in `folder` that does
+/// not exist yet, or the URL of a fresh, empty PostgreSQL database.
+fn database_on(backend: Backend, folder: &TempDir) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    Ok(match backend {
+        Backend::Sqlite => database(folder),
+        Backend::Postgres => PathBuf::from(postgres::server()?.fresh_database()?),
+    })
 }
 
 fn create_key(db: &Path, extra: &[&str]) -> Result<(String, String), Box<dyn std::error::Error>> {
@@ -28,8 +38,11 @@ fn create_key(db: &Path, extra: &[&str]) -> Result<(String, String), Box<dyn std
 }
 
 #[rstest]
-fn keys_lifecycle_and_resolve_outcomes(folder: TempDir) -> TestResult {
-    let db = database(&folder);
+fn keys_lifecycle_and_resolve_outcomes(
+    folder: TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let db = database_on(backend, &folder)?;
     let (id, secret) = create_key(&db, &["--models", "gpt-4o,o3", "--rate-limit", "60"])?;
     assert!(secret.starts_with("kt_"));
 
@@ -108,8 +121,11 @@ fn keys_lifecycle_and_resolve_outcomes(folder: TempDir) -> TestResult {
 }
 
 #[rstest]
-fn expired_key_resolves_as_expired(folder: TempDir) -> TestResult {
-    let db = database(&folder);
+fn expired_key_resolves_as_expired(
+    folder: TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let db = database_on(backend, &folder)?;
     let (_, secret) = create_key(&db, &["--expires-in", "1s"])?;
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let output = run(&db, &["keys", "resolve"], &secret)?;
@@ -127,8 +143,11 @@ fn event_line(i: usize, key: &str) -> String {
 }
 
 #[rstest]
-fn events_ingest_list_usage_prune(folder: TempDir) -> TestResult {
-    let db = database(&folder);
+fn events_ingest_list_usage_prune(
+    folder: TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let db = database_on(backend, &folder)?;
     let (key, _) = create_key(&db, &[])?;
     let input: String = (0..250).map(|i| event_line(i, &key)).collect();
     let ingested = run(&db, &["events", "ingest", "--batch", "100"], &input)?;
@@ -176,8 +195,11 @@ fn events_ingest_list_usage_prune(folder: TempDir) -> TestResult {
 }
 
 #[rstest]
-fn ingest_stops_at_a_bad_line_and_keeps_earlier_batches(folder: TempDir) -> TestResult {
-    let db = database(&folder);
+fn ingest_stops_at_a_bad_line_and_keeps_earlier_batches(
+    folder: TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let db = database_on(backend, &folder)?;
     let (key, _) = create_key(&db, &[])?;
     let mut input: String = (0..25).map(|i| event_line(i, &key)).collect();
     input.push_str("{\"ts\":1790000000000,\"model\":\"m\",\"status\":200,\"prompt_tokens\":-4}\n");
@@ -202,8 +224,11 @@ fn ingest_stops_at_a_bad_line_and_keeps_earlier_batches(folder: TempDir) -> Test
 }
 
 #[rstest]
-fn ingest_commits_and_closes_cleanly_on_sigterm(folder: TempDir) -> TestResult {
-    let db = database(&folder);
+fn ingest_commits_and_closes_cleanly_on_sigterm(
+    folder: TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let db = database_on(backend, &folder)?;
     let (key, _) = create_key(&db, &[])?;
     let mut child = Command::new(BIN)
         .arg("--db")
@@ -249,7 +274,9 @@ fn ingest_commits_and_closes_cleanly_on_sigterm(folder: TempDir) -> TestResult {
     // Everything it had read is committed, and it said how much.
     let ingested = error["ingested"].as_u64().ok_or("no count")?;
     assert!((30..=37).contains(&ingested), "{ingested}");
-    assert!(!crate::sidecar(&db, "-wal").exists(), "not closed cleanly");
+    if backend == Backend::Sqlite {
+        assert!(!crate::sidecar(&db, "-wal").exists(), "not closed cleanly");
+    }
     let listed = json_of(&run(&db, &["events", "list", "--limit", "1000"], "")?)?;
     assert_eq!(listed.as_array().map(|a| a.len() as u64), Some(ingested));
     Ok(())
@@ -448,8 +475,11 @@ fn restore_refuses_bad_sources_and_a_database_in_use(folder: TempDir) -> TestRes
 }
 
 #[rstest]
-fn demo_runs_on_a_fresh_database(folder: TempDir) -> TestResult {
-    let db = database(&folder);
+fn demo_runs_on_a_fresh_database(
+    folder: TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let db = database_on(backend, &folder)?;
     let output = keytally(&["--db", path_arg(&db)?, "demo"])?;
     assert!(output.status.success(), "{output:?}");
     let text = String::from_utf8(output.stdout)?;
@@ -494,8 +524,11 @@ fn demo_without_db_on_the_command_line_leaves_the_configured_database_alone(
 }
 
 #[rstest]
-fn closed_choices_are_usage_errors_that_list_the_valid_values(folder: TempDir) -> TestResult {
-    let db = database(&folder);
+fn closed_choices_are_usage_errors_that_list_the_valid_values(
+    folder: TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let db = database_on(backend, &folder)?;
     let bad_tier = run(
         &db,
         &["keys", "create", "--label", "x", "--tier", "bogus"],
@@ -558,8 +591,11 @@ fn closed_choices_are_usage_errors_that_list_the_valid_values(folder: TempDir) -
 }
 
 #[rstest]
-fn event_queries_refuse_bad_arguments(folder: TempDir) -> TestResult {
-    let db = database(&folder);
+fn event_queries_refuse_bad_arguments(
+    folder: TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let db = database_on(backend, &folder)?;
     assert!(run(&db, &["migrate"], "")?.status.success());
     let bad_key = run(&db, &["events", "list", "--key", "not-a-uuid"], "")?;
     assert_eq!(bad_key.status.code(), Some(1));
@@ -688,10 +724,13 @@ fn resolve_twice(
 }
 
 #[rstest]
-fn key_changes_by_another_process_reach_the_next_resolve(folder: TempDir) -> TestResult {
+fn key_changes_by_another_process_reach_the_next_resolve(
+    folder: TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
     use keytally::{AllowedModels, NewKey, Rejection, Store};
 
-    let db = folder.path().join("keytally.db");
+    let db = database_on(backend, &folder)?;
     let store = Store::open(&db)?;
     let restricted = store.keys().create(&NewKey::client("restricted"))?;
     let revoked = store.keys().create(&NewKey::client("revoked"))?;

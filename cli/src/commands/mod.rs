@@ -73,15 +73,41 @@ pub fn run(cli: &Cli, db_on_command_line: bool, out: &Output) -> CliResult {
         return ops::demo_on_a_temporary_database(out);
     }
     let path = database_path(cli)?;
-    match &cli.command {
-        Command::Migrate { dry_run: true } => return ops::migrate_dry_run(&path, out),
-        Command::Restore { src } => return ops::restore(&path, src, out),
-        _ => {}
+    let location = keytally::Location::parse(&path);
+    match &location {
+        keytally::Location::Sqlite(path) => {
+            match &cli.command {
+                Command::Migrate { dry_run: true } => return ops::migrate_dry_run(path, out),
+                Command::Restore { src } => return ops::restore(path, src, out),
+                _ => {}
+            }
+            if only_reads(&cli.command) {
+                refuse_missing(path)?;
+            }
+        }
+        keytally::Location::Postgres(url) => {
+            if let Some(operation) = sqlite_only(&cli.command) {
+                return Err(keytally::Error::SqliteOnly { operation }.into());
+            }
+            let schema = keytally::postgres_schema(url)?;
+            if matches!(cli.command, Command::Migrate { dry_run: true }) {
+                return ops::report_pending(&schema.pending, out);
+            }
+            if only_reads(&cli.command) && schema.applied.is_empty() {
+                return Err(Failure::Verdict {
+                    message: format!(
+                        "no keytally schema in {location}; check --db or KEYTALLY_DB \
+                         (keytally migrate creates one)"
+                    ),
+                    json: serde_json::json!({
+                        "error": "no database",
+                        "path": location.to_string(),
+                    }),
+                });
+            }
+        }
     }
-    if only_reads(&cli.command) {
-        refuse_missing(&path)?;
-    }
-    let store = keytally::Store::open(&path)?;
+    let store = keytally::StoreOptions::new(&path).open()?;
     let outcome = match &cli.command {
         Command::Status => ops::status(&store, out),
         Command::Migrate { .. } => ops::migrate(&store, out),
@@ -94,6 +120,16 @@ pub fn run(cli: &Cli, db_on_command_line: bool, out: &Output) -> CliResult {
         Command::Restore { .. } => Ok(()),
     };
     close(store, outcome)
+}
+
+/// What the command does that only an SQLite store can, if anything.
+fn sqlite_only(command: &Command) -> Option<&'static str> {
+    match command {
+        Command::Backup { .. } => Some("backup"),
+        Command::Restore { .. } => Some("restore"),
+        Command::Checkpoint => Some("checkpoint"),
+        _ => None,
+    }
 }
 
 /// Whether the command only reads or copies the database: such a command on

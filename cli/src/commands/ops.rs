@@ -11,6 +11,9 @@ use serde_json::json;
 use super::{close, CliResult, Failure, Output};
 
 pub fn status(store: &Store, out: &Output) -> CliResult {
+    if store.backend() == keytally::Backend::Postgres {
+        return postgres_status(store, out);
+    }
     let status = store.status()?;
     // Opening the store applied any migration this database lacked: say so.
     let migrated = store.applied_at_open();
@@ -45,6 +48,36 @@ pub fn status(store: &Store, out: &Output) -> CliResult {
     Ok(())
 }
 
+fn postgres_status(store: &Store, out: &Output) -> CliResult {
+    let status = store.postgres_status()?;
+    let migrated = store.applied_at_open();
+    let mut value = json!(status);
+    value["backend"] = json!("postgres");
+    value["migrated_now"] = json!(migrated);
+    out.print(&value, || {
+        let list = |items: &[String]| {
+            if items.is_empty() {
+                "(none)".to_owned()
+            } else {
+                items.join(", ")
+            }
+        };
+        format!(
+            "backend:            PostgreSQL\nurl:                {}\nserver_version:     {}\ndatabase:           {}\nuser:               {}\nschema:             {}\nschema_version:     {}\nmigrated now:       {}\npending_migrations: {}\ndatabase_bytes:     {}\n",
+            status.url,
+            status.server_version,
+            status.database,
+            status.user,
+            status.schema,
+            status.schema_version.as_deref().unwrap_or("(none)"),
+            list(migrated),
+            list(&status.pending_migrations),
+            status.database_bytes,
+        )
+    });
+    Ok(())
+}
+
 pub fn migrate(store: &Store, out: &Output) -> CliResult {
     let applied = store.applied_at_open();
     out.print(&json!({ "applied": applied }), || {
@@ -61,7 +94,11 @@ pub fn migrate(store: &Store, out: &Output) -> CliResult {
 }
 
 pub fn migrate_dry_run(path: &Path, out: &Output) -> CliResult {
-    let pending = keytally::pending_for(path)?;
+    report_pending(&keytally::pending_for(path)?, out)
+}
+
+/// Prints the migrations a `migrate` would apply.
+pub fn report_pending(pending: &[String], out: &Output) -> CliResult {
     out.print(&json!({ "pending": pending, "dry_run": true }), || {
         if pending.is_empty() {
             "schema is current; nothing would be applied".to_owned()
@@ -78,12 +115,20 @@ pub fn migrate_dry_run(path: &Path, out: &Output) -> CliResult {
 pub fn check(store: &Store, out: &Output) -> CliResult {
     let report = store.check()?;
     if report.healthy() {
+        let postgres = store.backend() == keytally::Backend::Postgres;
         out.print(&report, || {
-            format!(
-                "ok: integrity_check ok, no foreign key violations, application id {:#010x}, schema {}, file modes 0600",
-                report.application_id,
-                report.schema_version.as_deref().unwrap_or("(none)")
-            )
+            if postgres {
+                format!(
+                    "ok: keytally mark, schema {}, counters and sequence present, every constraint validated, no orphaned secrets",
+                    report.schema_version.as_deref().unwrap_or("(none)")
+                )
+            } else {
+                format!(
+                    "ok: integrity_check ok, no foreign key violations, application id {:#010x}, schema {}, file modes 0600",
+                    report.application_id,
+                    report.schema_version.as_deref().unwrap_or("(none)")
+                )
+            }
         });
         return Ok(());
     }

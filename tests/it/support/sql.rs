@@ -66,3 +66,22 @@ impl Raw {
         }
     }
 }
+
+/// The tables in the current schema of a PostgreSQL database.
+pub fn count_tables(conn: &mut PgConnection) -> QueryResult<i64> {
+    Ok(diesel::sql_query(
+        "SELECT count(*) AS n FROM information_schema.tables \
+         WHERE table_schema = current_schema()",
+    )
+    .get_result::<Number>(conn)?
+    .n)
+}
+
+/// The rows of a PostgreSQL table.
+pub fn count(conn: &mut PgConnection, table: &str) -> QueryResult<i64> {
+    Ok(
+        diesel::sql_query(format!("SELECT count(*) AS n FROM {table}"))
+            .get_result::<Number>(conn)?
+            .n,
+    )
+}
