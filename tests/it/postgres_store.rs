@@ -116,7 +116,7 @@ fn another_applications_database_and_a_newer_schema_are_refused_untouched() -> T
 
     let url = postgres::server()?.fresh_database()?;
     let store = Store::open(&url)?;
-    store.close()?;
+    assert!(store.close()?.checkpoint_complete);
     let mut conn = PgConnection::establish(&url)?;
     conn.batch_execute(
         "INSERT INTO __diesel_schema_migrations (version) VALUES ('29991231000000')",
