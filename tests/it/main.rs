@@ -14,6 +14,7 @@ mod keys;
 mod operator_cli;
 mod postgres_schema;
 mod postgres_store;
+mod replicas;
 mod restore_race;
 mod schema_details;
 mod secrets;

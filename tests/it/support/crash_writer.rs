@@ -1,16 +1,21 @@
-//! The child process of the crash and contention tests.
+//! The child processes of the crash, contention and multi-replica tests.
 
 use std::path::PathBuf;
 
 /// The crash test's child program, built by `cargo test` from
 /// `examples/crash_writer.rs`.
 pub fn crash_writer() -> Result<PathBuf, Box<dyn std::error::Error>> {
+    example("crash_writer")
+}
+
+/// The program `cargo test` built from `examples/<name>.rs`.
+pub fn example(name: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let exe = std::env::current_exe()?;
     let profile = exe
         .parent()
         .and_then(|deps| deps.parent())
         .ok_or("test binary has no profile folder")?;
-    let path = profile.join("examples").join("crash_writer");
+    let path = profile.join("examples").join(name);
     if !path.exists() {
         return Err(format!(
             "{} is missing: run the tests with `cargo test`",
