@@ -4,6 +4,10 @@
 //!
 //! `cargo bench --bench workload -- --keys 100000 --events 1000000`
 //!
+//! `--db postgres://…` runs it on PostgreSQL instead, in that (empty)
+//! database; `benches/postgres-pair.sh` starts a throwaway cluster and runs
+//! it beside the hand-written PostgreSQL reference.
+//!
 //! The load goes through `record_batch`, 10,000 events per call (`--batch`
 //! to change it): a transaction that large dirties each page of the random
 //! indexes once for many events instead of once or twice per event.
@@ -12,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keytally::{KeyId, NewEvent, NewKey, Store, Timestamp, UsageFilter};
+use keytally::{Backend, KeyId, NewEvent, NewKey, Store, Timestamp, UsageFilter};
 
 const MODELS: [&str; 8] = [
     "gpt-4o",
@@ -92,7 +96,16 @@ fn main() -> BenchResult<()> {
 
     let folder = tempfile::tempdir()?;
     let path = folder.path().join("keytally.db");
-    let store = Arc::new(Store::open(&path)?);
+    let url = args
+        .iter()
+        .position(|a| a == "--db")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let store = Arc::new(match &url {
+        Some(url) => Store::open(url)?,
+        None => Store::open(&path)?,
+    });
+    let postgres = store.backend() == Backend::Postgres;
     let mut rng = Rng(7);
 
     // Keys: real secrets, 1 % revoked (not timed).
@@ -121,8 +134,13 @@ fn main() -> BenchResult<()> {
     }
     let loaded = (n_events / batch_len as u64) * batch_len as u64;
     let record_batch_per_s = loaded as f64 / started.elapsed().as_secs_f64();
-    store.checkpoint()?;
-    let bytes_per_event = std::fs::metadata(&path)?.len() as f64 / loaded as f64;
+    let bytes = if postgres {
+        store.postgres_status()?.tables_bytes as f64
+    } else {
+        store.checkpoint()?;
+        std::fs::metadata(&path)?.len() as f64
+    };
+    let bytes_per_event = bytes / loaded as f64;
 
     // resolve: from the presented secret to the key, one at a time.
     let mut latencies = Vec::with_capacity(n_resolve as usize);
@@ -208,12 +226,19 @@ fn main() -> BenchResult<()> {
         .collect::<Result<_, _>>()?;
     let mixed_resolve_per_s = (counts[0] + counts[1]) as f64 / mixed_seconds as f64;
     let mixed_record_per_s = counts[2] as f64 / mixed_seconds as f64;
-    let sqlite = store.status()?.sqlite_version;
+    let engine = if postgres {
+        format!(
+            "\"postgres\":\"{}\"",
+            store.postgres_status()?.server_version
+        )
+    } else {
+        format!("\"sqlite\":\"{}\"", store.status()?.sqlite_version)
+    };
     let store = Arc::into_inner(store).ok_or("store still shared")?;
     let _ = store.close()?;
 
     println!(
-        "{{\"impl\":\"keytally\",\"sqlite\":\"{sqlite}\",\"keys\":{n_keys},\"events\":{loaded},\
+        "{{\"impl\":\"keytally\",{engine},\"keys\":{n_keys},\"events\":{loaded},\
          \"resolve_per_s\":{resolve_per_s:.0},\"resolve_p99_us\":{resolve_p99_us:.1},\
          \"record_single_per_s\":{record_single_per_s:.0},\"record_batch_per_s\":{record_batch_per_s:.0},\
          \"usage_key_window_per_s\":{usage_key_window_per_s:.0},\

@@ -30,6 +30,8 @@ pub struct PostgresStatus {
     pub pending_migrations: Vec<String>,
     /// The size of the whole database on disk, in bytes.
     pub database_bytes: i64,
+    /// The size of keytally's tables with their indexes, in bytes.
+    pub tables_bytes: i64,
 }
 
 #[derive(QueryableByName)]
@@ -44,6 +46,8 @@ struct ServerRow {
     schema: String,
     #[diesel(sql_type = BigInt)]
     database_bytes: i64,
+    #[diesel(sql_type = BigInt)]
+    tables_bytes: i64,
 }
 
 /// The migrations applied to a PostgreSQL database and those pending.
@@ -99,7 +103,10 @@ impl Store {
             "SELECT current_setting('server_version') AS server_version, \
              current_database()::text AS database, current_user::text AS user, \
              current_schema()::text AS schema, \
-             pg_database_size(current_database()) AS database_bytes",
+             pg_database_size(current_database()) AS database_bytes, \
+             (SELECT CAST(coalesce(sum(pg_total_relation_size(c.oid)), 0) AS BIGINT) \
+              FROM pg_class c WHERE c.relnamespace = current_schema()::regnamespace \
+              AND c.relkind = 'r') AS tables_bytes",
         )
         .get_result(&mut *conn)?;
         let schema = migrations::inspect(&mut conn, self.db.path().to_str().unwrap_or(""))?;
@@ -112,6 +119,7 @@ impl Store {
             schema_version: schema.applied.last().cloned(),
             pending_migrations: schema.pending,
             database_bytes: server.database_bytes,
+            tables_bytes: server.tables_bytes,
         })
     }
 

@@ -63,7 +63,7 @@ fn postgres_status(store: &Store, out: &Output) -> CliResult {
             }
         };
         format!(
-            "backend:            PostgreSQL\nurl:                {}\nserver_version:     {}\ndatabase:           {}\nuser:               {}\nschema:             {}\nschema_version:     {}\nmigrated now:       {}\npending_migrations: {}\ndatabase_bytes:     {}\n",
+            "backend:            PostgreSQL\nurl:                {}\nserver_version:     {}\ndatabase:           {}\nuser:               {}\nschema:             {}\nschema_version:     {}\nmigrated now:       {}\npending_migrations: {}\ndatabase_bytes:     {}\ntables_bytes:       {}\n",
             status.url,
             status.server_version,
             status.database,
@@ -73,6 +73,7 @@ fn postgres_status(store: &Store, out: &Output) -> CliResult {
             list(migrated),
             list(&status.pending_migrations),
             status.database_bytes,
+            status.tables_bytes,
         )
     });
     Ok(())
