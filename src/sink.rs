@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::event::NewEvent;
-use crate::repositories::events::ValidEvent;
+use crate::repositories::event_rows::ValidEvent;
 use crate::store::Store;
 
 /// How an [`EventSink`] batches.

@@ -360,6 +360,39 @@ impl Database {
         }
     }
 
+    /// Runs `f`, which writes with one statement, once this process's
+    /// other writers of this database are done: on SQLite in a write
+    /// transaction, as [`Database::write`]; on PostgreSQL as that one
+    /// statement, which is its own transaction (one round trip fewer on
+    /// either side of it), run again as `write` runs a transaction again.
+    ///
+    /// # Errors
+    ///
+    /// As [`Database::write`].
+    #[cfg(feature = "postgres")]
+    pub(crate) fn write_statement<T>(
+        &self,
+        mut f: impl FnMut(&mut Conn<'_>) -> Result<T>,
+    ) -> Result<T> {
+        match self.target {
+            Target::Sqlite(_) => self.write(f),
+            Target::Postgres(_) => {
+                let _turn = self.gate.enter(false)?;
+                let mut pooled = self.connection()?;
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match f(&mut pooled.conn()) {
+                        Err(error) if error.is_transient() && tries < POSTGRES_RETRIES => {
+                            tracing::debug!(error = %error.report(), tries, "statement retried");
+                        }
+                        outcome => return outcome,
+                    }
+                }
+            }
+        }
+    }
+
     /// Runs `f` in a read transaction, which sees one consistent snapshot.
     /// Only the repositories call it, with closures that only read.
     ///

@@ -36,6 +36,51 @@ pub(crate) enum Value<'a> {
     NullableText(Option<&'a str>),
     /// `Bool` (an integer 0 or 1 on SQLite).
     Bool(bool),
+    /// `Array<BigInt>`: PostgreSQL only.
+    #[cfg(feature = "postgres")]
+    IntArray(&'a [i64]),
+    /// `Array<Nullable<BigInt>>`: PostgreSQL only.
+    #[cfg(feature = "postgres")]
+    NullableIntArray(&'a [Option<i64>]),
+    /// `Array<Nullable<Text>>`: PostgreSQL only.
+    #[cfg(feature = "postgres")]
+    NullableTextArray(&'a [Option<&'a str>]),
+    /// `Array<Bool>`: PostgreSQL only.
+    #[cfg(feature = "postgres")]
+    BoolArray(&'a [bool]),
+}
+
+/// Binding arrays, which only PostgreSQL has.
+#[cfg(feature = "postgres")]
+trait ArrayBinds: diesel::backend::Backend + Sized {
+    fn push_array<'b>(out: &mut AstPass<'_, 'b, Self>, value: &'b Value<'b>) -> QueryResult<()>;
+}
+
+#[cfg(feature = "postgres")]
+impl ArrayBinds for diesel::sqlite::Sqlite {
+    fn push_array<'b>(_out: &mut AstPass<'_, 'b, Self>, _value: &'b Value<'b>) -> QueryResult<()> {
+        Err(DieselError::QueryBuilderError(
+            "SQLite has no array parameters".into(),
+        ))
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl ArrayBinds for diesel::pg::Pg {
+    fn push_array<'b>(out: &mut AstPass<'_, 'b, Self>, value: &'b Value<'b>) -> QueryResult<()> {
+        use diesel::sql_types::Array;
+        match value {
+            Value::IntArray(values) => out.push_bind_param::<Array<BigInt>, [i64]>(values),
+            Value::NullableIntArray(values) => {
+                out.push_bind_param::<Array<Nullable<BigInt>>, [Option<i64>]>(values)
+            }
+            Value::NullableTextArray(values) => {
+                out.push_bind_param::<Array<Nullable<Text>>, [Option<&str>]>(values)
+            }
+            Value::BoolArray(values) => out.push_bind_param::<Array<Bool>, [bool]>(values),
+            _ => Err(DieselError::QueryBuilderError("not an array".into())),
+        }
+    }
 }
 
 impl From<i64> for Value<'_> {
@@ -140,6 +185,13 @@ macro_rules! for_backend {
                             out.push_bind_param::<Nullable<Text>, Option<&str>>(text)?;
                         }
                         Value::Bool(flag) => out.push_bind_param::<Bool, bool>(flag)?,
+                        #[cfg(feature = "postgres")]
+                        Value::IntArray(_)
+                        | Value::NullableIntArray(_)
+                        | Value::NullableTextArray(_)
+                        | Value::BoolArray(_) => {
+                            <$backend as ArrayBinds>::push_array(&mut out, value)?;
+                        }
                     }
                     out.push_sql(piece);
                 }

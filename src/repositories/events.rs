@@ -6,19 +6,21 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use diesel::prelude::*;
-use diesel::sql_types::BigInt;
 
-use crate::db::database::{on_backend, Conn, Database};
+use crate::db::database::{on_backend, Backend, Conn, Database};
 use crate::db::schema::events;
-use crate::db::sql::{sql_text, CachedSql, FixedSql, Value};
+use crate::db::sql::CachedSql;
 use crate::error::{Error, Result};
 use crate::model::event::{Event, EventFilter, EventId, NewEvent, PruneReport, MAX_BATCH_LEN};
 use crate::model::invalid::Invalid;
 use crate::model::key::{page_size, KeyId};
 use crate::model::time::{Timestamp, HOUR_MS};
+use crate::repositories::event_rows::{self, ValidEvent};
 use crate::repositories::keys::{self, KeyMemory, Keys};
 use crate::repositories::models::{self, ModelIds};
-use crate::repositories::rollups::{self, Counted};
+#[cfg(feature = "postgres")]
+use crate::repositories::postgres_insert;
+use crate::repositories::rollups;
 
 /// The events repository of a store; see `Store::events`.
 #[derive(Debug, Clone, Copy)]
@@ -26,29 +28,6 @@ pub struct Events<'a> {
     pub(crate) db: &'a Database,
     keys: &'a KeyMemory,
     pub(crate) models: &'a ModelIds,
-}
-
-/// An event that passed validation, with its key and models resolved to
-/// their row ids: ready to insert. It borrows the caller's event, or owns a
-/// copy where it must outlive the call (an `EventSink` queues it).
-#[derive(Debug, Clone)]
-pub(crate) struct ValidEvent<'a> {
-    key_row_id: Option<i64>,
-    model_id: i64,
-    upstream_model_id: Option<i64>,
-    event: Cow<'a, NewEvent>,
-}
-
-impl ValidEvent<'_> {
-    /// The same, owning its event.
-    pub(crate) fn into_owned(self) -> ValidEvent<'static> {
-        ValidEvent {
-            key_row_id: self.key_row_id,
-            model_id: self.model_id,
-            upstream_model_id: self.upstream_model_id,
-            event: Cow::Owned(self.event.into_owned()),
-        }
-    }
 }
 
 /// Why an event was refused: one of its fields, or the store failing while
@@ -136,7 +115,20 @@ impl<'a> Events<'a> {
     /// Records validated events in one transaction; returns their ids, in
     /// their order.
     pub(crate) fn record_valid(&self, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {
-        self.db.write(|conn| insert(conn, valid))
+        let record = |conn: &mut Conn<'_>| match conn {
+            Conn::Sqlite(conn) => event_rows::insert(conn, valid),
+            #[cfg(feature = "postgres")]
+            Conn::Postgres(conn) => postgres_insert::insert(conn, valid),
+        };
+        match self.db.backend() {
+            // SQLite: several statements in one write transaction.
+            Backend::Sqlite => self.db.write(record),
+            // PostgreSQL: one statement, its own transaction.
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => self.db.write_statement(record),
+            #[cfg(not(feature = "postgres"))]
+            Backend::Postgres => Err(Error::PostgresNotBuilt),
+        }
     }
 
     /// Validates an event and resolves its key and models to row ids,
@@ -338,126 +330,6 @@ pub(crate) fn delete_before(conn: &mut Conn<'_>, cutoff: Timestamp, batch: u32) 
         vec![cutoff.as_millis(), i64::from(batch)],
     );
     Ok(on_backend!(conn, |c| delete.execute(c))?)
-}
-
-sql_text!(
-    /// The id the next event gets: ids are given explicitly, so a batch's
-    /// are known without reading each one back.
-    NextEventId = "SELECT next AS value FROM sequences WHERE name = 'events'"
-);
-#[cfg(feature = "postgres")]
-sql_text!(
-    /// The ids of `?` new events on PostgreSQL, from the `event_ids`
-    /// sequence, which no writer waits on.
-    NextPostgresEventIds = "SELECT nextval('event_ids') AS value FROM generate_series(1, ?)"
-);
-sql_text!(
-    /// Moves the event id sequence past a transaction's events.
-    SetNextEventId = "UPDATE sequences SET next = ? WHERE name = 'events'"
-);
-sql_text!(
-    /// Adds one event, its id given.
-    InsertEvent = "INSERT INTO events (id, ts, key_row_id, model_id, upstream_model_id, \
-        request_id, prompt_tokens, completion_tokens, cache_read_tokens, \
-        cache_creation_tokens, reasoning_tokens, status, latency_ms, error, usage_unknown, \
-        thinking_level) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-);
-
-#[derive(QueryableByName)]
-struct IdRow {
-    #[diesel(sql_type = BigInt)]
-    value: i64,
-}
-
-impl ValidEvent<'_> {
-    /// The values of [`InsertEvent`], in its columns' order.
-    fn values(&self, id: i64) -> Vec<Value<'_>> {
-        let event = &self.event;
-        vec![
-            Value::Int(id),
-            Value::Int(event.ts.as_millis()),
-            Value::NullableInt(self.key_row_id),
-            Value::Int(self.model_id),
-            Value::NullableInt(self.upstream_model_id),
-            Value::NullableText(event.request_id.as_deref()),
-            Value::Int(event.prompt_tokens),
-            Value::Int(event.completion_tokens),
-            Value::Int(event.cache_read_tokens),
-            Value::Int(event.cache_creation_tokens),
-            Value::Int(event.reasoning_tokens),
-            Value::Int(event.status),
-            Value::Int(event.latency_ms),
-            Value::NullableText(event.error.as_deref()),
-            Value::Bool(event.usage_unknown),
-            Value::NullableText(event.thinking_level.as_deref()),
-        ]
-    }
-}
-
-/// Inserts validated events and adds them to the rollups, inside the
-/// caller's write transaction. Returns their ids, in their order.
-fn insert(conn: &mut Conn<'_>, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {
-    if valid.is_empty() {
-        return Err(Error::InvalidInput {
-            field: "batch",
-            reason: "it is empty".to_owned(),
-        });
-    }
-    let ids = allocate_ids(conn, valid.len())?;
-    // The table is ordered by time: rows go in in that order, so a batch
-    // that arrives slightly out of order still fills each page once.
-    let mut order: Vec<usize> = (0..valid.len()).collect();
-    order.sort_by_key(|&offset| valid[offset].event.ts);
-    for offset in order {
-        let row = FixedSql::<InsertEvent>::new(valid[offset].values(ids[offset].0));
-        on_backend!(conn, |c| row.execute(c))?;
-    }
-    rollups::add(
-        conn,
-        valid.iter().map(|valid| Counted {
-            hour: valid.event.ts.hour(),
-            key_row_id: valid.key_row_id.unwrap_or(0),
-            model_id: valid.model_id,
-            event: &valid.event,
-        }),
-    )?;
-    Ok(ids)
-}
-
-/// `count` new event ids. On SQLite, consecutive ones from the `events`
-/// counter, which the write lock keeps to one writer at a time; on
-/// PostgreSQL, from the `event_ids` sequence.
-fn allocate_ids(conn: &mut Conn<'_>, count: usize) -> Result<Vec<EventId>> {
-    let count = i64::try_from(count).map_err(|_| Error::InvalidInput {
-        field: "batch",
-        reason: "too many events".to_owned(),
-    })?;
-    match conn {
-        Conn::Sqlite(c) => {
-            let first = FixedSql::<NextEventId>::new(Vec::new())
-                .get_result::<IdRow>(*c)
-                .optional()?
-                .ok_or_else(|| Error::BadStoredValue {
-                    message: "the event id sequence is missing from the sequences table".to_owned(),
-                })?
-                .value;
-            let next = first
-                .checked_add(count)
-                .ok_or_else(|| Error::BadStoredValue {
-                    message: format!("event ids are exhausted (next id {first})"),
-                })?;
-            FixedSql::<SetNextEventId>::new(vec![Value::Int(next)]).execute(*c)?;
-            Ok((first..next).map(EventId).collect())
-        }
-        #[cfg(feature = "postgres")]
-        Conn::Postgres(c) => Ok(
-            FixedSql::<NextPostgresEventIds>::new(vec![Value::Int(count)])
-                .load::<IdRow>(*c)?
-                .into_iter()
-                .map(|row| EventId(row.value))
-                .collect(),
-        ),
-    }
 }
 
 /// An event row as stored (`events::all_columns`): its key and models by

@@ -99,7 +99,47 @@ pub(crate) fn totals_of_rows() -> String {
 fn upsert(table: &str, key_columns: &[&str]) -> String {
     let keys = key_columns.join(", ");
     let placeholders = vec!["?"; key_columns.len() + COLUMNS.len()].join(", ");
-    let updates = COLUMNS
+    format!(
+        "INSERT INTO {table} ({keys}, {}) VALUES ({placeholders}) \
+         ON CONFLICT ({keys}) DO UPDATE SET {}",
+        column_list(),
+        updates(table)
+    )
+}
+
+/// `INSERT INTO table (keys…, values…) SELECT … FROM rows GROUP BY keys
+/// ON CONFLICT … DO UPDATE`: adds the totals of `rows` (rows of `events`'
+/// columns, by `SELECT` or table name) per group, the groups in key order.
+/// `key_expressions` compute the key columns from a row.
+#[cfg(feature = "postgres")]
+pub(crate) fn upsert_totals_of(
+    table: &str,
+    key_columns: &[&str],
+    key_expressions: &[&str],
+    rows: &str,
+) -> String {
+    let keys = key_columns.join(", ");
+    let computed_keys = key_expressions
+        .iter()
+        .zip(key_columns)
+        .map(|(expression, column)| format!("{expression} AS {column}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO {table} ({keys}, {columns}) \
+         SELECT {keys}, {totals} FROM (SELECT {computed_keys}, {per_event} FROM {rows}) AS e \
+         GROUP BY {keys} ORDER BY {keys} \
+         ON CONFLICT ({keys}) DO UPDATE SET {updates}",
+        columns = column_list(),
+        totals = totals_of_rows(),
+        per_event = event_as_rollup_row(),
+        updates = updates(table)
+    )
+}
+
+/// The `SET` list of an upsert: each value combined with the row's.
+fn updates(table: &str) -> String {
+    COLUMNS
         .map(|column| match column.combine {
             // The row's own columns are named with the table: PostgreSQL
             // finds a bare name ambiguous beside `excluded`.
@@ -110,12 +150,7 @@ fn upsert(table: &str, key_columns: &[&str]) -> String {
                 column.name
             ),
         })
-        .join(", ");
-    format!(
-        "INSERT INTO {table} ({keys}, {}) VALUES ({placeholders}) \
-         ON CONFLICT ({keys}) DO UPDATE SET {updates}",
-        column_list()
-    )
+        .join(", ")
 }
 
 sql_text!(

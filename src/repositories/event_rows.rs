@@ -1,0 +1,143 @@
+//! Event rows as they are written: [`ValidEvent`], an event checked and
+//! with its key and models resolved to row ids, and its insert with its
+//! rollups on SQLite, ids taken from the `events` counter. PostgreSQL's
+//! insert is in `postgres_insert`.
+
+use std::borrow::Cow;
+
+use diesel::sql_types::BigInt;
+use diesel::{OptionalExtension, QueryableByName, RunQueryDsl, SqliteConnection};
+
+use crate::db::database::Conn;
+use crate::db::sql::{sql_text, FixedSql, Value};
+use crate::error::{Error, Result};
+use crate::model::event::{EventId, NewEvent};
+use crate::repositories::rollups::{self, Counted};
+
+/// An event that passed validation, with its key and models resolved to
+/// their row ids: ready to insert. It borrows the caller's event, or owns a
+/// copy where it must outlive the call (an `EventSink` queues it).
+#[derive(Debug, Clone)]
+pub(crate) struct ValidEvent<'a> {
+    pub(crate) key_row_id: Option<i64>,
+    pub(crate) model_id: i64,
+    pub(crate) upstream_model_id: Option<i64>,
+    pub(crate) event: Cow<'a, NewEvent>,
+}
+
+impl ValidEvent<'_> {
+    /// The same, owning its event.
+    pub(crate) fn into_owned(self) -> ValidEvent<'static> {
+        ValidEvent {
+            key_row_id: self.key_row_id,
+            model_id: self.model_id,
+            upstream_model_id: self.upstream_model_id,
+            event: Cow::Owned(self.event.into_owned()),
+        }
+    }
+}
+
+sql_text!(
+    /// The id the next event gets: ids are given explicitly, so a batch's
+    /// are known without reading each one back.
+    NextEventId = "SELECT next AS value FROM sequences WHERE name = 'events'"
+);
+sql_text!(
+    /// Moves the event id sequence past a transaction's events.
+    SetNextEventId = "UPDATE sequences SET next = ? WHERE name = 'events'"
+);
+sql_text!(
+    /// Adds one event, its id given.
+    InsertEvent = "INSERT INTO events (id, ts, key_row_id, model_id, upstream_model_id, \
+        request_id, prompt_tokens, completion_tokens, cache_read_tokens, \
+        cache_creation_tokens, reasoning_tokens, status, latency_ms, error, usage_unknown, \
+        thinking_level) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+);
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = BigInt)]
+    value: i64,
+}
+
+impl ValidEvent<'_> {
+    /// The values of [`InsertEvent`], in its columns' order.
+    fn values(&self, id: i64) -> Vec<Value<'_>> {
+        let event = &self.event;
+        vec![
+            Value::Int(id),
+            Value::Int(event.ts.as_millis()),
+            Value::NullableInt(self.key_row_id),
+            Value::Int(self.model_id),
+            Value::NullableInt(self.upstream_model_id),
+            Value::NullableText(event.request_id.as_deref()),
+            Value::Int(event.prompt_tokens),
+            Value::Int(event.completion_tokens),
+            Value::Int(event.cache_read_tokens),
+            Value::Int(event.cache_creation_tokens),
+            Value::Int(event.reasoning_tokens),
+            Value::Int(event.status),
+            Value::Int(event.latency_ms),
+            Value::NullableText(event.error.as_deref()),
+            Value::Bool(event.usage_unknown),
+            Value::NullableText(event.thinking_level.as_deref()),
+        ]
+    }
+}
+
+/// Inserts validated events and adds them to the rollups, inside the
+/// caller's write transaction on SQLite. Returns their ids, in their
+/// order.
+pub(crate) fn insert(
+    conn: &mut SqliteConnection,
+    valid: &[ValidEvent<'_>],
+) -> Result<Vec<EventId>> {
+    if valid.is_empty() {
+        return Err(Error::InvalidInput {
+            field: "batch",
+            reason: "it is empty".to_owned(),
+        });
+    }
+    let ids = allocate_ids(conn, valid.len())?;
+    // The table is ordered by time: rows go in in that order, so a batch
+    // that arrives slightly out of order still fills each page once.
+    let mut order: Vec<usize> = (0..valid.len()).collect();
+    order.sort_by_key(|&offset| valid[offset].event.ts);
+    for offset in order {
+        let row = FixedSql::<InsertEvent>::new(valid[offset].values(ids[offset].0));
+        row.execute(conn)?;
+    }
+    rollups::add(
+        &mut Conn::Sqlite(conn),
+        valid.iter().map(|valid| Counted {
+            hour: valid.event.ts.hour(),
+            key_row_id: valid.key_row_id.unwrap_or(0),
+            model_id: valid.model_id,
+            event: &valid.event,
+        }),
+    )?;
+    Ok(ids)
+}
+
+/// `count` new, consecutive event ids from the `events` counter, which
+/// the write lock keeps to one writer at a time.
+fn allocate_ids(conn: &mut SqliteConnection, count: usize) -> Result<Vec<EventId>> {
+    let count = i64::try_from(count).map_err(|_| Error::InvalidInput {
+        field: "batch",
+        reason: "too many events".to_owned(),
+    })?;
+    let first = FixedSql::<NextEventId>::new(Vec::new())
+        .get_result::<IdRow>(conn)
+        .optional()?
+        .ok_or_else(|| Error::BadStoredValue {
+            message: "the event id sequence is missing from the sequences table".to_owned(),
+        })?
+        .value;
+    let next = first
+        .checked_add(count)
+        .ok_or_else(|| Error::BadStoredValue {
+            message: format!("event ids are exhausted (next id {first})"),
+        })?;
+    FixedSql::<SetNextEventId>::new(vec![Value::Int(next)]).execute(conn)?;
+    Ok((first..next).map(EventId).collect())
+}

@@ -1,0 +1,127 @@
+//! Recording events on PostgreSQL in one statement: the batch goes to the
+//! server as one array per column, and a single statement takes the ids
+//! from the `event_ids` sequence, inserts the rows and adds their totals
+//! to both rollup tables (grouped on the server, so they equal a recount).
+//! One round trip and one implicit transaction, whatever the batch's size.
+
+use diesel::sql_types::BigInt;
+use diesel::{PgConnection, QueryableByName, RunQueryDsl};
+
+use crate::db::sql::{sql_text, FixedSql, Value};
+use crate::error::Result;
+use crate::model::event::EventId;
+use crate::repositories::event_rows::ValidEvent;
+use crate::repositories::rollups;
+
+/// The columns of `events` that a batch gives, in the order of the
+/// statement's arrays (the id comes from the sequence).
+const COLUMNS: &str = "ts, key_row_id, model_id, upstream_model_id, request_id, prompt_tokens, \
+    completion_tokens, cache_read_tokens, cache_creation_tokens, reasoning_tokens, status, \
+    latency_ms, error, usage_unknown, thinking_level";
+
+/// The same columns as they are inserted: the counters are `INTEGER`s
+/// (the arrays carry them as `BIGINT`s, validated to fit).
+const INSERTED: &str = "ts, key_row_id, model_id, upstream_model_id, request_id, \
+    CAST(prompt_tokens AS INTEGER), CAST(completion_tokens AS INTEGER), \
+    CAST(cache_read_tokens AS INTEGER), CAST(cache_creation_tokens AS INTEGER), \
+    CAST(reasoning_tokens AS INTEGER), CAST(status AS INTEGER), CAST(latency_ms AS INTEGER), \
+    error, usage_unknown, thinking_level";
+
+/// The statement: `new` (materialized once, so each row takes one id)
+/// feeds the insert and both rollup upserts; the ids come back in the
+/// batch's order. Timestamps are never negative, so `ts / 3600000` is the
+/// hour as `Timestamp::hour` computes it.
+fn statement() -> String {
+    format!(
+        "WITH new AS MATERIALIZED (\
+           SELECT nextval('event_ids') AS id, u.* FROM unnest(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+           WITH ORDINALITY AS u({COLUMNS}, position)), \
+         inserted AS (INSERT INTO events (id, {COLUMNS}) SELECT id, {INSERTED} FROM new ORDER BY ts), \
+         by_key AS ({by_key}), \
+         by_model AS ({by_model}) \
+         SELECT id AS value FROM new ORDER BY position",
+        by_key = rollups::upsert_totals_of(
+            "usage_key_hourly",
+            &["key_row_id", "hour", "model_id"],
+            &["coalesce(key_row_id, 0)", "ts / 3600000", "model_id"],
+            "new"
+        ),
+        by_model = rollups::upsert_totals_of(
+            "usage_model_hourly",
+            &["hour", "model_id"],
+            &["ts / 3600000", "model_id"],
+            "new"
+        ),
+    )
+}
+
+sql_text!(
+    /// Records a batch of events with their rollups; see [`statement`].
+    RecordBatch = statement()
+);
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = BigInt)]
+    value: i64,
+}
+
+/// The batch's columns, one vector each.
+#[derive(Default)]
+struct Columns<'a> {
+    ts: Vec<i64>,
+    key_row_id: Vec<Option<i64>>,
+    model_id: Vec<i64>,
+    upstream_model_id: Vec<Option<i64>>,
+    request_id: Vec<Option<&'a str>>,
+    counters: [Vec<i64>; 7],
+    error: Vec<Option<&'a str>>,
+    usage_unknown: Vec<bool>,
+    thinking_level: Vec<Option<&'a str>>,
+}
+
+/// Inserts validated events and adds them to the rollups, in one
+/// statement; returns their ids, in their order.
+pub(crate) fn insert(conn: &mut PgConnection, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {
+    let mut columns = Columns::default();
+    for valid in valid {
+        let event = &valid.event;
+        columns.ts.push(event.ts.as_millis());
+        columns.key_row_id.push(valid.key_row_id);
+        columns.model_id.push(valid.model_id);
+        columns.upstream_model_id.push(valid.upstream_model_id);
+        columns.request_id.push(event.request_id.as_deref());
+        for (column, value) in columns.counters.iter_mut().zip([
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.cache_read_tokens,
+            event.cache_creation_tokens,
+            event.reasoning_tokens,
+            event.status,
+            event.latency_ms,
+        ]) {
+            column.push(value);
+        }
+        columns.error.push(event.error.as_deref());
+        columns.usage_unknown.push(event.usage_unknown);
+        columns.thinking_level.push(event.thinking_level.as_deref());
+    }
+    let mut values = vec![
+        Value::IntArray(&columns.ts),
+        Value::NullableIntArray(&columns.key_row_id),
+        Value::IntArray(&columns.model_id),
+        Value::NullableIntArray(&columns.upstream_model_id),
+        Value::NullableTextArray(&columns.request_id),
+    ];
+    values.extend(columns.counters.iter().map(|c| Value::IntArray(c)));
+    values.extend([
+        Value::NullableTextArray(&columns.error),
+        Value::BoolArray(&columns.usage_unknown),
+        Value::NullableTextArray(&columns.thinking_level),
+    ]);
+    Ok(FixedSql::<RecordBatch>::new(values)
+        .load::<IdRow>(conn)?
+        .into_iter()
+        .map(|row| EventId(row.value))
+        .collect())
+}
