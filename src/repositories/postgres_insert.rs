@@ -10,6 +10,7 @@ use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
 use crate::model::event::EventId;
+use crate::model::usage::Totals;
 use crate::repositories::event_rows::ValidEvent;
 use crate::repositories::rollups;
 
@@ -59,6 +60,21 @@ sql_text!(
     /// Records a batch of events with their rollups; see [`statement`].
     RecordBatch = statement()
 );
+sql_text!(
+    /// Records one event with its rollups: the same work as
+    /// [`RecordBatch`] for one row, with no arrays to unpack and no groups
+    /// to form, which a single event (the request path) does not need.
+    RecordOne = format!(
+        "WITH new AS (SELECT nextval('event_ids') AS id), \
+         inserted AS (INSERT INTO events (id, {COLUMNS}) \
+           SELECT id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM new), \
+         by_key AS ({by_key}), \
+         by_model AS ({by_model}) \
+         SELECT id AS value FROM new",
+        by_key = rollups::upsert("usage_key_hourly", &["key_row_id", "hour", "model_id"]),
+        by_model = rollups::upsert("usage_model_hourly", &["hour", "model_id"]),
+    )
+);
 
 #[derive(QueryableByName)]
 struct IdRow {
@@ -83,6 +99,9 @@ struct Columns<'a> {
 /// Inserts validated events and adds them to the rollups, in one
 /// statement; returns their ids, in their order.
 pub(crate) fn insert(conn: &mut PgConnection, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {
+    if let [one] = valid {
+        return insert_one(conn, one);
+    }
     let mut columns = Columns::default();
     for valid in valid {
         let event = &valid.event;
@@ -120,6 +139,41 @@ pub(crate) fn insert(conn: &mut PgConnection, valid: &[ValidEvent<'_>]) -> Resul
         Value::NullableTextArray(&columns.thinking_level),
     ]);
     Ok(FixedSql::<RecordBatch>::new(values)
+        .load::<IdRow>(conn)?
+        .into_iter()
+        .map(|row| EventId(row.value))
+        .collect())
+}
+
+/// [`insert`] for one event.
+fn insert_one(conn: &mut PgConnection, valid: &ValidEvent<'_>) -> Result<Vec<EventId>> {
+    let event = &valid.event;
+    let mut values = vec![
+        Value::Int(event.ts.as_millis()),
+        Value::NullableInt(valid.key_row_id),
+        Value::Int(valid.model_id),
+        Value::NullableInt(valid.upstream_model_id),
+        Value::NullableText(event.request_id.as_deref()),
+        Value::Int(event.prompt_tokens),
+        Value::Int(event.completion_tokens),
+        Value::Int(event.cache_read_tokens),
+        Value::Int(event.cache_creation_tokens),
+        Value::Int(event.reasoning_tokens),
+        Value::Int(event.status),
+        Value::Int(event.latency_ms),
+        Value::NullableText(event.error.as_deref()),
+        Value::Bool(event.usage_unknown),
+        Value::NullableText(event.thinking_level.as_deref()),
+    ];
+    let mut totals = Totals::default();
+    totals.add_event(event);
+    let hour = event.ts.hour();
+    values.extend(rollups::binds(
+        &[valid.key_row_id.unwrap_or(0), hour, valid.model_id],
+        &totals,
+    ));
+    values.extend(rollups::binds(&[hour, valid.model_id], &totals));
+    Ok(FixedSql::<RecordOne>::new(values)
         .load::<IdRow>(conn)?
         .into_iter()
         .map(|row| EventId(row.value))

@@ -96,7 +96,7 @@ pub(crate) fn totals_of_rows() -> String {
 
 /// `INSERT INTO table (keys…, values…) VALUES (?…) ON CONFLICT (keys…) DO
 /// UPDATE` adding the values to the row's.
-fn upsert(table: &str, key_columns: &[&str]) -> String {
+pub(crate) fn upsert(table: &str, key_columns: &[&str]) -> String {
     let keys = key_columns.join(", ");
     let placeholders = vec!["?"; key_columns.len() + COLUMNS.len()].join(", ");
     format!(
@@ -201,7 +201,7 @@ pub(crate) fn add<'a>(
 }
 
 /// The values of an upsert: the key columns, then the totals.
-fn binds(key: &[i64], totals: &Totals) -> Vec<Value<'static>> {
+pub(crate) fn binds(key: &[i64], totals: &Totals) -> Vec<Value<'static>> {
     key.iter()
         .copied()
         .chain(totals.values())
