@@ -29,7 +29,12 @@ as_pg "$PG/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >/
 as_pg "$PG/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
     -o "-c listen_addresses='' -c unix_socket_directories='$dir'" start >/dev/null
 "$CARGO_TARGET_DIR_REFERENCE/release/rawpg-anchor" "host=$dir user=postgres dbname=postgres" "$KEYS" "$EVENTS"
-as_pg "$PG/psql" -h "$dir" -U postgres -q -c "CREATE DATABASE keytally" postgres
 cd "$root"
-cargo bench --quiet --bench workload -- --db "postgres://postgres@/keytally?host=$dir" \
-    --keys "$KEYS" --events "$EVENTS"
+# keytally twice: resolves confirmed by a read (strict, the default), then
+# by the key-change listener (notified), each in a database of its own.
+for mode in strict notified; do
+    as_pg "$PG/psql" -h "$dir" -U postgres -q -c "CREATE DATABASE keytally_$mode" postgres
+    flag=$([ "$mode" = notified ] && echo --notified || true)
+    cargo bench --quiet --bench workload -- --db "postgres://postgres@/keytally_$mode?host=$dir" \
+        --keys "$KEYS" --events "$EVENTS" $flag
+done

@@ -12,11 +12,14 @@
 //! to change it): a transaction that large dirties each page of the random
 //! indexes once for many events instead of once or twice per event.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keytally::{Backend, KeyId, NewEvent, NewKey, Store, Timestamp, UsageFilter};
+use keytally::{
+    Backend, KeyId, NewEvent, NewKey, ResolveMode, StoreOptions, Timestamp, UsageFilter,
+};
 
 const MODELS: [&str; 8] = [
     "gpt-4o",
@@ -101,10 +104,16 @@ fn main() -> BenchResult<()> {
         .position(|a| a == "--db")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    let store = Arc::new(match &url {
-        Some(url) => Store::open(url)?,
-        None => Store::open(&path)?,
-    });
+    // `--notified`: resolves answered from memory are confirmed by the
+    // key-change listener (PostgreSQL) instead of a read per resolve.
+    let mode = if args.iter().any(|a| a == "--notified") {
+        ResolveMode::Notified
+    } else {
+        ResolveMode::Strict
+    };
+    let options =
+        StoreOptions::new(url.as_deref().map_or(path.as_path(), Path::new)).resolve_mode(mode);
+    let store = Arc::new(options.open()?);
     let postgres = store.backend() == Backend::Postgres;
     let mut rng = Rng(7);
 
@@ -238,12 +247,17 @@ fn main() -> BenchResult<()> {
     let _ = store.close()?;
 
     println!(
-        "{{\"impl\":\"keytally\",{engine},\"keys\":{n_keys},\"events\":{loaded},\
+        "{{\"impl\":\"keytally{}\",{engine},\"keys\":{n_keys},\"events\":{loaded},\
          \"resolve_per_s\":{resolve_per_s:.0},\"resolve_p99_us\":{resolve_p99_us:.1},\
          \"record_single_per_s\":{record_single_per_s:.0},\"record_batch_per_s\":{record_batch_per_s:.0},\
          \"usage_key_window_per_s\":{usage_key_window_per_s:.0},\
          \"mixed_resolve_per_s\":{mixed_resolve_per_s:.0},\"mixed_record_per_s\":{mixed_record_per_s:.0},\
          \"mixed_errors\":{},\"bytes_per_event\":{bytes_per_event:.1}}}",
+        if mode == ResolveMode::Notified {
+            " (notified)"
+        } else {
+            ""
+        },
         errors.load(Ordering::Relaxed)
     );
     eprintln!("usage checksum {checksum}");

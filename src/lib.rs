@@ -97,7 +97,7 @@ pub use repositories::keys::cache::DEFAULT_KEY_CACHE_SIZE;
 pub use repositories::keys::Keys;
 pub use sink::{EventSink, SinkOptions, SinkReport, Ticket};
 pub use store::options::{
-    Retention, StoreOptions, DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_POOL_SIZE,
+    ResolveMode, Retention, StoreOptions, DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_POOL_SIZE,
 };
 #[cfg(feature = "postgres")]
 pub use store::postgres::{postgres_schema, PostgresSchema, PostgresStatus};

@@ -252,6 +252,15 @@ impl Database {
         })
     }
 
+    /// The PostgreSQL database's connection setup, or `None` on SQLite.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn postgres_setup(&self) -> Option<&PgSetup> {
+        match &self.target {
+            Target::Postgres(setup) => Some(setup),
+            Target::Sqlite(_) => None,
+        }
+    }
+
     /// The backend this database is on.
     pub(crate) fn backend(&self) -> Backend {
         match &self.target {

@@ -22,6 +22,8 @@ use crate::repositories::events::Events;
 use crate::repositories::keys::{KeyMemory, Keys};
 use crate::repositories::models::ModelIds;
 use crate::store::maintenance::Maintenance;
+#[cfg(feature = "postgres")]
+use crate::store::options::ResolveMode;
 use crate::store::options::StoreOptions;
 
 /// An open keytally database whose migrations have all run.
@@ -37,6 +39,9 @@ pub struct Store {
     maintenance: Maintenance,
     applied_at_open: Vec<String>,
     tightened_at_open: Vec<TightenedFile>,
+    /// The key-change listener of notified mode.
+    #[cfg(feature = "postgres")]
+    listener: Option<crate::db::postgres::listener::ListenerThread>,
     /// Declared last, so dropped after the pool: while it lives, nothing in
     /// this process opens the SQLite database file with plain I/O.
     _claim: Option<files::OpenClaim>,
@@ -100,6 +105,16 @@ impl Store {
                 (db, applied, Vec::new(), None)
             }
         };
+        #[cfg(feature = "postgres")]
+        let listener = match (db.postgres_setup(), options.resolve_mode) {
+            (Some(setup), ResolveMode::Notified) => {
+                use crate::db::postgres::listener::KeyChangeListener;
+                let (listener, thread) = KeyChangeListener::start(setup.clone())?;
+                let _ = keys.listener.set(listener);
+                Some(thread)
+            }
+            _ => None,
+        };
         let maintenance = Maintenance::start(
             db.clone(),
             Arc::clone(&keys),
@@ -113,6 +128,8 @@ impl Store {
             maintenance,
             applied_at_open,
             tightened_at_open,
+            #[cfg(feature = "postgres")]
+            listener,
             _claim: claim,
         })
     }
@@ -170,6 +187,10 @@ impl Store {
             return Err(Error::Closed);
         }
         self.maintenance.stop();
+        #[cfg(feature = "postgres")]
+        if let Some(listener) = &mut self.listener {
+            listener.stop();
+        }
         self.db.close()
     }
 }

@@ -25,6 +25,28 @@ pub struct StoreOptions {
     pub(crate) last_used_flush_interval: Duration,
     pub(crate) retention: Retention,
     pub(crate) key_cache_size: usize,
+    pub(crate) resolve_mode: ResolveMode,
+}
+
+/// How a resolve answered from memory makes sure that no key or secret has
+/// changed since it was read, in any process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResolveMode {
+    /// Every resolve asks the database for its count of key changes: one
+    /// read, so no resolve that starts after a revoke has committed accepts
+    /// the key, in any process or replica. On SQLite the read is local (about
+    /// a microsecond); on PostgreSQL it is a round trip to the server. The
+    /// default.
+    #[default]
+    Strict,
+    /// PostgreSQL only (on SQLite it is strict): a listener thread learns
+    /// of key changes through `LISTEN`/`NOTIFY` and by reading the count
+    /// every 50 ms, and resolves answered from memory ask nothing. A revoke
+    /// committed on one replica is refused on every other within the time
+    /// its notification takes (a few milliseconds) and at most about
+    /// 100 ms; a replica whose listener has not read the count for 100 ms
+    /// (its connection lost or hanging) resolves strictly until it is back.
+    Notified,
 }
 
 /// How long data is kept, enforced by the store's maintenance thread.
@@ -72,6 +94,7 @@ impl StoreOptions {
             last_used_flush_interval: DEFAULT_LAST_USED_FLUSH_INTERVAL,
             retention: Retention::default(),
             key_cache_size: DEFAULT_KEY_CACHE_SIZE,
+            resolve_mode: ResolveMode::Strict,
         }
     }
 
@@ -112,6 +135,14 @@ impl StoreOptions {
     #[must_use]
     pub fn key_cache_size(mut self, entries: usize) -> Self {
         self.key_cache_size = entries;
+        self
+    }
+
+    /// Sets how resolves answered from memory confirm that nothing
+    /// changed (default [`ResolveMode::Strict`]).
+    #[must_use]
+    pub fn resolve_mode(mut self, mode: ResolveMode) -> Self {
+        self.resolve_mode = mode;
         self
     }
 

@@ -11,6 +11,7 @@ mod full_disk;
 mod hostile_files;
 mod hostile_input;
 mod keys;
+mod notified;
 mod operator_cli;
 mod postgres_schema;
 mod postgres_store;

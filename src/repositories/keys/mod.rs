@@ -8,12 +8,16 @@ pub(crate) mod cache;
 pub(crate) mod last_used;
 
 use std::collections::HashMap;
+#[cfg(feature = "postgres")]
+use std::sync::Arc;
 use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use diesel::prelude::*;
 
 use crate::db::database::{on_backend, Conn, Database};
+#[cfg(feature = "postgres")]
+use crate::db::postgres::listener::KeyChangeListener;
 use crate::db::schema::{key_secrets, keys, sequences};
 use crate::db::sql::{sql_text, FixedSql};
 use crate::error::{Error, Result};
@@ -79,6 +83,9 @@ pub(crate) struct KeyMemory {
     /// Key ids to their row ids. Keys are never deleted (a trigger refuses
     /// it), so entries never go stale.
     row_ids: RwLock<HashMap<KeyId, i64, BuildFastHasher>>,
+    /// In notified mode on PostgreSQL, what the key-change listener knows.
+    #[cfg(feature = "postgres")]
+    pub(crate) listener: std::sync::OnceLock<Arc<KeyChangeListener>>,
 }
 
 impl KeyMemory {
@@ -91,7 +98,19 @@ impl KeyMemory {
             cache: KeyCache::new(cache_size),
             last_used: LastUsed::default(),
             row_ids: RwLock::default(),
+            #[cfg(feature = "postgres")]
+            listener: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The count of key changes as the listener knows it, in notified mode
+    /// while the listener is fresh; `None` means ask the database.
+    fn known_key_changes(&self) -> Option<i64> {
+        #[cfg(feature = "postgres")]
+        if let Some(listener) = self.listener.get() {
+            return listener.fresh_count();
+        }
+        None
     }
 }
 
@@ -207,40 +226,20 @@ impl<'a> Keys<'a> {
         let Ok(hash) = secret::parse(&self.memory.secret_prefix, presented) else {
             return Ok(Err(Rejection::Malformed));
         };
-        let row = {
-            let mut pooled = self.db.connection()?;
-            let conn = &mut pooled.conn();
-            let cache = &self.memory.cache;
-            match cache.get(&hash.0) {
-                Some((changes, row)) if key_changes(conn)? == changes => Some(row),
-                _ => {
-                    let found: Option<(Option<i64>, Resolved)> =
-                        on_backend!(conn, |c| key_secrets::table
-                            .inner_join(keys::table)
-                            .left_join(sequences::table.on(sequences::name.eq(KEY_CHANGES)))
-                            .filter(key_secrets::secret_hash.eq(&hash.0[..]))
-                            .select((
-                                sequences::next.nullable(),
-                                (
-                                    keys::row_id,
-                                    keys::id,
-                                    keys::tier,
-                                    keys::allowed_models,
-                                    keys::rate_limit_override,
-                                    keys::expires_at,
-                                    keys::revoked_at,
-                                    key_secrets::valid_until,
-                                ),
-                            ))
-                            // `get_result`, not `first`: `first` binds LIMIT as a
-                            // parameter, which makes SQLite re-prepare the
-                            // statement on every call.
-                            .get_result(c)
-                            .optional())?;
-                    if let Some((Some(changes), row)) = &found {
-                        cache.put(*changes, hash.0, row.clone());
+        let cache = &self.memory.cache;
+        // In notified mode, with the listener fresh, the count is known
+        // without asking; otherwise (strict mode) the database is asked.
+        let known = self.memory.known_key_changes();
+        let row = match (cache.get(&hash.0), known) {
+            (Some((changes, row)), Some(known)) if known == changes => Some(row),
+            (cached, known) => {
+                let mut pooled = self.db.connection()?;
+                let conn = &mut pooled.conn();
+                match cached {
+                    Some((changes, row)) if known.is_none() && key_changes(conn)? == changes => {
+                        Some(row)
                     }
-                    found.map(|(_, row)| row)
+                    _ => look_up(conn, cache, &hash.0)?,
                 }
             }
         };
@@ -469,6 +468,40 @@ impl<'a> Keys<'a> {
         }
         Ok(row_id)
     }
+}
+
+/// Reads what resolving the secret with this hash returns, with the count
+/// of key changes in the same statement, and keeps it in `cache`.
+fn look_up(
+    conn: &mut Conn<'_>,
+    cache: &KeyCache<Resolved>,
+    hash: &[u8; 32],
+) -> Result<Option<Resolved>> {
+    let found: Option<(Option<i64>, Resolved)> = on_backend!(conn, |c| key_secrets::table
+        .inner_join(keys::table)
+        .left_join(sequences::table.on(sequences::name.eq(KEY_CHANGES)))
+        .filter(key_secrets::secret_hash.eq(&hash[..]))
+        .select((
+            sequences::next.nullable(),
+            (
+                keys::row_id,
+                keys::id,
+                keys::tier,
+                keys::allowed_models,
+                keys::rate_limit_override,
+                keys::expires_at,
+                keys::revoked_at,
+                key_secrets::valid_until,
+            ),
+        ))
+        // `get_result`, not `first`: `first` binds LIMIT as a parameter,
+        // which makes SQLite re-prepare the statement on every call.
+        .get_result(c)
+        .optional())?;
+    if let Some((Some(changes), row)) = &found {
+        cache.put(*changes, *hash, row.clone());
+    }
+    Ok(found.map(|(_, row)| row))
 }
 
 /// The key with this id.
