@@ -123,7 +123,16 @@ impl<'a> Events<'a> {
         match self.db.backend() {
             // SQLite: several statements in one write transaction.
             Backend::Sqlite => self.db.write(record),
-            // PostgreSQL: one statement, its own transaction.
+            // PostgreSQL, a large batch: copied, then one statement, in a
+            // transaction.
+            #[cfg(feature = "postgres")]
+            Backend::Postgres if valid.len() >= postgres_insert::COPY_FROM => {
+                self.db.write(|conn| match conn {
+                    Conn::Postgres(conn) => postgres_insert::insert_copied(conn, valid),
+                    Conn::Sqlite(conn) => event_rows::insert(conn, valid),
+                })
+            }
+            // PostgreSQL, a few events: one statement, its own transaction.
             #[cfg(feature = "postgres")]
             Backend::Postgres => self.db.write_statement(record),
             #[cfg(not(feature = "postgres"))]

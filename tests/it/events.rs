@@ -185,15 +185,38 @@ fn out_of_range_timestamps_cannot_even_be_built() {
 #[rstest]
 fn batch_ids_are_consecutive_and_in_order(
     #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    // Small batches and large ones (PostgreSQL copies those).
+    #[values(50, 1_500)] size: i64,
 ) -> TestResult {
     let store = store_on(backend);
-    let batch: Vec<NewEvent> = (0..50)
-        .map(|i| Ok(NewEvent::new(ts(T0 + i * 1000)?, "o3")))
+    // Out of time order, so that the ids follow the batch, not the times.
+    let batch: Vec<NewEvent> = (0..size)
+        .map(|i| {
+            let mut event = NewEvent::new(ts(T0 + (i * 7919) % size * 1000)?, "o3");
+            event.request_id = Some(format!("r{i}"));
+            Ok(event)
+        })
         .collect::<Result<_, Error>>()?;
     let ids = store.events().record_batch(&batch)?;
-    assert_eq!(ids.len(), 50);
+    assert_eq!(ids.len(), size as usize);
     for pair in ids.windows(2) {
         assert_eq!(pair[1].get(), pair[0].get() + 1);
+    }
+    // Each id names its own event.
+    let listed = store.events().list(&EventFilter {
+        limit: Some(10_000),
+        ..EventFilter::default()
+    })?;
+    assert_eq!(listed.len(), size as usize);
+    for event in listed {
+        let position = ids
+            .iter()
+            .position(|id| *id == event.id)
+            .ok_or("an id not returned")?;
+        assert_eq!(
+            event.request_id.as_deref(),
+            Some(format!("r{position}").as_str())
+        );
     }
     Ok(())
 }
@@ -392,7 +415,14 @@ fn rollups_equal_a_recount_after_records_and_prunes(
                 assert_eq!(report.events_deleted, removed);
             }
             _ => {
-                let batch: Vec<NewEvent> = (0..rng.below(40) + 1)
+                // Mostly small batches; a quarter large enough that
+                // PostgreSQL copies them.
+                let size = if rng.below(8) == 0 {
+                    1_000 + rng.below(200)
+                } else {
+                    rng.below(40) + 1
+                };
+                let batch: Vec<NewEvent> = (0..size)
                     .map(|_| random_event(&mut rng, &keys, span))
                     .collect::<Result<_, Error>>()?;
                 store.events().record_batch(&batch)?;
