@@ -333,9 +333,9 @@ fn refuse_zero_batch(batch: u32) -> Result<()> {
     Ok(())
 }
 
-/// On PostgreSQL, drops the daily partitions of raw events that end at or
-/// before `cutoff`, whole; returns how many events they held. The rest
-/// (the default partition, the day `cutoff` falls in) is left to
+/// On PostgreSQL, drops the monthly partitions of raw events that end at
+/// or before `cutoff`, whole; returns how many events they held. The rest
+/// (the default partition, the month `cutoff` falls in) is left to
 /// [`delete_before`]. On SQLite: 0.
 pub(crate) fn drop_partitions_before(db: &Database, cutoff: Timestamp) -> Result<u64> {
     #[cfg(feature = "postgres")]
@@ -346,6 +346,29 @@ pub(crate) fn drop_partitions_before(db: &Database, cutoff: Timestamp) -> Result
     }
     let _ = (db, cutoff);
     Ok(0)
+}
+
+/// What the retention sweep deletes row by row, at most `batch` raw events
+/// older than `cutoff`, inside the caller's write transaction: on SQLite
+/// any; on PostgreSQL only those in the default partition, since a month's
+/// partition is dropped whole once all of it is older than the cutoff
+/// ([`drop_partitions_before`]), so rows are kept up to a month longer
+/// than the retention rather than deleted one by one.
+pub(crate) fn retention_delete_before(
+    conn: &mut Conn<'_>,
+    cutoff: Timestamp,
+    batch: u32,
+) -> Result<usize> {
+    match conn {
+        Conn::Sqlite(_) => delete_before(conn, cutoff, batch),
+        #[cfg(feature = "postgres")]
+        Conn::Postgres(c) => Ok(CachedSql::new(
+            "DELETE FROM events_default WHERE (ts, id) IN \
+             (SELECT ts, id FROM events_default WHERE ts < ? ORDER BY ts, id LIMIT ?)",
+            vec![cutoff.as_millis(), i64::from(batch)],
+        )
+        .execute(*c)?),
+    }
 }
 
 /// Deletes at most `batch` raw events older than `cutoff`, inside the

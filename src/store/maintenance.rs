@@ -145,7 +145,7 @@ fn sweep(db: &Database, signal: &Signal, retention: &Retention) -> Result<()> {
         let cutoff = cutoff(age);
         let mut deleted = events::drop_partitions_before(db, cutoff)? as usize;
         loop {
-            let n = db.write(|conn| events::delete_before(conn, cutoff, batch))?;
+            let n = db.write(|conn| events::retention_delete_before(conn, cutoff, batch))?;
             deleted += n;
             if n < batch as usize || signal.stopping() {
                 break;

@@ -1,9 +1,9 @@
--- Raw events partitioned by day (UTC), so that retention drops whole days
--- instead of deleting rows one by one. The store's maintenance keeps a
--- partition for yesterday, today and the next seven days (`events_dYYYYMMDD`);
--- events outside them (a backfill of older logs, a clock far ahead) go to
--- `events_default`, from which they are moved when their day's partition is
--- made, and deleted row by row by retention.
+-- Raw events partitioned by calendar month (UTC), so that retention drops
+-- whole months instead of deleting rows one by one. The store's maintenance
+-- keeps a partition for this month and the next (`events_mYYYYMM`); events
+-- outside them (a backfill of older logs, a clock far ahead) go to
+-- `events_default`, from which they are moved when their month's partition
+-- is made, and where retention deletes them row by row.
 ALTER TABLE events RENAME TO events_unpartitioned;
 ALTER TABLE events_unpartitioned RENAME CONSTRAINT events_pkey TO events_unpartitioned_pkey;
 ALTER INDEX events_by_key_ts RENAME TO events_unpartitioned_by_key_ts;
