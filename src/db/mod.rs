@@ -12,6 +12,7 @@ pub(crate) mod postgres;
 pub(crate) mod sql;
 pub(crate) mod sqlite;
 mod types;
+pub(crate) mod versions;
 
 /// The Diesel table definitions, generated from the migrations by
 /// `diesel print-schema` (see `diesel.toml`).

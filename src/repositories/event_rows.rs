@@ -63,9 +63,16 @@ struct IdRow {
 impl ValidEvent<'_> {
     /// The values of [`InsertEvent`], in its columns' order.
     fn values(&self, id: i64) -> Vec<Value<'_>> {
+        let mut values = vec![Value::Int(id)];
+        values.extend(self.column_values());
+        values
+    }
+
+    /// The values of every column of `events` but the id, in the table's
+    /// order.
+    pub(crate) fn column_values(&self) -> [Value<'_>; 15] {
         let event = &self.event;
-        vec![
-            Value::Int(id),
+        [
             Value::Int(event.ts.as_millis()),
             Value::NullableInt(self.key_row_id),
             Value::Int(self.model_id),

@@ -269,23 +269,7 @@ pub(crate) fn insert(conn: &mut PgConnection, valid: &[ValidEvent<'_>]) -> Resul
 /// [`insert`] for one event.
 fn insert_one(conn: &mut PgConnection, valid: &ValidEvent<'_>) -> Result<Vec<EventId>> {
     let event = &valid.event;
-    let mut values = vec![
-        Value::Int(event.ts.as_millis()),
-        Value::NullableInt(valid.key_row_id),
-        Value::Int(valid.model_id),
-        Value::NullableInt(valid.upstream_model_id),
-        Value::NullableText(event.request_id.as_deref()),
-        Value::Int(event.prompt_tokens),
-        Value::Int(event.completion_tokens),
-        Value::Int(event.cache_read_tokens),
-        Value::Int(event.cache_creation_tokens),
-        Value::Int(event.reasoning_tokens),
-        Value::Int(event.status),
-        Value::Int(event.latency_ms),
-        Value::NullableText(event.error.as_deref()),
-        Value::Bool(event.usage_unknown),
-        Value::NullableText(event.thinking_level.as_deref()),
-    ];
+    let mut values = valid.column_values().to_vec();
     let mut totals = Totals::default();
     totals.add_event(event);
     let hour = event.ts.hour();

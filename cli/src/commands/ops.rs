@@ -10,6 +10,15 @@ use serde_json::json;
 
 use super::{close, CliResult, Failure, Output};
 
+/// Items joined by commas, or `(none)`.
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "(none)".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
 pub fn status(store: &Store, out: &Output) -> CliResult {
     if store.backend() == keytally::Backend::Postgres {
         return postgres_status(store, out);
@@ -20,13 +29,6 @@ pub fn status(store: &Store, out: &Output) -> CliResult {
     let mut value = json!(status);
     value["migrated_now"] = json!(migrated);
     out.print(&value, || {
-        let list = |items: &[String]| {
-            if items.is_empty() {
-                "(none)".to_owned()
-            } else {
-                items.join(", ")
-            }
-        };
         let mut text = format!(
             "path:               {}\nsqlite_version:     {}\njournal_mode:       {}\nsynchronous:        {}\nforeign_keys:       {}\napplication_id:     {:#010x}\nuser_version:       {}\nschema_version:     {}\nmigrated now:       {}\npending_migrations: {}\nfiles:\n",
             status.path.display(),
@@ -55,13 +57,6 @@ fn postgres_status(store: &Store, out: &Output) -> CliResult {
     value["backend"] = json!("postgres");
     value["migrated_now"] = json!(migrated);
     out.print(&value, || {
-        let list = |items: &[String]| {
-            if items.is_empty() {
-                "(none)".to_owned()
-            } else {
-                items.join(", ")
-            }
-        };
         format!(
             "backend:            PostgreSQL\nurl:                {}\nserver_version:     {}\ndatabase:           {}\nuser:               {}\nschema:             {}\nschema_version:     {}\nmigrated now:       {}\npending_migrations: {}\ndatabase_bytes:     {}\ntables_bytes:       {}\n",
             status.url,

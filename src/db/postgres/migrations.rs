@@ -8,14 +8,13 @@
 //! that SQLite's application id is); one that has other tables and no mark
 //! is refused untouched, and so is one migrated by a newer keytally.
 
-use std::collections::BTreeSet;
-
 use diesel::migration::{Migration, MigrationSource};
 use diesel::pg::Pg;
 use diesel::sql_types::{BigInt, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
+use crate::db::versions;
 use crate::error::{Error, Result};
 
 /// The PostgreSQL migrations compiled into this binary, from
@@ -94,22 +93,7 @@ pub(crate) fn inspect(conn: &mut PgConnection, shown_as: &str) -> Result<SchemaS
         .iter()
         .map(|migration| migration.name().version().to_string())
         .collect();
-    let applied_set: BTreeSet<&str> = applied.iter().map(String::as_str).collect();
-    let known_set: BTreeSet<&str> = known.iter().map(String::as_str).collect();
-    let unknown: Vec<String> = applied_set
-        .difference(&known_set)
-        .map(|version| (*version).to_owned())
-        .collect();
-    if !unknown.is_empty() {
-        return Err(Error::SchemaTooNew {
-            path: shown_as.into(),
-            unknown,
-        });
-    }
-    let pending = known
-        .into_iter()
-        .filter(|version| !applied_set.contains(version.as_str()))
-        .collect();
+    let pending = versions::pending(&applied, known, std::path::Path::new(shown_as))?;
     Ok(SchemaState { applied, pending })
 }
 

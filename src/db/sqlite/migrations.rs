@@ -5,7 +5,6 @@
 //! at once apply every migration exactly once. `PRAGMA user_version` mirrors
 //! the number of applied migrations in the same transaction.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 use diesel::migration::{Migration, MigrationSource};
@@ -18,6 +17,7 @@ use crate::db::sqlite::connection::{
     pragma_integer, ConnectionSetup, Synchronous, DEFAULT_BUSY_TIMEOUT,
 };
 use crate::db::sqlite::files::{self, HeaderVerdict, APPLICATION_ID};
+use crate::db::versions;
 use crate::error::{Error, Result};
 
 /// The migrations compiled into this binary, from `migrations/sqlite/`.
@@ -91,23 +91,7 @@ pub(crate) fn inspect(conn: &mut SqliteConnection, path: &Path) -> Result<Schema
         }
     }
     let applied = applied_versions(conn)?;
-    let known = known_versions()?;
-    let applied_set: BTreeSet<&str> = applied.iter().map(String::as_str).collect();
-    let known_set: BTreeSet<&str> = known.iter().map(String::as_str).collect();
-    let unknown: Vec<String> = applied_set
-        .difference(&known_set)
-        .map(|version| (*version).to_owned())
-        .collect();
-    if !unknown.is_empty() {
-        return Err(Error::SchemaTooNew {
-            path: path.to_path_buf(),
-            unknown,
-        });
-    }
-    let pending = known
-        .into_iter()
-        .filter(|version| !applied_set.contains(version.as_str()))
-        .collect();
+    let pending = versions::pending(&applied, known_versions()?, path)?;
     Ok(SchemaState {
         marked,
         applied,
