@@ -261,21 +261,6 @@ impl Database {
         }
     }
 
-    /// Runs `f` on a PostgreSQL connection of the pool; `None` on SQLite.
-    #[cfg(feature = "postgres")]
-    pub(crate) fn on_postgres<T>(
-        &self,
-        f: impl FnOnce(&mut diesel::PgConnection) -> Result<T>,
-    ) -> Result<Option<T>> {
-        if self.backend() != Backend::Postgres {
-            return Ok(None);
-        }
-        match self.connection()? {
-            PooledConn::Postgres(mut conn) => f(&mut conn).map(Some),
-            PooledConn::Sqlite(_) => Ok(None),
-        }
-    }
-
     /// The backend this database is on.
     pub(crate) fn backend(&self) -> Backend {
         match &self.target {

@@ -283,10 +283,7 @@ impl<'a> Events<'a> {
         mut progress: impl FnMut(u64),
     ) -> Result<PruneReport> {
         refuse_zero_batch(batch)?;
-        let mut report = PruneReport {
-            events_deleted: drop_partitions_before(self.db, cutoff)?,
-            ..PruneReport::default()
-        };
+        let mut report = PruneReport::default();
         loop {
             let deleted = self.db.write(|conn| delete_before(conn, cutoff, batch))?;
             report.events_deleted += deleted as u64;
@@ -331,44 +328,6 @@ fn refuse_zero_batch(batch: u32) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// On PostgreSQL, drops the monthly partitions of raw events that end at
-/// or before `cutoff`, whole; returns how many events they held. The rest
-/// (the default partition, the month `cutoff` falls in) is left to
-/// [`delete_before`]. On SQLite: 0.
-pub(crate) fn drop_partitions_before(db: &Database, cutoff: Timestamp) -> Result<u64> {
-    #[cfg(feature = "postgres")]
-    if let Some(dropped) =
-        db.on_postgres(|conn| crate::db::postgres::partitions::drop_before(conn, cutoff))?
-    {
-        return Ok(dropped);
-    }
-    let _ = (db, cutoff);
-    Ok(0)
-}
-
-/// What the retention sweep deletes row by row, at most `batch` raw events
-/// older than `cutoff`, inside the caller's write transaction: on SQLite
-/// any; on PostgreSQL only those in the default partition, since a month's
-/// partition is dropped whole once all of it is older than the cutoff
-/// ([`drop_partitions_before`]), so rows are kept up to a month longer
-/// than the retention rather than deleted one by one.
-pub(crate) fn retention_delete_before(
-    conn: &mut Conn<'_>,
-    cutoff: Timestamp,
-    batch: u32,
-) -> Result<usize> {
-    match conn {
-        Conn::Sqlite(_) => delete_before(conn, cutoff, batch),
-        #[cfg(feature = "postgres")]
-        Conn::Postgres(c) => Ok(CachedSql::new(
-            "DELETE FROM events_default WHERE (ts, id) IN \
-             (SELECT ts, id FROM events_default WHERE ts < ? ORDER BY ts, id LIMIT ?)",
-            vec![cutoff.as_millis(), i64::from(batch)],
-        )
-        .execute(*c)?),
-    }
 }
 
 /// Deletes at most `batch` raw events older than `cutoff`, inside the

@@ -139,13 +139,11 @@ fn sweep(db: &Database, signal: &Signal, retention: &Retention) -> Result<()> {
     let cutoff = |age: Duration| {
         Timestamp::now().plus_millis(-i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
     };
-    #[cfg(feature = "postgres")]
-    db.on_postgres(|conn| crate::db::postgres::partitions::make_ahead(conn, Timestamp::now()))?;
     if let Some(age) = retention.raw_events {
         let cutoff = cutoff(age);
-        let mut deleted = events::drop_partitions_before(db, cutoff)? as usize;
+        let mut deleted = 0;
         loop {
-            let n = db.write(|conn| events::retention_delete_before(conn, cutoff, batch))?;
+            let n = db.write(|conn| events::delete_before(conn, cutoff, batch))?;
             deleted += n;
             if n < batch as usize || signal.stopping() {
                 break;

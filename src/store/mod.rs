@@ -225,15 +225,6 @@ fn open_postgres(url: &str, options: &StoreOptions) -> Result<(Database, Vec<Str
     let setup = PgSetup::new(url, options.busy_timeout);
     let mut first = setup.establish()?;
     let applied = pg_migrations::run_pending(&mut first, setup.redacted())?;
-    // Today's events go to a partition of their own from the start; if the
-    // partitions cannot be made now (a lock held too long), the
-    // maintenance thread tries again, and events wait in the default
-    // partition meanwhile.
-    if let Err(error) =
-        crate::db::postgres::partitions::make_ahead(&mut first, crate::Timestamp::now())
-    {
-        tracing::warn!(error = %error.report(), "could not make the events partitions yet");
-    }
     drop(first);
     Ok((Database::open_postgres(setup, options.pool_size)?, applied))
 }

@@ -13,7 +13,6 @@ mod hostile_input;
 mod keys;
 mod notified;
 mod operator_cli;
-mod partitions;
 mod postgres_schema;
 mod postgres_store;
 mod replicas;

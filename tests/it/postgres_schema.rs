@@ -28,7 +28,6 @@ fn columns(conn: &mut PgConnection) -> Result<Vec<Column>, diesel::result::Error
          data_type::text AS data_type, is_nullable::text AS is_nullable \
          FROM information_schema.columns \
          WHERE table_schema = 'public' AND table_name <> '__diesel_schema_migrations' \
-         AND table_name NOT IN (SELECT relname FROM pg_class WHERE relispartition) \
          ORDER BY table_name, ordinal_position",
     )
     .load(conn)

@@ -6,6 +6,5 @@
 pub(crate) mod connection;
 pub(crate) mod listener;
 pub(crate) mod migrations;
-pub(crate) mod partitions;
 
 pub use migrations::POSTGRES_MIGRATIONS;
