@@ -192,6 +192,29 @@ impl<'a> Events<'a> {
             .ok_or(Error::KeyNotFound { id: key })
     }
 
+    /// A filter's key and model as row ids (`None` each when the filter
+    /// has none); `None` in all when the model was never recorded, so that
+    /// nothing can match.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::KeyNotFound`] for an unknown key, or the store's errors.
+    pub(crate) fn filter_ids(
+        &self,
+        key: Option<KeyId>,
+        model: Option<&str>,
+    ) -> Result<Option<(Option<i64>, Option<i64>)>> {
+        let key_row = key.map(|key| self.key_row_for_query(key)).transpose()?;
+        let model_id = match model {
+            None => None,
+            Some(model) => match self.models.existing(self.db, model)? {
+                Some(id) => Some(id),
+                None => return Ok(None),
+            },
+        };
+        Ok(Some((key_row, model_id)))
+    }
+
     /// Events newest first, filtered, one page at a time.
     ///
     /// # Errors
@@ -200,16 +223,9 @@ impl<'a> Events<'a> {
     /// for an unknown key, or the store's errors.
     pub fn list(&self, filter: &EventFilter) -> Result<Vec<Event>> {
         let limit = page_size(filter.limit)?;
-        let key_row = filter
-            .key
-            .map(|key| self.key_row_for_query(key))
-            .transpose()?;
-        let model_id = match &filter.model {
-            None => None,
-            Some(model) => match self.models.existing(self.db, model)? {
-                Some(id) => Some(id),
-                None => return Ok(Vec::new()),
-            },
+        let Some((key_row, model_id)) = self.filter_ids(filter.key, filter.model.as_deref())?
+        else {
+            return Ok(Vec::new());
         };
         let status = match filter.status.map(i32::try_from) {
             None => None,

@@ -130,17 +130,10 @@ impl<'a> Events<'a> {
                 reason: format!("{} is before since ({})", filter.until, filter.since),
             });
         }
-        let key_row = filter
-            .key
-            .map(|key| self.key_row_for_query(key))
-            .transpose()?;
-        let model_id = match &filter.model {
-            None => None,
-            Some(model) => match self.models.existing(self.db, model)? {
-                Some(id) => Some(id),
-                // A model never seen has no usage.
-                None => return Ok(None),
-            },
+        // A model never seen has no usage.
+        let Some((key_row, model_id)) = self.filter_ids(filter.key, filter.model.as_deref())?
+        else {
+            return Ok(None);
         };
         Ok(Some(Resolved {
             key_row,
