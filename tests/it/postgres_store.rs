@@ -132,6 +132,29 @@ fn another_applications_database_and_a_newer_schema_are_refused_untouched() -> T
 }
 
 #[test]
+fn an_extension_in_the_schema_does_not_make_it_anothers() -> TestResult {
+    let url = postgres::server()?.fresh_database()?;
+    let mut conn = PgConnection::establish(&url)?;
+    // Its views land in the schema; it needs no preloading to be created.
+    conn.batch_execute("CREATE EXTENSION pg_stat_statements")?;
+    let store = Store::open(&url)?;
+    store
+        .keys()
+        .create(&keytally::NewKey::client("beside an extension"))?;
+    assert!(store.close()?.checkpoint_complete);
+    // A view of the application's own is another matter.
+    let url = postgres::server()?.fresh_database()?;
+    let mut conn = PgConnection::establish(&url)?;
+    conn.batch_execute("CREATE VIEW invoices AS SELECT 1 AS id")?;
+    let refused = Store::open(&url);
+    assert!(
+        matches!(&refused, Err(Error::Foreign { detail, .. }) if detail.contains("invoices")),
+        "{refused:?}"
+    );
+    Ok(())
+}
+
+#[test]
 fn four_processes_opening_a_fresh_database_at_once_apply_each_migration_once() -> TestResult {
     let url = postgres::server()?.fresh_database()?;
     let children = (0..4)

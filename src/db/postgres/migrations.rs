@@ -60,9 +60,16 @@ fn known_migrations() -> Result<Vec<Box<dyn Migration<Pg>>>> {
 /// Reads the mark and the applied migrations, and refuses a database that
 /// belongs to someone else or to a newer keytally. Writes nothing.
 pub(crate) fn inspect(conn: &mut PgConnection, shown_as: &str) -> Result<SchemaState> {
+    // Tables and views of the schema, but those an extension made
+    // (`pg_stat_statements`' views, PostGIS's tables): an extension
+    // installed in the schema does not make it another application's.
     let tables: Vec<Name> = diesel::sql_query(
-        "SELECT table_name::text AS name FROM information_schema.tables \
-         WHERE table_schema = current_schema() AND table_name <> $1 ORDER BY table_name",
+        "SELECT c.relname::text AS name FROM pg_class c \
+         WHERE c.relnamespace = current_schema()::regnamespace \
+         AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relname <> $1 \
+         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+           AND d.objid = c.oid AND d.deptype = 'e') \
+         ORDER BY 1",
     )
     .bind::<Text, _>(MIGRATIONS_TABLE)
     .load(conn)?;
