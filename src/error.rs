@@ -149,6 +149,26 @@ pub enum Error {
         message: String,
     },
 
+    /// [`crate::EventSink::try_submit`] found the sink's queue full: the
+    /// event was not queued. The writer is behind (the database is slow or
+    /// locked); a gateway answers 503 and the client retries.
+    #[error("the event queue is full ({capacity} events waiting); the event was not queued")]
+    SinkFull {
+        /// The queue's capacity.
+        capacity: usize,
+    },
+
+    /// [`crate::EventSink::flush_within`] ran out of time: the events
+    /// submitted before it are not all settled yet. They are still queued and
+    /// will be committed or reported failed; nothing was dropped.
+    #[error("{unsettled} submitted events were not settled within {waited_ms} ms; they are still queued")]
+    FlushTimedOut {
+        /// Events submitted and not yet committed or failed.
+        unsettled: u64,
+        /// How long the flush waited, in milliseconds.
+        waited_ms: u128,
+    },
+
     /// A backup destination exists and replacing it was not asked for.
     #[error("{} exists; choose another destination, or pass --force to replace it", path.display())]
     DestinationExists {

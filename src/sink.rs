@@ -3,16 +3,18 @@
 //!
 //! Producers call [`EventSink::submit`], which validates the event at once
 //! (a bad event never reaches a batch) and queues it; when the queue is full
-//! it blocks, so memory stays bounded. One writer thread commits the queue in
-//! batches, when a batch is full or `max_delay` has passed since its first
-//! event. Each submission returns a [`Ticket`]; [`EventSink::wait`] says
-//! whether that event was committed or its batch failed. Nothing is dropped
-//! silently.
+//! it blocks, so memory stays bounded. An async server calls
+//! [`EventSink::try_submit`] instead, which never waits: not for queue space
+//! (a full queue is [`Error::SinkFull`]) and not for the database (a key or
+//! model it has not seen yet is looked up by the writer). One writer thread
+//! commits the queue in batches, when a batch is full or `max_delay` has
+//! passed since its first event. Each submission returns a [`Ticket`];
+//! [`EventSink::wait`] says whether that event was committed or its batch
+//! failed. Nothing is dropped silently.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -27,7 +29,8 @@ use crate::store::Store;
 #[derive(Debug, Clone, Copy)]
 pub struct SinkOptions {
     /// Events queued at most, waiting for the writer; a full queue makes
-    /// [`EventSink::submit`] wait (default 10,000).
+    /// [`EventSink::submit`] wait and [`EventSink::try_submit`] refuse
+    /// (default 10,000).
     pub capacity: usize,
     /// Events per transaction at most (default 1,000).
     pub batch_size: usize,
@@ -61,18 +64,38 @@ impl Ticket {
 pub struct SinkReport {
     /// Events committed.
     pub committed: u64,
-    /// Events in batches that failed.
+    /// Events in batches that failed, or whose key or model the writer
+    /// could not look up.
     pub failed: u64,
     /// Transactions committed.
     pub batches: u64,
+    /// Events [`EventSink::try_submit`] refused because the queue was full
+    /// (never queued, so neither committed nor failed).
+    pub refused_full: u64,
 }
 
-/// A batch that could not be committed.
+/// Tickets whose events could not be committed.
 #[derive(Debug, Clone)]
 struct FailedRange {
     first: u64,
     last: u64,
     message: String,
+}
+
+/// A queued event: `ready` when its key and models are resolved, otherwise
+/// the writer resolves them first.
+struct Queued<T> {
+    ticket: u64,
+    item: T,
+    ready: bool,
+}
+
+struct Queue<T> {
+    items: VecDeque<Queued<T>>,
+    /// The last ticket handed out.
+    last_ticket: u64,
+    /// No more submissions: the writer ends once the queue is empty.
+    closed: bool,
 }
 
 #[derive(Default)]
@@ -86,7 +109,13 @@ struct Progress {
     report: SinkReport,
 }
 
-struct State {
+struct State<T> {
+    queue: Mutex<Queue<T>>,
+    /// Signalled when an event is queued or the sink closes.
+    queued: Condvar,
+    /// Signalled when the writer takes events from the queue.
+    taken: Condvar,
+    capacity: usize,
     progress: Mutex<Progress>,
     settled: Condvar,
 }
@@ -94,12 +123,8 @@ struct State {
 /// Batched, bounded, reporting event ingestion; see the module docs.
 pub struct EventSink {
     store: Arc<Store>,
-    sender: Option<SyncSender<(u64, ValidEvent<'static>)>>,
-    /// Held while queueing, so tickets enter the queue in order.
-    queue_order: Mutex<()>,
-    /// The last ticket queued.
-    submitted: AtomicU64,
-    state: Arc<State>,
+    state: Arc<State<ValidEvent<'static>>>,
+    refused_full: AtomicU64,
     writer: Option<JoinHandle<()>>,
 }
 
@@ -123,11 +148,7 @@ impl EventSink {
                 reason: "capacity and batch_size must be at least 1".to_owned(),
             });
         }
-        let (sender, receiver) = mpsc::sync_channel(options.capacity);
-        let state = Arc::new(State {
-            progress: Mutex::new(Progress::default()),
-            settled: Condvar::new(),
-        });
+        let state = Arc::new(State::new(options.capacity));
         let writer = {
             let store = Arc::clone(&store);
             let state = Arc::clone(&state);
@@ -138,8 +159,14 @@ impl EventSink {
                         |batch: &[ValidEvent<'static>]| {
                             store.events().record_valid(batch).map(|_| ())
                         },
+                        |pending: ValidEvent<'static>| {
+                            Ok(store
+                                .events()
+                                .prepare(&pending.event)
+                                .map_err(|refused| refused.at(0))?
+                                .into_owned())
+                        },
                         &state,
-                        &receiver,
                         options,
                     );
                 })
@@ -150,10 +177,8 @@ impl EventSink {
         };
         Ok(EventSink {
             store,
-            sender: Some(sender),
-            queue_order: Mutex::new(()),
-            submitted: AtomicU64::new(0),
             state,
+            refused_full: AtomicU64::new(0),
             writer: Some(writer),
         })
     }
@@ -172,24 +197,53 @@ impl EventSink {
             .prepare(event)
             .map_err(|refused| refused.at(0))?
             .into_owned();
-        let sender = self.sender.as_ref().ok_or(Error::Closed)?;
-        // Tickets are handed out in queue order, so that "settled through N"
-        // covers exactly the first N submissions.
-        let _order = self
-            .queue_order
-            .lock()
+        let mut queue = self
+            .state
+            .taken
+            .wait_while(self.state.lock_queue(), |queue| {
+                queue.items.len() >= self.state.capacity && !queue.closed
+            })
             .unwrap_or_else(PoisonError::into_inner);
-        let ticket = self.submitted.load(Ordering::Acquire) + 1;
-        sender.send((ticket, prepared)).map_err(|_| Error::Closed)?;
-        self.submitted.store(ticket, Ordering::Release);
-        Ok(Ticket(ticket))
+        self.state.push(&mut queue, prepared, true)
+    }
+
+    /// Validates `event` and queues it without waiting, for async servers:
+    /// neither for queue space nor for the database. The fields are checked
+    /// at once; the key and models come from memory when this store has seen
+    /// them (a key it resolved, a model it recorded), and otherwise the
+    /// writer looks them up before the batch, failing this ticket alone if
+    /// the key does not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidEvent`] for a bad field (nothing is queued),
+    /// [`Error::SinkFull`] when the queue is full (nothing is queued; the
+    /// count is in [`SinkReport::refused_full`]), [`Error::Closed`] if the
+    /// sink is closing.
+    pub fn try_submit(&self, event: &NewEvent) -> Result<Ticket> {
+        let events = self.store.events();
+        let (item, ready) = match events
+            .prepare_in_memory(event)
+            .map_err(|refused| refused.at(0))?
+        {
+            Some(valid) => (valid.into_owned(), true),
+            None => (ValidEvent::unresolved(event.clone()), false),
+        };
+        let mut queue = self.state.lock_queue();
+        if queue.items.len() >= self.state.capacity && !queue.closed {
+            self.refused_full.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::SinkFull {
+                capacity: self.state.capacity,
+            });
+        }
+        self.state.push(&mut queue, item, ready)
     }
 
     /// Waits until the ticket's batch is committed (`Ok`) or has failed.
     ///
     /// # Errors
     ///
-    /// [`Error::BatchFailed`] with the reason the batch was not committed,
+    /// [`Error::BatchFailed`] with the reason the event was not committed,
     /// also when the writer thread ended before it (it panicked).
     pub fn wait(&self, ticket: Ticket) -> Result<()> {
         self.state.outcome(ticket.0)
@@ -201,10 +255,31 @@ impl EventSink {
     ///
     /// [`Error::BatchFailed`] if any batch failed since the sink started.
     pub fn flush(&self) -> Result<()> {
-        let last = self.submitted.load(Ordering::Acquire);
-        let progress = self.state.settled_through(last);
+        self.flush_until(None)
+    }
+
+    /// [`Self::flush`], waiting at most `timeout`: for a shutdown that must
+    /// end in time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::FlushTimedOut`] if events are still unsettled when the time
+    /// is up (they stay queued), or [`Self::flush`]'s errors.
+    pub fn flush_within(&self, timeout: Duration) -> Result<()> {
+        self.flush_until(Some(timeout))
+    }
+
+    fn flush_until(&self, timeout: Option<Duration>) -> Result<()> {
+        let last = self.state.lock_queue().last_ticket;
+        let progress = self.state.settled_through(last, timeout);
         if progress.settled_through < last {
-            return Err(writer_gone());
+            if progress.writer_gone {
+                return Err(writer_gone());
+            }
+            return Err(Error::FlushTimedOut {
+                unsettled: last - progress.settled_through,
+                waited_ms: timeout.unwrap_or_default().as_millis(),
+            });
         }
         match progress.failures.front() {
             Some(range) => Err(Error::BatchFailed {
@@ -220,46 +295,46 @@ impl EventSink {
     /// Events submitted and not yet settled (queued or in the batch being
     /// written).
     pub fn in_flight(&self) -> u64 {
-        let next = self.submitted.load(Ordering::Acquire);
-        let settled = self
-            .state
-            .progress
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .settled_through;
-        next.saturating_sub(settled)
+        let last = self.state.lock_queue().last_ticket;
+        let settled = self.state.lock_progress().settled_through;
+        last.saturating_sub(settled)
+    }
+
+    /// What the sink has done so far.
+    pub fn report(&self) -> SinkReport {
+        let mut report = self.state.lock_progress().report.clone();
+        report.refused_full = self.refused_full.load(Ordering::Relaxed);
+        report
     }
 
     /// Commits everything queued, stops the writer and reports.
     ///
     /// # Errors
     ///
-    /// [`Error::BatchFailed`] if any batch failed; the report is then in the
-    /// message.
+    /// [`Error::BatchFailed`] if any event was not committed; the counts are
+    /// then in the message.
     pub fn close(mut self) -> Result<SinkReport> {
         self.stop();
-        let progress = self
-            .state
-            .progress
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let submitted = self.submitted.load(Ordering::Acquire);
-        let unsettled = submitted.saturating_sub(progress.settled_through);
-        if progress.report.failed > 0 || unsettled > 0 {
+        let report = self.report();
+        let submitted = self.state.lock_queue().last_ticket;
+        let unsettled = submitted.saturating_sub(self.state.lock_progress().settled_through);
+        if report.failed > 0 || unsettled > 0 {
             return Err(Error::BatchFailed {
                 message: format!(
                     "{} events committed, {} not committed",
-                    progress.report.committed,
-                    progress.report.failed + unsettled
+                    report.committed,
+                    report.failed + unsettled
                 ),
             });
         }
-        Ok(progress.report.clone())
+        Ok(report)
     }
 
     fn stop(&mut self) {
-        // Dropping the sender ends the writer's loop once the queue is empty.
-        drop(self.sender.take());
+        // A closed queue ends the writer's loop once it is empty.
+        self.state.lock_queue().closed = true;
+        self.state.queued.notify_all();
+        self.state.taken.notify_all();
         if let Some(writer) = self.writer.take() {
             if writer.join().is_err() {
                 tracing::warn!("the event sink's writer thread panicked");
@@ -274,21 +349,70 @@ impl Drop for EventSink {
     }
 }
 
-impl State {
+impl<T> State<T> {
+    fn new(capacity: usize) -> State<T> {
+        State {
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                last_ticket: 0,
+                closed: false,
+            }),
+            queued: Condvar::new(),
+            taken: Condvar::new(),
+            capacity,
+            progress: Mutex::new(Progress::default()),
+            settled: Condvar::new(),
+        }
+    }
+
+    fn lock_queue(&self) -> MutexGuard<'_, Queue<T>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_progress(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `item` under the next ticket. Tickets are handed out under the
+    /// queue's lock, so "settled through N" covers exactly the first N.
+    fn push(&self, queue: &mut Queue<T>, item: T, ready: bool) -> Result<Ticket> {
+        if queue.closed {
+            return Err(Error::Closed);
+        }
+        queue.last_ticket += 1;
+        let ticket = queue.last_ticket;
+        queue.items.push_back(Queued {
+            ticket,
+            item,
+            ready,
+        });
+        self.queued.notify_one();
+        Ok(Ticket(ticket))
+    }
+
     /// Waits until every ticket up to `last` has been committed or failed,
-    /// or the writer is gone.
-    fn settled_through(&self, last: u64) -> std::sync::MutexGuard<'_, Progress> {
-        self.settled
-            .wait_while(
-                self.progress.lock().unwrap_or_else(PoisonError::into_inner),
-                |progress| progress.settled_through < last && !progress.writer_gone,
-            )
-            .unwrap_or_else(PoisonError::into_inner)
+    /// the writer is gone, or `timeout` has passed.
+    fn settled_through(&self, last: u64, timeout: Option<Duration>) -> MutexGuard<'_, Progress> {
+        let pending =
+            |progress: &mut Progress| progress.settled_through < last && !progress.writer_gone;
+        let progress = self.lock_progress();
+        match timeout {
+            None => self
+                .settled
+                .wait_while(progress, pending)
+                .unwrap_or_else(PoisonError::into_inner),
+            Some(timeout) => {
+                self.settled
+                    .wait_timeout_while(progress, timeout, pending)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
+        }
     }
 
     /// Waits for `ticket`'s fate.
     fn outcome(&self, ticket: u64) -> Result<()> {
-        let progress = self.settled_through(ticket);
+        let progress = self.settled_through(ticket, None);
         if progress.settled_through < ticket {
             return Err(writer_gone());
         }
@@ -303,6 +427,15 @@ impl State {
             None => Ok(()),
         }
     }
+
+    /// Takes up to `room` queued events, in ticket order.
+    fn take(&self, queue: &mut Queue<T>, room: usize, into: &mut Vec<Queued<T>>) {
+        let n = room.min(queue.items.len());
+        into.extend(queue.items.drain(..n));
+        if n > 0 {
+            self.taken.notify_all();
+        }
+    }
 }
 
 fn writer_gone() -> Error {
@@ -315,62 +448,87 @@ fn writer_gone() -> Error {
 
 /// Marks the writer gone when dropped: when the writer returns, and when it
 /// unwinds from a panic, so that nobody waits for it forever.
-struct WriterExit<'a>(&'a State);
+struct WriterExit<'a, T>(&'a State<T>);
 
-impl Drop for WriterExit<'_> {
+impl<T> Drop for WriterExit<'_, T> {
     fn drop(&mut self) {
-        self.0
-            .progress
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .writer_gone = true;
+        self.0.lock_progress().writer_gone = true;
         self.0.settled.notify_all();
     }
 }
 
-/// The writer thread: commits queued events in batches with `commit`.
+/// The writer thread: commits queued events in batches with `commit`,
+/// after `complete` has resolved those queued without their ids.
 fn write_batches<T>(
     commit: impl Fn(&[T]) -> Result<()>,
-    state: &State,
-    receiver: &Receiver<(u64, T)>,
+    complete: impl Fn(T) -> Result<T>,
+    state: &State<T>,
     options: SinkOptions,
 ) {
     let _exit = WriterExit(state);
-    let mut batch: Vec<T> = Vec::with_capacity(options.batch_size.min(options.capacity));
-    let mut open = true;
-    while open {
+    let batch_size = options.batch_size.min(state.capacity);
+    let mut taken: Vec<Queued<T>> = Vec::with_capacity(batch_size);
+    let mut batch: Vec<T> = Vec::with_capacity(batch_size);
+    loop {
         // Wait for the first event of a batch, then fill it until it is full
         // or its first event has waited `max_delay`.
-        let Ok((first_ticket, event)) = receiver.recv() else {
-            break;
-        };
-        let mut last_ticket = first_ticket;
-        batch.push(event);
+        let mut queue = state
+            .queued
+            .wait_while(state.lock_queue(), |queue| {
+                queue.items.is_empty() && !queue.closed
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        if queue.items.is_empty() {
+            break; // closed, and nothing left
+        }
         let deadline = Instant::now() + options.max_delay;
-        while batch.len() < options.batch_size {
+        loop {
+            state.take(&mut queue, batch_size - taken.len(), &mut taken);
             let left = deadline.saturating_duration_since(Instant::now());
-            match receiver.recv_timeout(left) {
-                Ok((ticket, event)) => {
-                    last_ticket = ticket;
-                    batch.push(event);
-                }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    open = false;
-                    break;
-                }
+            if taken.len() >= batch_size || queue.closed || left.is_zero() {
+                break;
+            }
+            queue = state
+                .queued
+                .wait_timeout(queue, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        drop(queue);
+        let (Some(first), Some(last)) = (taken.first(), taken.last()) else {
+            continue;
+        };
+        let (first_ticket, last_ticket) = (first.ticket, last.ticket);
+        let mut refused = Vec::new();
+        for queued in taken.drain(..) {
+            if queued.ready {
+                batch.push(queued.item);
+                continue;
+            }
+            match complete(queued.item) {
+                Ok(item) => batch.push(item),
+                Err(error) => refused.push(FailedRange {
+                    first: queued.ticket,
+                    last: queued.ticket,
+                    message: error.report(),
+                }),
             }
         }
-        let outcome = commit(&batch);
-        let mut progress = state
-            .progress
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let outcome = if batch.is_empty() {
+            Ok(())
+        } else {
+            commit(&batch)
+        };
+        let mut progress = state.lock_progress();
         let count = batch.len() as u64;
+        progress.report.failed += refused.len() as u64;
+        progress.failures.extend(refused);
         match outcome {
-            Ok(_) => {
-                progress.report.committed += count;
-                progress.report.batches += 1;
+            Ok(()) => {
+                if count > 0 {
+                    progress.report.committed += count;
+                    progress.report.batches += 1;
+                }
             }
             Err(error) => {
                 tracing::warn!(error = %error.report(), events = count, "event batch could not be committed");
@@ -391,6 +549,8 @@ fn write_batches<T>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc;
+
     use super::*;
 
     /// The writer's panic reaches the waiters as an error instead of a wait
@@ -398,23 +558,19 @@ mod tests {
     #[test]
     #[expect(clippy::panic, reason = "the test needs a writer that panics")]
     fn a_panicking_writer_fails_its_tickets_instead_of_hanging() {
-        let state = Arc::new(State {
-            progress: Mutex::new(Progress::default()),
-            settled: Condvar::new(),
-        });
-        let (sender, receiver) = mpsc::sync_channel::<(u64, u32)>(4);
+        let state = Arc::new(State::<u32>::new(4));
         let writer = {
             let state = Arc::clone(&state);
             std::thread::spawn(move || {
                 write_batches(
                     |_: &[u32]| -> Result<()> { panic!("commit failed in a way nobody planned") },
+                    Ok,
                     &state,
-                    &receiver,
                     SinkOptions::default(),
                 );
             })
         };
-        assert!(sender.send((1, 7)).is_ok());
+        assert!(state.push(&mut state.lock_queue(), 7, true).is_ok());
         let (done, outcome) = mpsc::channel();
         let waiter = {
             let state = Arc::clone(&state);
@@ -430,5 +586,45 @@ mod tests {
         );
         assert!(writer.join().is_err(), "the writer did not panic");
         assert!(waiter.join().is_ok());
+    }
+
+    /// An event the writer cannot complete fails alone; the others of its
+    /// batch are committed.
+    #[test]
+    fn an_event_that_cannot_be_completed_fails_alone() {
+        let state = Arc::new(State::<u32>::new(8));
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        {
+            let mut queue = state.lock_queue();
+            for (item, ready) in [(1, true), (2, false), (3, false), (4, true)] {
+                assert!(state.push(&mut queue, item, ready).is_ok());
+            }
+            queue.closed = true;
+        }
+        let sink = Arc::clone(&committed);
+        write_batches(
+            |batch: &[u32]| {
+                sink.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend_from_slice(batch);
+                Ok(())
+            },
+            |item| match item {
+                2 => Err(Error::Closed),
+                other => Ok(other * 10),
+            },
+            &state,
+            SinkOptions::default(),
+        );
+        assert_eq!(
+            *committed.lock().unwrap_or_else(PoisonError::into_inner),
+            vec![1, 30, 4]
+        );
+        assert!(state.outcome(1).is_ok());
+        assert!(matches!(state.outcome(2), Err(Error::BatchFailed { .. })));
+        assert!(state.outcome(3).is_ok());
+        assert!(state.outcome(4).is_ok());
+        let progress = state.lock_progress();
+        assert_eq!((progress.report.committed, progress.report.failed), (3, 1));
     }
 }

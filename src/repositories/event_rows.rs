@@ -26,6 +26,17 @@ pub(crate) struct ValidEvent<'a> {
 }
 
 impl ValidEvent<'_> {
+    /// A checked event whose key and models are not resolved yet (row ids
+    /// unset), for an `EventSink`'s writer to complete.
+    pub(crate) fn unresolved(event: NewEvent) -> ValidEvent<'static> {
+        ValidEvent {
+            key_row_id: None,
+            model_id: 0,
+            upstream_model_id: None,
+            event: Cow::Owned(event),
+        }
+    }
+
     /// The same, owning its event.
     pub(crate) fn into_owned(self) -> ValidEvent<'static> {
         ValidEvent {

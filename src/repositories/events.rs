@@ -146,6 +146,40 @@ impl<'a> Events<'a> {
         self.resolve_models(self.validate(event)?)
     }
 
+    /// Checks an event's fields and resolves its key and models from memory
+    /// alone, never waiting on the database: `Ok(Some)` when the key and the
+    /// models were seen before by this store, `Ok(None)` when one of them
+    /// has to be looked up (or a new model name added) by [`Self::prepare`].
+    pub(crate) fn prepare_in_memory<'e>(
+        &self,
+        event: &'e NewEvent,
+    ) -> Result<Option<ValidEvent<'e>>, Refused> {
+        event.validate().map_err(Refused::Field)?;
+        let key_row_id = match event.key_id {
+            None => None,
+            Some(id) => match self.keys().known_row_id(id) {
+                Some(row_id) => Some(row_id),
+                None => return Ok(None),
+            },
+        };
+        let Some(model_id) = self.models.known(&event.model) else {
+            return Ok(None);
+        };
+        let upstream_model_id = match event.upstream_model.as_deref() {
+            None => None,
+            Some(name) => match self.models.known(name) {
+                Some(id) => Some(id),
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(ValidEvent {
+            key_row_id,
+            model_id,
+            upstream_model_id,
+            event: Cow::Borrowed(event),
+        }))
+    }
+
     /// Checks an event's fields and resolves its key, writing nothing. The
     /// model ids are left unset (0) for [`Events::resolve_models`].
     fn validate<'e>(&self, event: &'e NewEvent) -> Result<ValidEvent<'e>, Refused> {

@@ -58,7 +58,8 @@ impl ModelIds {
         Ok(id)
     }
 
-    fn known(&self, name: &str) -> Option<i64> {
+    /// The id of a model seen before by this store, from memory.
+    pub(crate) fn known(&self, name: &str) -> Option<i64> {
         self.ids
             .read()
             .unwrap_or_else(PoisonError::into_inner)

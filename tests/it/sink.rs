@@ -220,3 +220,99 @@ fn close_commits_what_was_queued_and_bad_events_are_refused_at_submit(
     assert_eq!(all_event_count(&store)?, 123);
     Ok(())
 }
+
+#[rstest]
+fn try_submit_never_waits_a_full_queue_refuses_and_a_flush_can_time_out(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let test_store = TestStore::on(backend)?;
+    let database_url = test_store.database_url().map(str::to_owned);
+    let (store, _folder) = test_store.into_parts();
+    let store = Arc::new(store);
+    let options = SinkOptions {
+        capacity: 4,
+        batch_size: 2,
+        max_delay: Duration::from_millis(1),
+    };
+    let sink = EventSink::new(Arc::clone(&store), options)?;
+    // The model is known to the store before the writer is blocked.
+    sink.wait(sink.submit(&event(0)?)?)?;
+    let mut blocker = block_writes(&store, database_url.as_deref())?;
+    // Every submission returns at once: the writer holds one batch and is
+    // stuck on the lock, the queue fills, and the rest are refused.
+    let started = std::time::Instant::now();
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 1..=20 {
+        match sink.try_submit(&event(i)?) {
+            Ok(ticket) => accepted.push(ticket),
+            Err(Error::SinkFull { capacity: 4 }) => refused += 1,
+            Err(other) => return Err(other.into()),
+        }
+        // Let the writer take its batch before the queue is measured.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "try_submit waited"
+    );
+    let bound = options.capacity + options.batch_size;
+    assert!(
+        accepted.len() >= options.capacity && accepted.len() <= bound,
+        "{} accepted",
+        accepted.len()
+    );
+    assert_eq!(accepted.len() + refused, 20);
+    let outcome = sink.flush_within(Duration::from_millis(100));
+    assert!(
+        matches!(outcome, Err(Error::FlushTimedOut { unsettled, .. }) if unsettled == accepted.len() as u64),
+        "{outcome:?}"
+    );
+    blocker.batch_execute("COMMIT")?;
+    sink.flush_within(Duration::from_secs(30))?;
+    let report = sink.close()?;
+    assert_eq!(report.committed, accepted.len() as u64 + 1);
+    assert_eq!(report.refused_full, refused as u64);
+    assert_eq!(all_event_count(&store)?, accepted.len() + 1);
+    Ok(())
+}
+
+#[rstest]
+fn try_submit_leaves_unseen_keys_to_the_writer_and_an_unknown_key_fails_alone(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let (store, _folder) = TestStore::on(backend)?.into_parts();
+    let store = Arc::new(store);
+    let other = Arc::new(TestStore::on(backend)?);
+    // A key this store has never seen (created by another store on the
+    // same database would do too), and a key of another database.
+    let key = store.keys().create(&NewKey::client("unseen"))?.key;
+    let stranger = other.keys().create(&NewKey::client("elsewhere"))?.key;
+    let sink = EventSink::new(Arc::clone(&store), SinkOptions::default())?;
+    let mut mine = event(1)?;
+    mine.key_id = Some(key.id);
+    mine.model = "a-model-not-seen-before".to_owned();
+    let mut theirs = event(2)?;
+    theirs.key_id = Some(stranger.id);
+    let kept = sink.try_submit(&mine)?;
+    let lost = sink.try_submit(&theirs)?;
+    let anonymous = sink.try_submit(&event(3)?)?;
+    sink.wait(kept)?;
+    sink.wait(anonymous)?;
+    let outcome = sink.wait(lost);
+    assert!(
+        matches!(&outcome, Err(Error::BatchFailed { message }) if message.contains("no key with id")),
+        "{outcome:?}"
+    );
+    let recorded = store.events().list(&EventFilter::default())?;
+    assert_eq!(recorded.len(), 2);
+    assert!(recorded
+        .iter()
+        .any(|e| e.key_id == Some(key.id) && e.model == "a-model-not-seen-before"));
+    let closed = sink.close();
+    assert!(
+        matches!(&closed, Err(Error::BatchFailed { message }) if message.contains("2 events committed, 1 not committed")),
+        "{closed:?}"
+    );
+    Ok(())
+}

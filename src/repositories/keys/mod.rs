@@ -230,6 +230,7 @@ impl<'a> Keys<'a> {
         // In notified mode, with the listener fresh, the count is known
         // without asking; otherwise (strict mode) the database is asked.
         let known = self.memory.known_key_changes();
+        let mut looked_up = false;
         let row = match (cache.get(&hash.0), known) {
             (Some((changes, row)), Some(known)) if known == changes => Some(row),
             (cached, known) => {
@@ -239,7 +240,10 @@ impl<'a> Keys<'a> {
                     Some((changes, row)) if known.is_none() && key_changes(conn)? == changes => {
                         Some(row)
                     }
-                    _ => look_up(conn, cache, &hash.0)?,
+                    _ => {
+                        looked_up = true;
+                        look_up(conn, cache, &hash.0)?
+                    }
                 }
             }
         };
@@ -264,6 +268,10 @@ impl<'a> Keys<'a> {
             return Ok(Err(Rejection::Expired));
         }
         self.memory.last_used.note(row_id, now.as_millis());
+        if looked_up {
+            // The events recorded for this key next find its row id here.
+            self.remember_row_id(id, row_id);
+        }
         Ok(Ok(ActiveKey {
             id,
             tier,
@@ -444,14 +452,8 @@ impl<'a> Keys<'a> {
     /// The internal row id of a key, for events, from memory or the
     /// database; `None` if no key has this id.
     pub(crate) fn row_id(&self, id: KeyId) -> Result<Option<i64>> {
-        if let Some(row_id) = self
-            .memory
-            .row_ids
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-        {
-            return Ok(Some(*row_id));
+        if let Some(row_id) = self.known_row_id(id) {
+            return Ok(Some(row_id));
         }
         let mut pooled = self.db.connection()?;
         let row_id = on_backend!(&mut pooled.conn(), |c| keys::table
@@ -460,13 +462,27 @@ impl<'a> Keys<'a> {
             .get_result(c)
             .optional())?;
         if let Some(row_id) = row_id {
-            self.memory
-                .row_ids
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(id, row_id);
+            self.remember_row_id(id, row_id);
         }
         Ok(row_id)
+    }
+
+    /// The row id of a key seen before by this store, from memory.
+    pub(crate) fn known_row_id(&self, id: KeyId) -> Option<i64> {
+        self.memory
+            .row_ids
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .copied()
+    }
+
+    fn remember_row_id(&self, id: KeyId, row_id: i64) {
+        self.memory
+            .row_ids
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, row_id);
     }
 }
 
