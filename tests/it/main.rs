@@ -8,6 +8,7 @@ mod contention;
 mod crash;
 mod events;
 mod full_disk;
+mod gateway;
 mod hostile_files;
 mod hostile_input;
 mod keys;
