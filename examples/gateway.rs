@@ -185,8 +185,24 @@ async fn stop_signal() {
 
 /// Flushes the sink and closes the store, off the async workers.
 fn shut_down(gateway: Arc<Gateway>) -> Result<(), String> {
-    let Gateway { store, sink, .. } = Arc::into_inner(gateway)
-        .ok_or("a request still holds the gateway after the server ended")?;
+    // The server's connection tasks let go of their clone of the router
+    // (and of the gateway in it) just after the graceful shutdown returns.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut shared = gateway;
+    let Gateway { store, sink, .. } = loop {
+        match Arc::try_unwrap(shared) {
+            Ok(gateway) => break gateway,
+            Err(_) if Instant::now() > deadline => {
+                return Err(
+                    "a connection still holds the gateway 10 s after the server ended".into(),
+                )
+            }
+            Err(still_shared) => {
+                shared = still_shared;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
     let flushed = sink.flush_within(FLUSH_TIMEOUT);
     let report = sink.close().map_err(|e| e.report())?;
     flushed.map_err(|e| e.report())?;
