@@ -123,6 +123,11 @@ pub struct CloseReport {
     pub connections_still_out: u32,
     /// Whether the `-wal` and `-shm` files are gone or empty after closing.
     pub sidecars_gone: bool,
+    /// Whether Litestream replicates the database (its `_litestream_seq`
+    /// table is there). Litestream keeps a read open on the database, so the
+    /// final checkpoint does not wait for readers (it could never complete)
+    /// and the log stays for Litestream to checkpoint; nothing is lost.
+    pub replicated_by_litestream: bool,
 }
 
 /// The pool of one open, migrated database, and its write gate. Cheap to
@@ -466,10 +471,12 @@ impl Database {
                     checkpointed_frames: 0,
                     connections_still_out,
                     sidecars_gone: true,
+                    replicated_by_litestream: false,
                 });
             }
         };
-        let (checkpoint, sidecars_gone) = checkpoint::final_checkpoint(setup)?;
+        let (checkpoint, sidecars_gone, replicated_by_litestream) =
+            checkpoint::final_checkpoint(setup)?;
         // The caller gets the report and says what it means to its user (the
         // binary prints one warning; a store dropped unclosed logs one).
         if !checkpoint.complete {
@@ -485,6 +492,7 @@ impl Database {
             checkpointed_frames: checkpoint.checkpointed_frames,
             connections_still_out,
             sidecars_gone,
+            replicated_by_litestream,
         })
     }
 

@@ -23,7 +23,7 @@ use crate::TestResult;
 const BATCH: usize = 20;
 
 /// Every batch number present, with how many of its events are present.
-fn batches(store: &Store) -> Result<BTreeMap<u64, usize>, Box<dyn std::error::Error>> {
+pub(crate) fn batches(store: &Store) -> Result<BTreeMap<u64, usize>, Box<dyn std::error::Error>> {
     #[derive(QueryableByName)]
     struct Row {
         #[diesel(sql_type = diesel::sql_types::Text)]

@@ -12,6 +12,7 @@ mod gateway;
 mod hostile_files;
 mod hostile_input;
 mod keys;
+mod litestream;
 mod notified;
 mod operator_cli;
 mod postgres_schema;

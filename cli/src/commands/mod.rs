@@ -173,10 +173,17 @@ fn close(store: keytally::Store, outcome: CliResult) -> CliResult {
     let report = store.close();
     outcome?;
     let report = report?;
-    if !report.checkpoint_complete {
+    if report.replicated_by_litestream && !report.checkpoint_complete {
         eprintln!(
-            "keytally: warning: the final checkpoint did not complete; another process is using \
-             the database, and the write-ahead log will be checkpointed by the last one to close it"
+            "keytally: note: Litestream replicates this database and keeps it open, so its \
+             write-ahead log (-wal, -shm) stays for Litestream to checkpoint; every committed \
+             write is in it and nothing is lost"
+        );
+    } else if !report.checkpoint_complete {
+        eprintln!(
+            "keytally: note: another process has the database open, so its write-ahead log \
+             (-wal, -shm) was not emptied at close; every committed write is in it and nothing is \
+             lost: the last process to close the database empties it"
         );
     }
     Ok(())

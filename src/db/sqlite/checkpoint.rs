@@ -91,21 +91,44 @@ pub(crate) fn checkpoint_truncate(
 
 /// The last checkpoint, on a connection of its own once every other one of
 /// this process is closed: it empties the log, so closing that connection
-/// removes `-wal` and `-shm`. Returns what it did and whether the sidecars
-/// are gone (or empty) afterwards.
-pub(crate) fn final_checkpoint(setup: &ConnectionSetup) -> Result<(CheckpointReport, bool)> {
+/// removes `-wal` and `-shm`. Returns what it did, whether the sidecars are
+/// gone (or empty) afterwards, and whether Litestream replicates the
+/// database (then the checkpoint does not wait: Litestream's read never
+/// ends, and Litestream checkpoints the log itself).
+pub(crate) fn final_checkpoint(setup: &ConnectionSetup) -> Result<(CheckpointReport, bool, bool)> {
     let mut conn = setup.establish()?;
     // Keeps the query planner's statistics current, as SQLite advises on
     // closing; before the checkpoint, so anything it writes is included.
     conn.batch_execute("PRAGMA optimize")?;
+    let litestream = replicated_by_litestream(&mut conn)?;
     // Nothing else of this process uses the database any more; another
     // process may be between two statements, so wait a little for it.
-    let checkpoint = checkpoint_truncate(&mut conn, setup.busy_timeout, setup.busy_timeout)?;
+    let wait = if litestream {
+        Duration::ZERO
+    } else {
+        setup.busy_timeout
+    };
+    let checkpoint = checkpoint_truncate(&mut conn, setup.busy_timeout, wait)?;
     drop(conn);
     let sidecars_gone = files::SIDECAR_SUFFIXES.iter().all(|suffix| {
         std::fs::metadata(files::sidecar(&setup.path, suffix))
             .map(|metadata| metadata.len() == 0)
             .unwrap_or(true)
     });
-    Ok((checkpoint, sidecars_gone))
+    Ok((checkpoint, sidecars_gone, litestream))
+}
+
+/// Whether Litestream has set itself up in this database: it adds the
+/// tables `_litestream_seq` and `_litestream_lock` when it starts.
+fn replicated_by_litestream(conn: &mut SqliteConnection) -> Result<bool> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let found: Found = diesel::sql_query(
+        "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name = '_litestream_seq'",
+    )
+    .get_result(conn)?;
+    Ok(found.n > 0)
 }
