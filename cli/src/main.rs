@@ -15,7 +15,17 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// Inspect, operate, back up and restore a keytally database.
 #[derive(Debug, Parser)]
-#[command(name = "keytally", version, about)]
+#[command(
+    name = "keytally",
+    version,
+    about,
+    after_help = "Examples:\n  \
+        keytally --db /var/lib/gateway/keytally.db status\n  \
+        keytally keys create --label \"alice's laptop\" --models gpt-4o,gpt-4o-mini --expires-in 90d\n  \
+        keytally events usage --since 7d --by day\n  \
+        keytally --db postgres://gateway@db.internal/keytally status\n\n\
+        Exit codes: 0 success, 1 failure, 2 usage error."
+)]
 pub struct Cli {
     /// The database: an SQLite file's path (also sqlite://PATH) or a
     /// postgres:// URL; give a password with PGPASSWORD or ~/.pgpass, not
@@ -41,24 +51,43 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Open (creating and migrating if needed) the database and show its settings.
+    #[command(
+        after_help = "Examples:\n  keytally status\n  keytally --db /var/lib/gateway/keytally.db --json status"
+    )]
     Status,
     /// Apply pending migrations and list what was applied.
+    #[command(
+        after_help = "Examples:\n  keytally migrate --dry-run\n  keytally --db /var/lib/gateway/keytally.db migrate"
+    )]
     Migrate {
         /// Only list what would be applied; change nothing.
         #[arg(long)]
         dry_run: bool,
     },
     /// Check integrity, foreign keys, application id, schema version and file modes.
+    #[command(
+        after_help = "Examples:\n  keytally check\n  keytally --db restored.db --json check"
+    )]
     Check,
     /// Copy the write-ahead log into the database file and empty it.
+    #[command(after_help = "Examples:\n  keytally checkpoint")]
     Checkpoint,
     /// Create, list, show, revoke, rotate, update and resolve keys.
     #[command(subcommand)]
+    #[command(
+        after_help = "Examples:\n  keytally keys create --label ci --models gpt-4o-mini\n  keytally keys list --all"
+    )]
     Keys(KeysCommand),
     /// Ingest, list, total and prune usage events.
     #[command(subcommand)]
+    #[command(
+        after_help = "Examples:\n  keytally events usage --since 24h --by model\n  keytally events list --limit 20"
+    )]
     Events(EventsCommand),
     /// Write a consistent, verified snapshot to DEST while writers keep running.
+    #[command(
+        after_help = "Examples:\n  keytally backup /backups/keytally-$(date +%F).db\n  keytally backup --force /backups/keytally-latest.db"
+    )]
     Backup {
         /// The backup file to write.
         dest: PathBuf,
@@ -67,35 +96,59 @@ enum Command {
         force: bool,
     },
     /// Replace the database with the backup SRC (the current one is kept aside).
+    #[command(
+        after_help = "Examples:\n  keytally --db /var/lib/gateway/keytally.db restore /backups/keytally-2026-11-20.db"
+    )]
     Restore {
         /// The backup file to restore.
         src: PathBuf,
     },
     /// Show the whole library working: a key, a resolve, events, usage.
+    #[command(after_help = "Examples:\n  keytally demo\n  keytally --db scratch.db demo")]
     Demo,
+    /// Print a shell completion script for bash, zsh, fish, elvish or PowerShell.
+    #[command(
+        after_help = "Examples:\n  keytally completions bash > ~/.local/share/bash-completion/completions/keytally\n  keytally completions zsh > ~/.zfunc/_keytally\n  keytally completions fish > ~/.config/fish/completions/keytally.fish"
+    )]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum KeysCommand {
     /// Create a key and print its secret (shown this once).
+    #[command(
+        after_help = "Examples:\n  keytally keys create --label \"alice's laptop\" --models gpt-4o,gpt-4o-mini --expires-in 90d\n  keytally keys create --label ops --tier admin --json"
+    )]
     Create(CreateKey),
     /// List active keys (all keys with --all).
+    #[command(after_help = "Examples:\n  keytally keys list\n  keytally keys list --all --json")]
     List {
         /// Include revoked and expired keys.
         #[arg(long)]
         all: bool,
     },
     /// Show one key.
+    #[command(after_help = "Examples:\n  keytally keys show 01a20c2d-20bd-77f1-9864-d896bc6cfb7b")]
     Show {
         /// The key's id.
         id: String,
     },
     /// Revoke a key (idempotent; the row is kept).
+    #[command(
+        after_help = "Examples:\n  keytally keys revoke 01a20c2d-20bd-77f1-9864-d896bc6cfb7b"
+    )]
     Revoke {
         /// The key's id.
         id: String,
     },
     /// Issue a new secret; the old one keeps working for the grace period.
+    #[command(
+        after_help = "Examples:\n  keytally keys rotate 01a20c2d-20bd-77f1-9864-d896bc6cfb7b --grace 1h\n  keytally keys rotate 01a20c2d-20bd-77f1-9864-d896bc6cfb7b --grace 0"
+    )]
     Rotate {
         /// The key's id.
         id: String,
@@ -104,8 +157,14 @@ enum KeysCommand {
         grace: String,
     },
     /// Change a key's label, models, expiry or rate limit (never its tier).
+    #[command(
+        after_help = "Examples:\n  keytally keys update 01a20c2d-20bd-77f1-9864-d896bc6cfb7b --models \"*\" --no-expiry\n  keytally keys update 01a20c2d-20bd-77f1-9864-d896bc6cfb7b --rate-limit 600"
+    )]
     Update(UpdateKey),
     /// Read a secret from stdin and print the key it belongs to.
+    #[command(
+        after_help = "Examples:\n  keytally keys resolve < secret.txt\n  keytally keys resolve    # then paste the secret; it is not echoed"
+    )]
     Resolve,
 }
 
@@ -155,12 +214,18 @@ struct UpdateKey {
 #[derive(Debug, Subcommand)]
 enum EventsCommand {
     /// Read JSON Lines events on stdin (at most 16 KiB a line) and commit them in batches.
+    #[command(
+        after_help = "Examples:\n  keytally events ingest < events.jsonl\n  tail -n +1500 events.jsonl | keytally events ingest --batch 10000"
+    )]
     Ingest {
         /// Events per committed batch (1 to 100,000).
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
     /// List events, newest first.
+    #[command(
+        after_help = "Examples:\n  keytally events list --since 1h\n  keytally events list --key 01a20c2d-20bd-77f1-9864-d896bc6cfb7b --limit 1000 --json"
+    )]
     List {
         /// Only this key's events.
         #[arg(long)]
@@ -179,6 +244,9 @@ enum EventsCommand {
         limit: u32,
     },
     /// Usage totals over a window, optionally grouped.
+    #[command(
+        after_help = "Examples:\n  keytally events usage --since 7d --by day\n  keytally events usage --since 2026-11-01T00:00:00Z --until 2026-12-01T00:00:00Z --by key --json"
+    )]
     Usage {
         /// Only this key's usage.
         #[arg(long)]
@@ -197,6 +265,7 @@ enum EventsCommand {
         by: Option<Grouping>,
     },
     /// Delete raw events older than a duration, in small batches (rollups stay).
+    #[command(after_help = "Examples:\n  keytally events prune --older-than 60d")]
     Prune {
         /// Such as 60d; 0 keeps everything.
         #[arg(long, value_name = "DURATION")]

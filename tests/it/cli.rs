@@ -188,3 +188,88 @@ fn two_processes_opening_a_fresh_database_both_succeed(folder: TempDir) -> TestR
     assert_eq!(applied, keytally::known_versions()?.len());
     Ok(())
 }
+
+/// The subcommands a `--help` lists under "Commands:" (without `help`).
+fn subcommands_in(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|line| !line.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|line| line.starts_with("  "))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_subcommands_help_shows_an_example() -> TestResult {
+    let top = keytally(&["--help"])?;
+    assert!(top.status.success());
+    let mut paths: Vec<Vec<String>> = vec![vec![]];
+    let mut checked = 0;
+    while let Some(path) = paths.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let output = keytally(&args)?;
+        let help = String::from_utf8(output.stdout)?;
+        assert!(output.status.success(), "{args:?}");
+        let examples: Vec<&str> = help
+            .lines()
+            .skip_while(|line| *line != "Examples:")
+            .skip(1)
+            .take_while(|line| !line.is_empty())
+            .collect();
+        assert!(
+            !examples.is_empty() && examples.iter().all(|line| line.contains("keytally ")),
+            "`keytally {}` has no examples:\n{help}",
+            args.join(" ")
+        );
+        checked += 1;
+        for sub in subcommands_in(&help) {
+            let mut next = path.clone();
+            next.push(sub);
+            paths.push(next);
+        }
+    }
+    // The top level, its 10 commands, 7 under keys, 4 under events.
+    assert_eq!(checked, 22);
+    Ok(())
+}
+
+#[rstest]
+#[case("bash", "complete -F _keytally")]
+#[case("zsh", "#compdef keytally")]
+#[case("fish", "complete -c keytally")]
+fn completions_are_printed_for_each_shell(#[case] shell: &str, #[case] marker: &str) -> TestResult {
+    let output = keytally(&["completions", shell])?;
+    assert!(output.status.success(), "{output:?}");
+    let script = String::from_utf8(output.stdout)?;
+    assert!(script.contains(marker), "{script}");
+    for word in ["events", "rotate", "db", "older-than"] {
+        assert!(script.contains(word), "{shell}: no {word}");
+    }
+    Ok(())
+}
+
+#[rstest]
+#[case(&["completions", "tcsh"], "bash, elvish, fish, powershell, zsh")]
+#[case(&["keys", "create", "--label", "x", "--tier", "root"], "admin, client")]
+#[case(&["events", "usage", "--since", "1d", "--by", "week"], "hour, day, model, key")]
+fn a_closed_choice_out_of_its_values_is_a_usage_error_listing_them(
+    folder: TempDir,
+    #[case] args: &[&str],
+    #[case] listed: &str,
+) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    let mut full = vec!["--db", path_arg(&db)?];
+    full.extend_from_slice(args);
+    let output = keytally(&full)?;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8(output.stderr)?;
+    assert!(
+        stderr.contains(&format!("[possible values: {listed}]")),
+        "{stderr}"
+    );
+    assert!(!db.exists(), "a usage error created the database");
+    Ok(())
+}

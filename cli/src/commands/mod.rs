@@ -69,6 +69,18 @@ fn database_path(cli: &Cli) -> Result<PathBuf, keytally::Error> {
 /// Runs the command `cli` names. `db_on_command_line` says whether the
 /// database was named with `--db` (not only by the environment).
 pub fn run(cli: &Cli, db_on_command_line: bool, out: &Output) -> CliResult {
+    if let Command::Completions { shell } = cli.command {
+        // No database: the script comes from the argument definitions.
+        let mut script = Vec::new();
+        clap_complete::generate(
+            shell,
+            &mut <crate::Cli as clap::CommandFactory>::command(),
+            "keytally",
+            &mut script,
+        );
+        output::write_stdout(&String::from_utf8_lossy(&script));
+        return Ok(());
+    }
     if matches!(cli.command, Command::Demo) && !db_on_command_line {
         return ops::demo_on_a_temporary_database(out);
     }
@@ -117,7 +129,7 @@ pub fn run(cli: &Cli, db_on_command_line: bool, out: &Output) -> CliResult {
         Command::Backup { dest, force } => ops::backup(&store, dest, *force, out),
         Command::Events(command) => return events::run(store, command, out),
         Command::Demo => return ops::demo(store, None, out),
-        Command::Restore { .. } => Ok(()),
+        Command::Restore { .. } | Command::Completions { .. } => Ok(()),
     };
     close(store, outcome)
 }
