@@ -96,6 +96,11 @@ struct Queue<T> {
     last_ticket: u64,
     /// No more submissions: the writer ends once the queue is empty.
     closed: bool,
+    /// The queue length at which the writer wants to be woken: 1 while it
+    /// waits for a batch's first event, the room left while it fills a
+    /// batch, never while it commits (it looks at the queue when done). A
+    /// wake per event would cost a context switch per event.
+    wake_at: usize,
 }
 
 #[derive(Default)]
@@ -356,6 +361,7 @@ impl<T> State<T> {
                 items: VecDeque::new(),
                 last_ticket: 0,
                 closed: false,
+                wake_at: 1,
             }),
             queued: Condvar::new(),
             taken: Condvar::new(),
@@ -386,7 +392,9 @@ impl<T> State<T> {
             item,
             ready,
         });
-        self.queued.notify_one();
+        if queue.items.len() >= queue.wake_at {
+            self.queued.notify_one();
+        }
         Ok(Ticket(ticket))
     }
 
@@ -472,11 +480,11 @@ fn write_batches<T>(
     loop {
         // Wait for the first event of a batch, then fill it until it is full
         // or its first event has waited `max_delay`.
+        let mut queue = state.lock_queue();
+        queue.wake_at = 1;
         let mut queue = state
             .queued
-            .wait_while(state.lock_queue(), |queue| {
-                queue.items.is_empty() && !queue.closed
-            })
+            .wait_while(queue, |queue| queue.items.is_empty() && !queue.closed)
             .unwrap_or_else(PoisonError::into_inner);
         if queue.items.is_empty() {
             break; // closed, and nothing left
@@ -488,12 +496,14 @@ fn write_batches<T>(
             if taken.len() >= batch_size || queue.closed || left.is_zero() {
                 break;
             }
+            queue.wake_at = batch_size - taken.len();
             queue = state
                 .queued
                 .wait_timeout(queue, left)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+        queue.wake_at = usize::MAX;
         drop(queue);
         let (Some(first), Some(last)) = (taken.first(), taken.last()) else {
             continue;

@@ -266,6 +266,15 @@ impl Database {
         }
     }
 
+    /// The SQLite database's connection setup, or `None` on PostgreSQL.
+    pub(crate) fn sqlite_setup(&self) -> Option<&ConnectionSetup> {
+        match &self.target {
+            Target::Sqlite(setup) => Some(setup),
+            #[cfg(feature = "postgres")]
+            Target::Postgres(_) => None,
+        }
+    }
+
     /// The backend this database is on.
     pub(crate) fn backend(&self) -> Backend {
         match &self.target {

@@ -7,6 +7,7 @@
 pub(crate) mod classify;
 pub(crate) mod database;
 pub(crate) mod gate;
+pub(crate) mod key_changes;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 pub(crate) mod sql;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::db::classify;
 use crate::db::database::{Backend, CloseReport, Database};
+use crate::db::key_changes::{KeyChangeWatch, WatchThread};
 use crate::db::sqlite::connection::ConnectionSetup;
 use crate::db::sqlite::files::{self, TightenedFile};
 use crate::db::sqlite::migrations;
@@ -22,7 +23,6 @@ use crate::repositories::events::Events;
 use crate::repositories::keys::{KeyMemory, Keys};
 use crate::repositories::models::ModelIds;
 use crate::store::maintenance::Maintenance;
-#[cfg(feature = "postgres")]
 use crate::store::options::ResolveMode;
 use crate::store::options::StoreOptions;
 
@@ -39,9 +39,8 @@ pub struct Store {
     maintenance: Maintenance,
     applied_at_open: Vec<String>,
     tightened_at_open: Vec<TightenedFile>,
-    /// The key-change listener of notified mode.
-    #[cfg(feature = "postgres")]
-    listener: Option<crate::db::postgres::listener::ListenerThread>,
+    /// The thread that keeps the count of key changes in notified mode.
+    watcher: Option<WatchThread>,
     /// Declared last, so dropped after the pool: while it lives, nothing in
     /// this process opens the SQLite database file with plain I/O.
     _claim: Option<files::OpenClaim>,
@@ -105,15 +104,14 @@ impl Store {
                 (db, applied, Vec::new(), None)
             }
         };
-        #[cfg(feature = "postgres")]
-        let listener = match (db.postgres_setup(), options.resolve_mode) {
-            (Some(setup), ResolveMode::Notified) => {
-                use crate::db::postgres::listener::KeyChangeListener;
-                let (listener, thread) = KeyChangeListener::start(setup.clone())?;
-                let _ = keys.listener.set(listener);
+        let watcher = match options.resolve_mode {
+            ResolveMode::Strict => None,
+            ResolveMode::Notified => {
+                let watch = KeyChangeWatch::new();
+                let thread = start_watcher(&db, &watch)?;
+                let _ = keys.watch.set(watch);
                 Some(thread)
             }
-            _ => None,
         };
         let maintenance = Maintenance::start(
             db.clone(),
@@ -128,8 +126,7 @@ impl Store {
             maintenance,
             applied_at_open,
             tightened_at_open,
-            #[cfg(feature = "postgres")]
-            listener,
+            watcher,
             _claim: claim,
         })
     }
@@ -187,9 +184,9 @@ impl Store {
             return Err(Error::Closed);
         }
         self.maintenance.stop();
-        #[cfg(feature = "postgres")]
-        if let Some(listener) = &mut self.listener {
-            listener.stop();
+        // The watcher's connection is closed before the final checkpoint.
+        if let Some(watcher) = &mut self.watcher {
+            watcher.stop();
         }
         self.db.close()
     }
@@ -249,5 +246,18 @@ impl Drop for Store {
                 tracing::warn!(error = %error.report(), "store dropped; closing it failed");
             }
         }
+    }
+}
+
+/// Starts the thread that keeps `watch` current: the key-change listener on
+/// PostgreSQL, the watcher on SQLite.
+fn start_watcher(db: &Database, watch: &Arc<KeyChangeWatch>) -> Result<WatchThread> {
+    #[cfg(feature = "postgres")]
+    if let Some(setup) = db.postgres_setup() {
+        return crate::db::postgres::listener::start(setup.clone(), watch);
+    }
+    match db.sqlite_setup() {
+        Some(setup) => crate::db::sqlite::watcher::start(setup, watch),
+        None => Err(Error::PostgresNotBuilt),
     }
 }

@@ -39,13 +39,17 @@ pub enum ResolveMode {
     /// default.
     #[default]
     Strict,
-    /// PostgreSQL only (on SQLite it is strict): a listener thread learns
-    /// of key changes through `LISTEN`/`NOTIFY` and by reading the count
-    /// every 50 ms, and resolves answered from memory ask nothing. A revoke
-    /// committed on one replica is refused on every other within the time
-    /// its notification takes (a few milliseconds) and at most about
-    /// 100 ms; a replica whose listener has not read the count for 100 ms
-    /// (its connection lost or hanging) resolves strictly until it is back.
+    /// A thread of the store keeps the count of key changes, and resolves
+    /// answered from memory ask nothing: no read, no pooled connection. A
+    /// change made through this store is seen by its next resolve. One made
+    /// by another process or replica is seen within the thread's delay: on
+    /// PostgreSQL a listener hears it through `LISTEN`/`NOTIFY` (a few
+    /// milliseconds) and reads the count every 50 ms; on SQLite a watcher
+    /// reads it every 5 ms on a connection of its own. Either way, a count
+    /// not read for 100 ms (a lost connection, a locked database) is not
+    /// trusted, and resolves ask the database until it is read again. The
+    /// trade: a revoke made elsewhere can let a request through for those
+    /// few milliseconds.
     Notified,
 }
 

@@ -1,28 +1,50 @@
-//! Resolving in notified mode on PostgreSQL: a revoke committed by one
-//! replica reaches the others' caches through `LISTEN`/`NOTIFY`, and a
-//! replica whose listener is cut off resolves strictly instead of trusting
-//! what it last heard.
+//! Resolving in notified mode: a revoke committed by one store reaches the
+//! others' caches (on PostgreSQL through `LISTEN`/`NOTIFY`, on SQLite
+//! through the watcher's reads), a change made through a store is seen by
+//! its own next resolve, and a PostgreSQL replica whose listener is cut off
+//! resolves strictly instead of trusting what it last heard.
 
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 use keytally::testing::postgres;
-use keytally::{NewKey, Rejection, ResolveMode, Store, StoreOptions};
+use keytally::{
+    AllowedModels, Backend, KeyUpdate, NewKey, Rejection, ResolveMode, Store, StoreOptions,
+};
+use rstest::rstest;
 
 use crate::TestResult;
 
-fn notified(url: &str) -> keytally::Result<Store> {
-    StoreOptions::new(url)
+fn notified(location: &str) -> keytally::Result<Store> {
+    StoreOptions::new(location)
         .resolve_mode(ResolveMode::Notified)
         .open()
 }
 
-#[test]
-fn a_revoke_on_one_replica_reaches_a_notified_replica() -> TestResult {
-    let url = postgres::server()?.fresh_database()?;
-    let replica = notified(&url)?;
-    let other = Store::open(&url)?;
+/// A database for several stores: a fresh PostgreSQL database, or an SQLite
+/// file in a folder that lives as long as the returned guard.
+fn shared_database(
+    backend: Backend,
+) -> Result<(String, Option<tempfile::TempDir>), Box<dyn std::error::Error>> {
+    Ok(match backend {
+        Backend::Postgres => (postgres::server()?.fresh_database()?, None),
+        Backend::Sqlite => {
+            let folder = tempfile::tempdir()?;
+            let path = folder.path().join("keytally.db");
+            let path = path.to_str().ok_or("path is not UTF-8")?.to_owned();
+            (path, Some(folder))
+        }
+    })
+}
+
+#[rstest]
+fn a_revoke_in_another_store_reaches_a_notified_store(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let (location, _folder) = shared_database(backend)?;
+    let replica = notified(&location)?;
+    let other = Store::open(&location)?;
     for _ in 0..3 {
         let created = other.keys().create(&NewKey::client("revoked elsewhere"))?;
         let secret = created.secret.expose().to_owned();
@@ -44,6 +66,50 @@ fn a_revoke_on_one_replica_reaches_a_notified_replica() -> TestResult {
     }
     assert!(replica.close()?.checkpoint_complete);
     assert!(other.close()?.checkpoint_complete);
+    Ok(())
+}
+
+#[rstest]
+fn a_change_through_a_notified_store_is_seen_by_its_next_resolve(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let (location, _folder) = shared_database(backend)?;
+    let store = notified(&location)?;
+    let keys = store.keys();
+    for round in 0..20 {
+        let revoked = keys.create(&NewKey::client(format!("revoked {round}")))?;
+        let rotated = keys.create(&NewKey::client(format!("rotated {round}")))?;
+        let narrowed = keys.create(&NewKey::client(format!("narrowed {round}")))?;
+        for created in [&revoked, &rotated, &narrowed] {
+            // Read once, then answered from memory.
+            assert!(keys.resolve(created.secret.expose())?.is_ok());
+            assert!(keys.resolve(created.secret.expose())?.is_ok());
+        }
+        keys.revoke(revoked.key.id)?;
+        assert_eq!(
+            keys.resolve(revoked.secret.expose())?,
+            Err(Rejection::Revoked),
+            "round {round}"
+        );
+        keys.rotate(rotated.key.id, Duration::ZERO)?;
+        assert_eq!(
+            keys.resolve(rotated.secret.expose())?,
+            Err(Rejection::Expired),
+            "round {round}"
+        );
+        keys.update(
+            narrowed.key.id,
+            &KeyUpdate {
+                allowed_models: Some(AllowedModels::from_names(&["gpt-4o"])?),
+                ..KeyUpdate::default()
+            },
+        )?;
+        let active = keys
+            .resolve(narrowed.secret.expose())?
+            .map_err(|rejection| format!("{rejection:?}"))?;
+        assert!(!active.may_use("gpt-4o-mini"), "round {round}");
+    }
+    assert!(store.close()?.checkpoint_complete);
     Ok(())
 }
 

@@ -11,3 +11,4 @@ pub(crate) mod location;
 pub(crate) mod migrations;
 pub(crate) mod online_backup;
 pub(crate) mod restore;
+pub(crate) mod watcher;

@@ -8,7 +8,6 @@ pub(crate) mod cache;
 pub(crate) mod last_used;
 
 use std::collections::HashMap;
-#[cfg(feature = "postgres")]
 use std::sync::Arc;
 use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
@@ -16,8 +15,7 @@ use std::time::Duration;
 use diesel::prelude::*;
 
 use crate::db::database::{on_backend, Conn, Database};
-#[cfg(feature = "postgres")]
-use crate::db::postgres::listener::KeyChangeListener;
+use crate::db::key_changes::KeyChangeWatch;
 use crate::db::schema::{key_secrets, keys, sequences};
 use crate::db::sql::{sql_text, FixedSql};
 use crate::error::{Error, Result};
@@ -83,9 +81,9 @@ pub(crate) struct KeyMemory {
     /// Key ids to their row ids. Keys are never deleted (a trigger refuses
     /// it), so entries never go stale.
     row_ids: RwLock<HashMap<KeyId, i64, BuildFastHasher>>,
-    /// In notified mode on PostgreSQL, what the key-change listener knows.
-    #[cfg(feature = "postgres")]
-    pub(crate) listener: std::sync::OnceLock<Arc<KeyChangeListener>>,
+    /// In notified mode, the count of key changes the store's watcher
+    /// keeps (see [`crate::db::key_changes`]).
+    pub(crate) watch: std::sync::OnceLock<Arc<KeyChangeWatch>>,
 }
 
 impl KeyMemory {
@@ -98,19 +96,22 @@ impl KeyMemory {
             cache: KeyCache::new(cache_size),
             last_used: LastUsed::default(),
             row_ids: RwLock::default(),
-            #[cfg(feature = "postgres")]
-            listener: std::sync::OnceLock::new(),
+            watch: std::sync::OnceLock::new(),
         })
     }
 
-    /// The count of key changes as the listener knows it, in notified mode
-    /// while the listener is fresh; `None` means ask the database.
+    /// The count of key changes as the watcher knows it, in notified mode
+    /// while it is fresh; `None` means ask the database.
     fn known_key_changes(&self) -> Option<i64> {
-        #[cfg(feature = "postgres")]
-        if let Some(listener) = self.listener.get() {
-            return listener.fresh_count();
+        self.watch.get().and_then(|watch| watch.fresh_count())
+    }
+
+    /// This process committed a change to a key or a secret: resolves ask
+    /// the database until the watcher has read the count again.
+    fn changed_here(&self) {
+        if let Some(watch) = self.watch.get() {
+            watch.changed_here();
         }
-        None
     }
 }
 
@@ -338,7 +339,7 @@ impl<'a> Keys<'a> {
     /// [`Error::KeyNotFound`], or the store's errors.
     pub fn revoke(&self, id: KeyId) -> Result<Key> {
         let now = Timestamp::now();
-        let key = self.db.write(|conn| {
+        let key = self.write_key_change(|conn| {
             on_backend!(conn, |c| diesel::update(
                 keys::table
                     .filter(keys::id.eq(id))
@@ -365,7 +366,7 @@ impl<'a> Keys<'a> {
         let secret = secret::generate(&self.memory.secret_prefix)?;
         let hash = secret.hash();
         let display_prefix = secret.display_prefix();
-        let key = self.db.write(|conn| {
+        let key = self.write_key_change(|conn| {
             let key = find_for_update(conn, id)?;
             if key.revoked_at.is_some() {
                 return Err(Error::KeyRevoked { id });
@@ -424,7 +425,7 @@ impl<'a> Keys<'a> {
             && changes.allowed_models.is_none()
             && changes.expires_at.is_none()
             && changes.rate_limit_override.is_none();
-        self.db.write(|conn| {
+        self.write_key_change(|conn| {
             if find_for_update(conn, id)?.revoked_at.is_some() {
                 return Err(Error::KeyRevoked { id });
             }
@@ -437,6 +438,15 @@ impl<'a> Keys<'a> {
             }
             find(conn, id)
         })
+    }
+
+    /// A write that changes a key or a secret (and so moves the count of
+    /// key changes): afterwards this process's resolves ask the database
+    /// until the watcher has read the new count (notified mode).
+    fn write_key_change<T>(&self, f: impl FnMut(&mut Conn<'_>) -> Result<T>) -> Result<T> {
+        let written = self.db.write(f);
+        self.memory.changed_here();
+        written
     }
 
     /// Writes the `last_used_at` times noted by [`Keys::resolve`] now rather
