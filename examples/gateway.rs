@@ -21,10 +21,13 @@
 //! - SIGTERM or SIGINT: stop accepting, finish the requests in flight, flush
 //!   the sink, close the store (checkpoint; `-wal` and `-shm` gone), exit 0.
 //!
-//! A resolve runs on the async worker: it is answered from the store's
-//! cache after one read of the key-change count, and reads never wait on
-//! SQLite's write lock (WAL). Everything that can wait on the lock (the
-//! writes, the close) runs off the workers.
+//! A resolve runs on the async worker: the store resolves in notified mode
+//! ([`ResolveMode::Notified`]), so a secret seen before is answered from
+//! memory, and a revoke made with the `keytally` command is refused within
+//! milliseconds. `--strict` makes every resolve read the count of key
+//! changes instead (a local read that never waits on SQLite's write lock).
+//! Everything that can wait on the lock (the writes, the close) runs off
+//! the workers.
 //!
 //! `--baseline` replaces authentication and recording by a constant, to
 //! measure what keytally costs the gateway (docs/performance.md).
@@ -39,8 +42,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use keytally::{
-    ActiveKey, Error, EventSink, NewEvent, Rejection, SinkOptions, Store, StoreOptions, Timestamp,
-    UsageFilter,
+    ActiveKey, Error, EventSink, NewEvent, Rejection, ResolveMode, SinkOptions, Store,
+    StoreOptions, Timestamp, UsageFilter,
 };
 use serde_json::{json, Value};
 
@@ -53,12 +56,14 @@ const REPLY: &str = "Hello! This answer comes from keytally's example gateway.";
 /// The longest a shutdown waits for queued events to be committed.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
-const USAGE: &str = "usage: gateway --db PATH|URL --listen ADDR:PORT [--baseline] [--queue N]";
+const USAGE: &str =
+    "usage: gateway --db PATH|URL --listen ADDR:PORT [--strict] [--baseline] [--queue N]";
 
 struct Args {
     db: String,
     listen: SocketAddr,
     baseline: bool,
+    strict: bool,
     queue: usize,
 }
 
@@ -66,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
     let mut db = None;
     let mut listen = None;
     let mut baseline = false;
+    let mut strict = false;
     let mut queue = SinkOptions::default().capacity;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -86,6 +92,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--queue {text}: {e} (expected a count)"))?;
             }
             "--baseline" => baseline = true,
+            "--strict" => strict = true,
             other => return Err(format!("unexpected argument {other}")),
         }
     }
@@ -93,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
         db: db.ok_or("--db is required")?,
         listen: listen.ok_or("--listen is required")?,
         baseline,
+        strict,
         queue,
     })
 }
@@ -124,7 +132,11 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     // Open and migrate before binding: a gateway that answers has a store.
-    let options = StoreOptions::new(&args.db);
+    let options = StoreOptions::new(&args.db).resolve_mode(if args.strict {
+        ResolveMode::Strict
+    } else {
+        ResolveMode::Notified
+    });
     let store = tokio::task::spawn_blocking(move || Store::open_with(&options))
         .await
         .map_err(|e| e.to_string())?

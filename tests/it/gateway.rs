@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use keytally::{AllowedModels, EventCursor, EventFilter, NewKey, Store};
 
+use crate::support::binary::{keytally, path_arg};
 use crate::support::crash_writer::example;
 use crate::TestResult;
 
@@ -123,6 +124,7 @@ fn every_answer_of_the_gateway_over_http() -> TestResult {
     let narrow = keys.create(&narrow)?;
     let revoked = keys.create(&NewKey::client("revoked"))?;
     keys.revoke(revoked.key.id)?;
+    let later = keys.create(&NewKey::client("revoked while the gateway runs"))?;
     let rotated = keys.create(&NewKey::client("rotated"))?;
     keys.rotate(rotated.key.id, Duration::ZERO)?;
     let stranger = {
@@ -223,11 +225,48 @@ fn every_answer_of_the_gateway_over_http() -> TestResult {
     );
     assert_eq!(call(&agent, "GET", &usage_url, None, None)?.0, 401);
 
+    // A revoke made with the command line while the gateway runs: the
+    // gateway answers from memory (notified mode), and refuses the key
+    // once its watcher has read the change.
+    assert_eq!(post(Some(later.secret.expose()), ASK)?.0, 200);
+    let revoke = keytally(&[
+        "--db",
+        path_arg(&db)?,
+        "keys",
+        "revoke",
+        &later.key.id.to_string(),
+    ])?;
+    assert!(revoke.status.success(), "{revoke:?}");
+    let revoked_at = Instant::now();
+    loop {
+        let (status, body) = post(Some(later.secret.expose()), ASK)?;
+        if status == 403 {
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(5),
+            "the gateway still accepts a key revoked 5 s ago"
+        );
+    }
+
     let (exit, stderr) = gateway.stop()?;
     assert_eq!(exit, Some(0), "{stderr}");
     let store = Store::open(&db)?;
     let events = store.events().list(&EventFilter::default())?;
-    assert_eq!(events.len(), 2, "only the two answered requests are events");
+    let accepted_after = events
+        .iter()
+        .filter(|e| e.key_id == Some(later.key.id))
+        .count();
+    assert!(
+        accepted_after >= 1,
+        "the first request of the later-revoked key is missing"
+    );
+    assert_eq!(
+        events.len() - accepted_after,
+        2,
+        "only answered requests are events"
+    );
     assert!(events.iter().any(
         |e| e.request_id.as_deref() == answered_id.as_str() && e.key_id == Some(active.key.id)
     ));
