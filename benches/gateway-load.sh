@@ -5,11 +5,17 @@
 # alternating runs on a fresh database each. Prints one line per run and the
 # median ratios keytally/baseline of requests/s and p99 latency.
 #
-# Usage: benches/gateway-load.sh [PAIRS] [SECONDS] [CONNECTIONS] [KEYS]
+# Usage: benches/gateway-load.sh [PAIRS] [SECONDS] [CONNECTIONS] [KEYS] [RATE]
 #   defaults: 5 pairs of 10 s runs, 32 connections, 1,000 keys (requests
-#   spread over all of them). Needs wrk (apt-get install wrk).
+#   spread over all of them), as fast as the gateway answers. With RATE
+#   (requests/s), each connection waits CONNECTIONS*1000/RATE ms between its
+#   requests, so both gateways see the same offered load and the latencies
+#   compare at that load rather than at each one's saturation.
+#   Needs wrk (apt-get install wrk).
 set -euo pipefail
-PAIRS=${1:-5} SECONDS_PER_RUN=${2:-10} CONNECTIONS=${3:-32} KEYS=${4:-1000}
+PAIRS=${1:-5} SECONDS_PER_RUN=${2:-10} CONNECTIONS=${3:-32} KEYS=${4:-1000} RATE=${5:-0}
+DELAY_MS=0
+[ "$RATE" -gt 0 ] && DELAY_MS=$((CONNECTIONS * 1000 / RATE))
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
@@ -36,6 +42,10 @@ local n = 0
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in one sentence."}]}'
+local delay_ms = tonumber(os.getenv("DELAY_MS") or "0")
+if delay_ms > 0 then
+  delay = function() return delay_ms end
+end
 request = function()
   n = n + 1
   wrk.headers["Authorization"] = "Bearer " .. secrets[(n % #secrets) + 1]
@@ -61,7 +71,7 @@ run() {
     local address
     address=$(sed -n 's/^listening on //p' "$work/out")
     local result
-    result=$(SECRETS=$work/secrets wrk -t1 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" -s "$work/post.lua" \
+    result=$(DELAY_MS=$DELAY_MS SECRETS=$work/secrets wrk -t1 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" -s "$work/post.lua" \
         "http://$address/v1/chat/completions" | sed -n 's/^RESULT //p')
     kill -TERM "$pid"
     wait "$pid"
