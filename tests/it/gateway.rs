@@ -24,10 +24,15 @@ struct Gateway {
 
 impl Gateway {
     fn start(db: &Path) -> Result<Gateway, Box<dyn std::error::Error>> {
+        Gateway::start_with(db, &[])
+    }
+
+    fn start_with(db: &Path, args: &[&str]) -> Result<Gateway, Box<dyn std::error::Error>> {
         let mut child = Command::new(example("gateway")?)
             .arg("--db")
             .arg(db)
             .args(["--listen", "127.0.0.1:0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
@@ -348,6 +353,60 @@ fn sigterm_under_load_loses_no_answered_request_and_leaves_no_sidecar() -> TestR
     let unanswered = recorded.difference(&answered).count();
     assert_eq!(unrecorded, 0, "answered requests without an event");
     assert_eq!(unanswered, 0, "events without an answered request");
+    let _ = store.close()?;
+    Ok(())
+}
+
+#[test]
+fn a_full_queue_is_a_503_and_is_counted() -> TestResult {
+    let folder = tempfile::tempdir()?;
+    let db = database(&folder);
+    let store = Store::open(&db)?;
+    let secret = store.keys().create(&NewKey::client("busy"))?.secret;
+    let _ = store.close()?;
+    let gateway = Gateway::start_with(&db, &["--queue", "2"])?;
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build();
+    let url = gateway.url("/v1/chat/completions");
+    // One answer first, so the model and the key are known to the store.
+    assert_eq!(
+        call(&agent, "POST", &url, Some(secret.expose()), Some(ASK))?.0,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    // Another process holds SQLite's write lock (for less than the busy
+    // timeout): the sink's writer waits with one batch, the queue of two
+    // fills, and the next requests are refused at once instead of waiting.
+    let mut blocker = crate::support::files::raw_connection(&db)?;
+    diesel::connection::SimpleConnection::batch_execute(&mut blocker, "BEGIN IMMEDIATE")?;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let (status, body) = call(&agent, "POST", &url, Some(secret.expose()), Some(ASK))?;
+        if status == 503 {
+            assert_eq!(body["error"]["code"], "overloaded", "{body}");
+        }
+        statuses.push(status);
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    diesel::connection::SimpleConnection::batch_execute(&mut blocker, "COMMIT")?;
+    drop(blocker);
+    let answered = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(answered + refused, statuses.len(), "{statuses:?}");
+    assert!(refused >= 4, "{statuses:?}");
+    let (exit, stderr) = gateway.stop()?;
+    assert_eq!(exit, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} events recorded", answered + 1))
+            && stderr.contains(&format!("{refused} requests refused with 503")),
+        "{stderr}"
+    );
+    let store = Store::open(&db)?;
+    assert_eq!(
+        store.events().list(&EventFilter::default())?.len(),
+        answered + 1
+    );
     let _ = store.close()?;
     Ok(())
 }
