@@ -1,6 +1,6 @@
 //! Measures how long a revoke committed by one replica takes to be refused
-//! by another in notified mode: `notify_latency URL [TRIALS]`, on an empty
-//! (or keytally) PostgreSQL database. Each trial creates a key on one store,
+//! by another in notified mode: `notify_latency URL|PATH [TRIALS]`, on an
+//! empty (or keytally) PostgreSQL database or an SQLite file. Each trial creates a key on one store,
 //! resolves it on a notified store until it is answered from memory,
 //! revokes it on the first, and times the notified store's resolves from
 //! the revoke's return to the first refusal. Prints one JSON line, in
@@ -12,7 +12,9 @@ use keytally::{NewKey, Rejection, ResolveMode, Store, StoreOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let url = args.next().ok_or("usage: notify_latency URL [TRIALS]")?;
+    let url = args
+        .next()
+        .ok_or("usage: notify_latency URL|PATH [TRIALS]")?;
     let trials: usize = args.next().map_or(Ok(200), |n| n.parse())?;
     let replica = StoreOptions::new(&url)
         .resolve_mode(ResolveMode::Notified)
