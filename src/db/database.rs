@@ -469,6 +469,19 @@ impl Database {
         while Arc::strong_count(&self.pool_threads) > 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
+        // The count alone can say "done" too early: when the pool's worker
+        // thread ends a job that held the last reference to the pool, the
+        // pool drops its handle on the worker before its idle connections
+        // (r2d2 declares its config before them), so the last connections
+        // may still be closing there. A job queued behind it runs only once
+        // that job, and the drop it ends with, is over. Without this wait the
+        // final checkpoint's connection is not the last to close, and a
+        // process that exits at once leaves an empty -wal and the -shm.
+        let (done, finished) = std::sync::mpsc::channel();
+        self.pool_threads.execute(move || {
+            let _ = done.send(());
+        });
+        let _ = finished.recv_timeout(deadline.saturating_duration_since(Instant::now()));
         let setup = match &self.target {
             Target::Sqlite(setup) => setup,
             #[cfg(feature = "postgres")]
