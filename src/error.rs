@@ -237,6 +237,16 @@ pub enum Error {
         source: BoxedError,
     },
 
+    /// A read-only store was asked of a database whose schema is not
+    /// current (or that has none yet): it applies no migration.
+    #[error("{} needs {pending} migrations, which a read-only store does not apply; run `keytally migrate` where the database can be written", path.display())]
+    NeedsMigration {
+        /// The database.
+        path: PathBuf,
+        /// How many migrations are pending.
+        pending: usize,
+    },
+
     /// An operation only the SQLite backend has (a backup, a restore, a
     /// checkpoint, raw SQLite access) was asked of a store on PostgreSQL.
     #[error("{operation} works only on an SQLite store; on PostgreSQL use the server's own tools (pg_dump, continuous archiving), see docs/operations.md")]

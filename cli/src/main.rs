@@ -44,6 +44,14 @@ pub struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
+    /// Open the database for reading only (status, check, backup, keys
+    /// list|show|resolve, events list|usage): nothing is created, migrated
+    /// or written, so it works on a read-only filesystem or a full disk.
+    /// These commands fall back to it by themselves when the database
+    /// cannot be written.
+    #[arg(long, global = true)]
+    read_only: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -326,6 +334,16 @@ fn main() -> ExitCode {
         Ok(parsed) => parsed,
         Err(error) => return usage_error(&error),
     };
+    if cli.read_only && !commands::only_reads(&cli.command) {
+        let message = "--read-only is for the commands that only read: status, check, backup, \
+                       keys list|show|resolve, events list|usage";
+        if cli.json {
+            eprintln!("{}", serde_json::json!({ "error": message, "usage": true }));
+        } else {
+            eprintln!("error: {message}");
+        }
+        return ExitCode::from(2);
+    }
     // Only a path typed on the command line sends `demo` to a real database.
     let db_on_command_line = matches.value_source("db") == Some(ValueSource::CommandLine);
     commands::init_logging();

@@ -14,7 +14,7 @@ use crate::db::gate::WriteGate;
 #[cfg(feature = "postgres")]
 use crate::db::postgres::connection::PgSetup;
 use crate::db::sqlite::checkpoint;
-use crate::db::sqlite::connection::ConnectionSetup;
+use crate::db::sqlite::connection::{Access, ConnectionSetup};
 use crate::error::{Error, Result};
 
 /// One connection of the store's backend, as the repositories see it inside
@@ -214,13 +214,10 @@ impl Database {
         first: SqliteConnection,
         pool_size: u32,
     ) -> Result<Database> {
-        let path_str = setup.path.to_str().ok_or_else(|| Error::Open {
-            path: setup.path.clone(),
-            source: "the path is not valid UTF-8".into(),
-        })?;
+        let open_name = setup.open_name()?;
         let pool_threads = pool_threads();
         let pool = build_pool(
-            ConnectionManager::<SqliteConnection>::new(path_str),
+            ConnectionManager::<SqliteConnection>::new(open_name),
             &pool_threads,
             pool_size,
             setup.busy_timeout,
@@ -497,6 +494,21 @@ impl Database {
                 });
             }
         };
+        if setup.access != Access::ReadWrite {
+            // A read-only store wrote nothing and may write nothing; it
+            // removes the empty log files it made.
+            if setup.access == (Access::ReadOnly { tidy: true }) {
+                setup.tidy_after_read_only();
+            }
+            return Ok(CloseReport {
+                checkpoint_complete: true,
+                log_frames: 0,
+                checkpointed_frames: 0,
+                connections_still_out,
+                sidecars_gone: checkpoint::sidecars_gone(&setup.path),
+                replicated_by_litestream: false,
+            });
+        }
         let (checkpoint, sidecars_gone, replicated_by_litestream) =
             checkpoint::final_checkpoint(setup)?;
         // The caller gets the report and says what it means to its user (the

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::db::classify;
 use crate::db::database::{Backend, CloseReport, Database};
 use crate::db::key_changes::{KeyChangeWatch, WatchThread};
-use crate::db::sqlite::connection::ConnectionSetup;
+use crate::db::sqlite::connection::{Access, ConnectionSetup};
 use crate::db::sqlite::files::{self, TightenedFile};
 use crate::db::sqlite::migrations;
 use crate::error::{Error, Result};
@@ -36,7 +36,9 @@ pub struct Store {
     db: Database,
     keys: Arc<KeyMemory>,
     models: ModelIds,
-    maintenance: Maintenance,
+    /// None for a read-only store, which writes nothing.
+    maintenance: Option<Maintenance>,
+    read_only: bool,
     applied_at_open: Vec<String>,
     tightened_at_open: Vec<TightenedFile>,
     /// The thread that keeps the count of key changes in notified mode.
@@ -99,6 +101,11 @@ impl Store {
                 let (db, applied, tightened, claim) = open_sqlite(path, options)?;
                 (db, applied, tightened, Some(claim))
             }
+            Location::Postgres(_) if options.read_only => {
+                return Err(Error::SqliteOnly {
+                    operation: "a read-only store",
+                });
+            }
             Location::Postgres(url) => {
                 let (db, applied) = open_postgres(url, options)?;
                 (db, applied, Vec::new(), None)
@@ -113,17 +120,22 @@ impl Store {
                 Some(thread)
             }
         };
-        let maintenance = Maintenance::start(
-            db.clone(),
-            Arc::clone(&keys),
-            options.last_used_flush_interval,
-            options.retention,
-        )?;
+        let maintenance = if options.read_only {
+            None
+        } else {
+            Some(Maintenance::start(
+                db.clone(),
+                Arc::clone(&keys),
+                options.last_used_flush_interval,
+                options.retention,
+            )?)
+        };
         Ok(Store {
             db,
             keys,
             models: ModelIds::default(),
             maintenance,
+            read_only: options.read_only,
             applied_at_open,
             tightened_at_open,
             watcher,
@@ -140,6 +152,11 @@ impl Store {
     /// password left out.
     pub fn path(&self) -> &Path {
         self.db.path()
+    }
+
+    /// Whether the store was opened read-only ([`StoreOptions::read_only`]).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// Full names of the migrations this open applied (empty when the
@@ -183,7 +200,9 @@ impl Store {
         if !self.db.is_open() {
             return Err(Error::Closed);
         }
-        self.maintenance.stop();
+        if let Some(maintenance) = &mut self.maintenance {
+            maintenance.stop();
+        }
         // The watcher's connection is closed before the final checkpoint.
         if let Some(watcher) = &mut self.watcher {
             watcher.stop();
@@ -197,6 +216,9 @@ fn open_sqlite(
     path: &Path,
     options: &StoreOptions,
 ) -> Result<(Database, Vec<String>, Vec<TightenedFile>, files::OpenClaim)> {
+    if options.read_only {
+        return open_sqlite_read_only(path, options);
+    }
     files::prepare_database_path(path)?;
     // Refuse what is not ours before SQLite (or a chmod) touches it.
     let claim = files::claim_for_store(path)?;
@@ -205,6 +227,7 @@ fn open_sqlite(
         path: path.to_path_buf(),
         synchronous: options.synchronous,
         busy_timeout: options.busy_timeout,
+        access: Access::ReadWrite,
     };
     let mut first = setup
         .establish()
@@ -213,6 +236,56 @@ fn open_sqlite(
         migrations::run_pending(&mut first, path).map_err(|e| classify::about_file(e, path))?;
     let db = Database::open(setup, first, options.pool_size)?;
     Ok((db, applied_at_open, tightened_at_open, claim))
+}
+
+/// Opens the SQLite database at `path` for reading only: creates, migrates
+/// and changes nothing; see [`StoreOptions::read_only`].
+fn open_sqlite_read_only(
+    path: &Path,
+    options: &StoreOptions,
+) -> Result<(Database, Vec<String>, Vec<TightenedFile>, files::OpenClaim)> {
+    if let Err(error) = std::fs::symlink_metadata(path) {
+        return Err(Error::io(path, error));
+    }
+    let claim = files::claim_for_store(path)?;
+    // No log, or an empty one (as an open that failed on a full disk
+    // leaves it): the database file alone holds every committed write.
+    let log_empty = std::fs::metadata(files::sidecar(path, "-wal"))
+        .map(|metadata| metadata.len() == 0)
+        .unwrap_or(true);
+    let no_sidecars = !files::SIDECAR_SUFFIXES
+        .iter()
+        .any(|suffix| files::sidecar(path, suffix).exists());
+    let mut setup = ConnectionSetup {
+        path: path.to_path_buf(),
+        synchronous: options.synchronous,
+        busy_timeout: options.busy_timeout,
+        access: Access::ReadOnly { tidy: no_sidecars },
+    };
+    // The first read opens the log's index (`-shm`), creating it if need
+    // be; where that fails (the folder cannot take it, or what a failed
+    // open left is not an index) and the log is empty, read the file as
+    // it stands.
+    let mut first = match setup.establish_and_read() {
+        Ok(conn) => conn,
+        Err(_) if log_empty => {
+            setup.access = Access::Immutable;
+            setup
+                .establish_and_read()
+                .map_err(|e| classify::about_file(e, path))?
+        }
+        Err(error) => return Err(classify::about_file(error, path)),
+    };
+    let state = migrations::inspect_read_only(&mut first, path)
+        .map_err(|e| classify::about_file(e, path))?;
+    if !state.marked || !state.pending.is_empty() {
+        return Err(Error::NeedsMigration {
+            path: path.to_path_buf(),
+            pending: state.pending.len(),
+        });
+    }
+    let db = Database::open(setup, first, options.pool_size)?;
+    Ok((db, Vec::new(), Vec::new(), claim))
 }
 
 /// Connects to the PostgreSQL database at `url` and migrates it.

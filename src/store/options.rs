@@ -26,6 +26,7 @@ pub struct StoreOptions {
     pub(crate) retention: Retention,
     pub(crate) key_cache_size: usize,
     pub(crate) resolve_mode: ResolveMode,
+    pub(crate) read_only: bool,
 }
 
 /// How a resolve answered from memory makes sure that no key or secret has
@@ -99,6 +100,7 @@ impl StoreOptions {
             retention: Retention::default(),
             key_cache_size: DEFAULT_KEY_CACHE_SIZE,
             resolve_mode: ResolveMode::Strict,
+            read_only: false,
         }
     }
 
@@ -183,6 +185,19 @@ impl StoreOptions {
     #[must_use]
     pub fn pool_size(mut self, pool_size: u32) -> Self {
         self.pool_size = pool_size.max(1);
+        self
+    }
+
+    /// Opens the SQLite database for reading only (default: off): nothing
+    /// is created, migrated, checkpointed or chmod-ed, and no write is
+    /// possible, so reading works on a read-only filesystem and on a full
+    /// disk. A database whose log is absent or empty and whose `-shm`
+    /// cannot be made or used is opened immutable (no locks: only safe
+    /// while nothing writes it). Opening fails with [`crate::Error::NeedsMigration`] if
+    /// the schema is not current. SQLite only.
+    #[must_use]
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
         self
     }
 }

@@ -119,7 +119,8 @@ pub fn run(cli: &Cli, db_on_command_line: bool, out: &Output) -> CliResult {
             }
         }
     }
-    let store = keytally::StoreOptions::new(&path).open()?;
+    let reads_only = only_reads(&cli.command);
+    let store = open_store(&path, &location, cli.read_only, reads_only)?;
     let outcome = match &cli.command {
         Command::Status => ops::status(&store, out),
         Command::Migrate { .. } => ops::migrate(&store, out),
@@ -146,7 +147,7 @@ fn sqlite_only(command: &Command) -> Option<&'static str> {
 
 /// Whether the command only reads or copies the database: such a command on
 /// a path with no database is a typo, never a request to create one.
-fn only_reads(command: &Command) -> bool {
+pub fn only_reads(command: &Command) -> bool {
     match command {
         Command::Status | Command::Check | Command::Backup { .. } => true,
         Command::Keys(keys) => matches!(
@@ -158,6 +159,61 @@ fn only_reads(command: &Command) -> bool {
             EventsCommand::List { .. } | EventsCommand::Usage { .. }
         ),
         _ => false,
+    }
+}
+
+/// Opens the store: read-only with `--read-only`; otherwise as usual, and,
+/// for a command that only reads, read-only again if the usual open failed
+/// because the database's files cannot be written (a read-only filesystem,
+/// a full disk).
+fn open_store(
+    path: &Path,
+    location: &keytally::Location,
+    read_only: bool,
+    reads_only: bool,
+) -> CliResult<keytally::Store> {
+    let options = keytally::StoreOptions::new(path);
+    if read_only {
+        return Ok(options.read_only(true).open()?);
+    }
+    match options.clone().open() {
+        Ok(store) => Ok(store),
+        Err(error)
+            if reads_only
+                && matches!(location, keytally::Location::Sqlite(_))
+                && cannot_write(&error) =>
+        {
+            match options.read_only(true).open() {
+                Ok(store) => {
+                    eprintln!(
+                        "keytally: note: opened read-only, as the database cannot be written ({})",
+                        error.report()
+                    );
+                    Ok(store)
+                }
+                Err(_) => Err(error.into()),
+            }
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Whether an open failed because the database's files cannot be written.
+fn cannot_write(error: &keytally::Error) -> bool {
+    use keytally::Error;
+    match error {
+        Error::DiskFull { .. } | Error::Permission { .. } | Error::Io { .. } => true,
+        other => {
+            let text = other.report();
+            [
+                "disk I/O error",
+                "readonly",
+                "read-only",
+                "unable to open database file",
+            ]
+            .iter()
+            .any(|sign| text.contains(sign))
+        }
     }
 }
 
@@ -184,7 +240,20 @@ fn refuse_missing(path: &Path) -> CliResult {
 fn close(store: keytally::Store, outcome: CliResult) -> CliResult {
     let report = store.close();
     outcome?;
-    let report = report?;
+    let report = match report {
+        Ok(report) => report,
+        // The command's work is committed; only emptying the log failed
+        // (a full disk, say), and the log keeps every committed write.
+        Err(error) => {
+            eprintln!(
+                "keytally: note: the database's write-ahead log could not be emptied at close \
+                 ({}); every committed write is in it and nothing is lost: the next process to \
+                 close the database empties it",
+                error.report()
+            );
+            return Ok(());
+        }
+    };
     if report.replicated_by_litestream && !report.checkpoint_complete {
         eprintln!(
             "keytally: note: Litestream replicates this database and keeps it open, so its \

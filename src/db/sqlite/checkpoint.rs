@@ -2,6 +2,7 @@
 //! checkpoint, the one an operator asks for, and the last one on close.
 
 use std::ops::DerefMut;
+use std::path::Path;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
@@ -110,12 +111,16 @@ pub(crate) fn final_checkpoint(setup: &ConnectionSetup) -> Result<(CheckpointRep
     };
     let checkpoint = checkpoint_truncate(&mut conn, setup.busy_timeout, wait)?;
     drop(conn);
-    let sidecars_gone = files::SIDECAR_SUFFIXES.iter().all(|suffix| {
-        std::fs::metadata(files::sidecar(&setup.path, suffix))
+    Ok((checkpoint, sidecars_gone(&setup.path), litestream))
+}
+
+/// Whether the database's `-wal` and `-shm` are gone (or empty).
+pub(crate) fn sidecars_gone(path: &Path) -> bool {
+    files::SIDECAR_SUFFIXES.iter().all(|suffix| {
+        std::fs::metadata(files::sidecar(path, suffix))
             .map(|metadata| metadata.len() == 0)
             .unwrap_or(true)
-    });
-    Ok((checkpoint, sidecars_gone, litestream))
+    })
 }
 
 /// Whether Litestream has set itself up in this database: it adds the

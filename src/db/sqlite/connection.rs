@@ -57,6 +57,28 @@ pub(crate) struct ConnectionSetup {
     pub(crate) path: PathBuf,
     pub(crate) synchronous: Synchronous,
     pub(crate) busy_timeout: Duration,
+    pub(crate) access: Access,
+}
+
+/// How a store's connections open the database file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Reading and writing: the normal store.
+    ReadWrite,
+    /// `mode=ro`: SQLite writes nothing to the database or its log, and
+    /// nothing changes the files' modes or the journal mode. It still
+    /// needs the `-wal` and `-shm` files, creating them (empty) if there
+    /// are none; `tidy` says it did, so the close removes them again.
+    ReadOnly {
+        /// Neither `-wal` nor `-shm` was there at open.
+        tidy: bool,
+    },
+    /// `mode=ro&immutable=1`: no `-shm` and no locks either, for a
+    /// database whose log is absent or empty and whose `-shm` cannot be
+    /// made or used (a read-only filesystem, a full disk). Only safe while
+    /// no other process writes the database, which an empty log shows at
+    /// the moment it is opened.
+    Immutable,
 }
 
 #[derive(QueryableByName)]
@@ -88,14 +110,63 @@ impl ConnectionSetup {
         })
     }
 
+    /// What SQLite opens: the path, or a `file:` URI with the read-only
+    /// parameters.
+    pub(crate) fn open_name(&self) -> Result<String> {
+        let path = self.path_str()?;
+        let query = match self.access {
+            Access::ReadWrite => return Ok(path.to_owned()),
+            Access::ReadOnly { .. } => "mode=ro",
+            Access::Immutable => "mode=ro&immutable=1",
+        };
+        // A URI's path escapes what would end it or start an escape.
+        let mut escaped = String::with_capacity(path.len());
+        for c in path.chars() {
+            match c {
+                '%' => escaped.push_str("%25"),
+                '?' => escaped.push_str("%3f"),
+                '#' => escaped.push_str("%23"),
+                other => escaped.push(other),
+            }
+        }
+        Ok(format!("file:{escaped}?{query}"))
+    }
+
     /// Opens a new connection and prepares it (see [`ConnectionSetup::prepare`]).
     pub(crate) fn establish(&self) -> Result<SqliteConnection> {
-        let mut conn = SqliteConnection::establish(self.path_str()?).map_err(|e| Error::Open {
-            path: self.path.clone(),
-            source: Box::new(e),
-        })?;
+        let mut conn =
+            SqliteConnection::establish(&self.open_name()?).map_err(|e| Error::Open {
+                path: self.path.clone(),
+                source: Box::new(e),
+            })?;
         self.prepare(&mut conn)?;
         Ok(conn)
+    }
+
+    /// [`Self::establish`], then a first read, which opens the log's index
+    /// (and so fails here, not later, where the `-shm` cannot be made).
+    pub(crate) fn establish_and_read(&self) -> Result<SqliteConnection> {
+        let mut conn = self.establish()?;
+        conn.batch_execute("SELECT count(*) FROM sqlite_master")?;
+        Ok(conn)
+    }
+
+    /// After a read-only store created the log's files and its connections
+    /// are closed: if the log is still empty (no other process wrote
+    /// since), one plain connection opened and closed removes both, as
+    /// SQLite's last connection does; with nothing in the log, that writes
+    /// nothing to the database.
+    pub(crate) fn tidy_after_read_only(&self) {
+        let log_empty = std::fs::metadata(files::sidecar(&self.path, "-wal"))
+            .is_ok_and(|metadata| metadata.len() == 0);
+        let Ok(path) = self.path_str() else {
+            return;
+        };
+        if log_empty {
+            if let Ok(mut conn) = SqliteConnection::establish(path) {
+                let _ = conn.batch_execute("SELECT count(*) FROM sqlite_master");
+            }
+        }
     }
 
     /// Checks the files' modes, then sets the pragmas: `busy_timeout` first,
@@ -103,8 +174,16 @@ impl ConnectionSetup {
     /// None of them can take effect inside a transaction, so this runs on a
     /// connection that has none open.
     pub(crate) fn prepare(&self, conn: &mut SqliteConnection) -> Result<()> {
-        files::tighten_modes(&self.path)?;
         let busy_ms = self.busy_timeout.as_millis().min(i32::MAX as u128);
+        if self.access != Access::ReadWrite {
+            // Nothing that writes: no mode change, no journal mode.
+            conn.batch_execute(&format!(
+                "PRAGMA busy_timeout = {busy_ms}; PRAGMA foreign_keys = ON; \
+                 PRAGMA cache_size = -8192"
+            ))?;
+            return Ok(());
+        }
+        files::tighten_modes(&self.path)?;
         conn.batch_execute(&format!("PRAGMA busy_timeout = {busy_ms}"))?;
         let mode = self.switch_to_wal(conn)?;
         if !mode.eq_ignore_ascii_case("wal") {

@@ -14,7 +14,7 @@ use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::db::sqlite::connection::{
-    pragma_integer, ConnectionSetup, Synchronous, DEFAULT_BUSY_TIMEOUT,
+    pragma_integer, Access, ConnectionSetup, Synchronous, DEFAULT_BUSY_TIMEOUT,
 };
 use crate::db::sqlite::files::{self, HeaderVerdict, APPLICATION_ID};
 use crate::db::versions;
@@ -215,7 +215,17 @@ pub fn pending_for(path: &Path) -> Result<Vec<String>> {
         path: path.to_path_buf(),
         synchronous: Synchronous::Normal,
         busy_timeout: DEFAULT_BUSY_TIMEOUT,
+        access: Access::ReadOnly {
+            tidy: !files::SIDECAR_SUFFIXES
+                .iter()
+                .any(|suffix| files::sidecar(path, suffix).exists()),
+        },
     };
     let mut conn = setup.establish()?;
-    Ok(inspect_read_only(&mut conn, path)?.pending)
+    let pending = inspect_read_only(&mut conn, path)?.pending;
+    drop(conn);
+    if setup.access == (Access::ReadOnly { tidy: true }) {
+        setup.tidy_after_read_only();
+    }
+    Ok(pending)
 }
