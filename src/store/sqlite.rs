@@ -124,6 +124,35 @@ impl Store {
         backup::write_backup(&mut conn, self.path(), destination, replace)
     }
 
+    /// Runs SQLite's `quick_check`: every page of the database is read and
+    /// its structure checked (not the indexes against their tables, which
+    /// only [`Store::check`] does). For a bulk write about to begin: it
+    /// costs about 0.7 s for a million events and 6 s for ten million on
+    /// this project's benchmark machine, so it does not run at every open.
+    /// On PostgreSQL it does nothing (the server checks its own pages).
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::Corrupt`] naming what it found, or the store's
+    /// errors.
+    pub fn quick_check(&self) -> Result<()> {
+        if self.backend() != crate::Backend::Sqlite {
+            return Ok(());
+        }
+        let mut conn = self.db.sqlite_connection("quick_check")?;
+        let found = backup::quick_check_lines(&mut conn)?;
+        if found == ["ok"] {
+            return Ok(());
+        }
+        Err(crate::Error::Corrupt {
+            path: self.path().to_path_buf(),
+            detail: format!(
+                "quick_check: {}",
+                found.into_iter().take(3).collect::<Vec<_>>().join("; ")
+            ),
+        })
+    }
+
     /// Runs `integrity_check` and `foreign_key_check` and checks the
     /// application id, the schema version and the files' modes, including
     /// any this store tightened when it opened. Problems are reported, not

@@ -330,6 +330,39 @@ fn check_fails_on_a_damaged_page(folder: TempDir) -> TestResult {
 }
 
 #[rstest]
+fn ingest_refuses_a_damaged_database_before_writing(folder: TempDir) -> TestResult {
+    let db = database(&folder);
+    let (key, _) = create_key(&db, &[])?;
+    let input: String = (0..3000).map(|i| event_line(i, &key)).collect();
+    assert!(run(&db, &["events", "ingest"], &input)?.status.success());
+    // Overwrite the middle of a page far from the schema page, as a bad
+    // disk sector or a stray write would.
+    let mut bytes = std::fs::read(&db)?;
+    let page = bytes.len() / 4096 / 2;
+    for byte in &mut bytes[page * 4096 + 100..page * 4096 + 3000] {
+        *byte = 0x5a;
+    }
+    std::fs::write(&db, &bytes)?;
+    let more: String = (3000..3010).map(|i| event_line(i, &key)).collect();
+    let ingest = run(&db, &["events", "ingest"], &more)?;
+    assert_eq!(ingest.status.code(), Some(1), "{ingest:?}");
+    let error = stderr_json(&ingest)?;
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is damaged") && e.contains("quick_check")),
+        "{error}"
+    );
+    // Nothing was written: the file is as the damage left it, with no log.
+    assert_eq!(std::fs::read(&db)?, bytes);
+    assert!(
+        !crate::sidecar(&db, "-wal").exists()
+            || std::fs::metadata(crate::sidecar(&db, "-wal"))?.len() == 0
+    );
+    Ok(())
+}
+
+#[rstest]
 fn backup_refuses_an_existing_destination_unless_forced(folder: TempDir) -> TestResult {
     let db = database(&folder);
     create_key(&db, &[])?;

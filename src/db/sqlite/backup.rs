@@ -38,6 +38,13 @@ pub(crate) struct CheckLine {
     line: String,
 }
 
+/// `PRAGMA quick_check`'s lines (`ok` alone when healthy).
+pub(crate) fn quick_check_lines(conn: &mut SqliteConnection) -> Result<Vec<String>> {
+    let lines: Vec<CheckLine> =
+        diesel::sql_query("SELECT quick_check AS line FROM pragma_quick_check").load(conn)?;
+    Ok(lines.into_iter().map(|line| line.line).collect())
+}
+
 /// `PRAGMA integrity_check`'s lines (`ok` alone when healthy).
 pub(crate) fn integrity_lines(conn: &mut SqliteConnection) -> Result<Vec<String>> {
     let lines: Vec<CheckLine> =
