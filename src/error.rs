@@ -96,8 +96,11 @@ pub enum Error {
     },
 
     /// The disk (or the filesystem quota) is full: the write was not committed.
-    #[error("disk full: the write was not committed; free space and retry")]
+    #[error("disk full{}: the write was not committed; free space and retry", writing(path.as_deref()))]
     DiskFull {
+        /// The file being written, when it is not the database (a backup's
+        /// destination).
+        path: Option<PathBuf>,
         /// The database's or the system's error.
         source: BoxedError,
     },
@@ -303,9 +306,30 @@ impl Error {
         match source.kind() {
             io::ErrorKind::PermissionDenied => Error::Permission { path, source },
             io::ErrorKind::StorageFull => Error::DiskFull {
+                path: Some(path),
                 source: Box::new(source),
             },
             _ => Error::Io { path, source },
+        }
+    }
+}
+
+/// " writing PATH", for the messages that name the file being written.
+fn writing(path: Option<&std::path::Path>) -> String {
+    path.map(|path| format!(" writing {}", path.display()))
+        .unwrap_or_default()
+}
+
+impl Error {
+    /// The same error, naming `destination` as the file being written if
+    /// it is a full disk: for writes of another file than the database.
+    pub(crate) fn writing(self, destination: &std::path::Path) -> Self {
+        match self {
+            Error::DiskFull { path: None, source } => Error::DiskFull {
+                path: Some(destination.to_path_buf()),
+                source,
+            },
+            other => other,
         }
     }
 }

@@ -17,6 +17,7 @@ impl From<diesel::result::Error> for Error {
                 source: Box::new(error),
             },
             Some(Class::Full) => Error::DiskFull {
+                path: None,
                 source: Box::new(error),
             },
             _ => Error::Database(error),
@@ -77,6 +78,7 @@ pub(crate) fn from_result_code(code: i32, message: String, path: &Path) -> Error
             source: message.into(),
         },
         ffi::SQLITE_FULL => Error::DiskFull {
+            path: None,
             source: message.into(),
         },
         ffi::SQLITE_NOTADB => Error::NotADatabase {

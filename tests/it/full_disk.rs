@@ -72,3 +72,51 @@ fn recording_on_a_full_disk_fails_cleanly_and_recovers(folder: TempDir) -> TestR
     eprintln!("full disk: {acknowledged} events acknowledged before DiskFull, all present");
     Ok(())
 }
+
+#[rstest]
+fn a_backup_to_a_full_disk_names_its_destination_and_leaves_nothing(folder: TempDir) -> TestResult {
+    let mount_point = folder.path().join("tiny");
+    let _tmpfs = match crate::support::tmpfs::Tmpfs::mount(&mount_point, "64k") {
+        Ok(tmpfs) => tmpfs,
+        Err(why) => {
+            eprintln!(
+                "skipped a_backup_to_a_full_disk_names_its_destination_and_leaves_nothing: {why}"
+            );
+            return Ok(());
+        }
+    };
+    let db = folder.path().join("keytally.db");
+    let store = Store::open(&db)?;
+    let key = store.keys().create(&NewKey::client("big"))?.key.id;
+    let batch: Vec<NewEvent> = (0..2_000)
+        .map(|i| -> Result<NewEvent, Error> {
+            let mut event = NewEvent::new(Timestamp::now(), "big-model");
+            event.key_id = Some(key);
+            event.request_id = Some(format!("{i:06}-{}", "x".repeat(100)));
+            Ok(event)
+        })
+        .collect::<Result<_, _>>()?;
+    store.events().record_batch(&batch)?;
+    let _ = store.close()?;
+    let destination = mount_point.join("nightly.db");
+    for attempt in 0..2 {
+        let output = std::process::Command::new(crate::support::binary::BIN)
+            .arg("--db")
+            .arg(&db)
+            .arg("backup")
+            .arg(&destination)
+            .env_remove("KEYTALLY_LOG")
+            .output()?;
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = String::from_utf8(output.stderr)?;
+        assert!(
+            stderr.contains(&format!("disk full writing {}", destination.display())),
+            "attempt {attempt}: {stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&mount_point)?
+            .map(|entry| entry.map(|entry| entry.file_name()))
+            .collect::<Result<_, _>>()?;
+        assert!(left.is_empty(), "attempt {attempt} left {left:?}");
+    }
+    Ok(())
+}

@@ -237,8 +237,9 @@ pub(crate) fn write_backup(
     })?;
     diesel::sql_query("VACUUM INTO ?")
         .bind::<Text, _>(target)
-        .execute(conn)?;
-    fsync_file(&temp.path)?;
+        .execute(conn)
+        .map_err(|e| Error::from(e).writing(destination))?;
+    fsync_file(&temp.path).map_err(|e| e.writing(destination))?;
     let schema_version = verify_copy(&temp.path)?;
     // The check's connection may have left sidecars of the copy.
     for sidecar in files::SIDECAR_SUFFIXES {
