@@ -223,6 +223,81 @@ fn a_secret_given_as_an_argument_is_refused_without_being_shown(folder: TempDir)
 }
 
 #[rstest]
+fn ctrl_c_at_the_secret_prompt_gives_the_terminal_its_echo_back(folder: TempDir) -> TestResult {
+    use std::io::Read;
+    let db = folder.path().join("keytally.db");
+    assert!(run(&db, &["migrate"], "")?.status.success());
+    // On a pseudo-terminal (script), the prompt waits in the foreground with
+    // echo off; SIGINT (what Ctrl-C sends) ends it; then `stty` shows the
+    // terminal's state.
+    let steps = folder.path().join("steps.sh");
+    std::fs::write(
+        &steps,
+        format!(
+            "'{BIN}' --db '{}' keys resolve\necho \"exit=$?\"\nstty -a\n",
+            path_arg(&db)?
+        ),
+    )?;
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!("sh '{}'", path_arg(&steps)?))
+        .arg("/dev/null")
+        .env_remove("KEYTALLY_LOG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Kept open, so the terminal sees no end of input while the prompt waits.
+    let _keyboard = child.stdin.take();
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut screen = String::new();
+        let _ = stdout.read_to_string(&mut screen);
+        screen
+    });
+    // The prompt's process, found by its command line; then Ctrl-C's signal.
+    let needle = format!("{}\0keys\0resolve", path_arg(&db)?);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let pid = loop {
+        let found = std::fs::read_dir("/proc")?.find_map(|entry| {
+            let entry = entry.ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(&needle)
+                .then(|| entry.file_name().to_str()?.parse::<libc::pid_t>().ok())
+                .flatten()
+        });
+        if let Some(pid) = found {
+            break pid;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("keytally keys resolve never started".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // Let it reach the prompt (echo off) before the signal.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: kill(2) on the process found above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("the prompt did not end on SIGINT".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let screen = reader.join().map_err(|_| "reader panicked")?;
+    assert!(screen.contains("secret (not shown)"), "no prompt: {screen}");
+    // Ended by the signal (128 + 2), as a Ctrl-C ends any program.
+    assert!(screen.contains("exit=130"), "{screen}");
+    let echo_on = screen.split_whitespace().any(|setting| setting == "echo");
+    assert!(echo_on, "the terminal was left without echo: {screen}");
+    Ok(())
+}
+
+#[rstest]
 fn resolve_on_a_terminal_prompts_without_echoing_the_secret(folder: TempDir) -> TestResult {
     use std::io::{Read, Write};
     use std::process::Stdio;

@@ -194,9 +194,12 @@ fn read_secret() -> std::io::Result<String> {
 }
 
 /// The terminal on stdin with echo off (but the final newline shown) until
-/// dropped.
+/// dropped, or until a signal ends the process: SIGINT (Ctrl-C), SIGTERM
+/// or SIGHUP restore the terminal first, so a shell is never left without
+/// echo.
 struct EchoOff {
     original: libc::termios,
+    handlers: Vec<signal_hook::SigId>,
 }
 
 impl EchoOff {
@@ -211,11 +214,29 @@ impl EchoOff {
         let mut hidden = original;
         hidden.c_lflag &= !libc::ECHO;
         hidden.c_lflag |= libc::ECHONL;
+        let mut handlers = Vec::new();
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: the handler calls only tcsetattr, which POSIX lists
+            // as async-signal-safe, and signal-hook's default-action
+            // emulation, made for use inside a handler; `original` is a
+            // copy owned by the handler.
+            let registered = unsafe {
+                signal_hook::low_level::register(signal, move || {
+                    libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &original);
+                    let _ = signal_hook::low_level::emulate_default_handler(signal);
+                })
+            };
+            handlers.push(registered?);
+        }
         // SAFETY: stdin is an open terminal and `hidden` a valid termios.
         if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &hidden) } != 0 {
-            return Err(std::io::Error::last_os_error());
+            let error = std::io::Error::last_os_error();
+            for handler in handlers {
+                signal_hook::low_level::unregister(handler);
+            }
+            return Err(error);
         }
-        Ok(EchoOff { original })
+        Ok(EchoOff { original, handlers })
     }
 }
 
@@ -223,5 +244,8 @@ impl Drop for EchoOff {
     fn drop(&mut self) {
         // SAFETY: restores the settings read from the same terminal.
         unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.original) };
+        for handler in self.handlers.drain(..) {
+            signal_hook::low_level::unregister(handler);
+        }
     }
 }
