@@ -120,8 +120,28 @@ impl Store {
     /// [`crate::Error::Io`] or the store's errors. On error nothing is left
     /// at `destination` that was not there before.
     pub fn backup_to(&self, destination: &Path, replace: bool) -> Result<BackupReport> {
+        self.backup_with_progress(destination, replace, |_, _| {})
+    }
+
+    /// [`Store::backup_to`], calling `progress(written, total)` about ten
+    /// times a second while the copy is written: the bytes in the copy so
+    /// far, and the database file's size (the copy ends at most that
+    /// large, as it leaves free pages out).
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::backup_to`].
+    pub fn backup_with_progress(
+        &self,
+        destination: &Path,
+        replace: bool,
+        progress: impl Fn(u64, u64) + Sync,
+    ) -> Result<BackupReport> {
         let mut conn = self.db.sqlite_connection("backup")?;
-        backup::write_backup(&mut conn, self.path(), destination, replace)
+        let total = std::fs::metadata(self.path()).map_or(0, |metadata| metadata.len());
+        backup::write_backup(&mut conn, self.path(), destination, replace, &|written| {
+            progress(written, total);
+        })
     }
 
     /// Runs SQLite's `quick_check`: every page of the database is read and

@@ -683,14 +683,51 @@ fn progress_is_drawn_when_stderr_is_a_terminal_and_only_then(folder: TempDir) ->
         assert!(output.status.success(), "{output:?}");
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     };
-    // Output to a file, stderr on the terminal: the spinner is drawn.
+    // Output to a file, stderr on the terminal: progress is drawn, a bar
+    // over the file's bytes (its size is known), with the rate, the time
+    // left and the events committed.
     let out_file = folder.path().join("out.txt");
     let screen = on_terminal(&format!("> '{}'", path_arg(&out_file)?))?;
+    let size = std::fs::metadata(&events)?.len();
     assert!(
-        screen.contains("events"),
-        "no progress on the terminal: {screen:?}"
+        screen.contains("events") && screen.contains("left)") && screen.contains("MiB"),
+        "no progress over the file's {size} bytes on the terminal: {screen:?}"
     );
     assert!(std::fs::read_to_string(&out_file)?.contains("ingested 60000 events"));
+    // From a pipe the size is unknown: a count of events and their rate.
+    let piped = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!(
+            "cat '{}' | '{BIN}' --db '{}' events ingest --batch 500 > /dev/null",
+            path_arg(&events)?,
+            path_arg(&db)?
+        ))
+        .arg("/dev/null")
+        .env_remove("KEYTALLY_LOG")
+        .output()?;
+    assert!(piped.status.success(), "{piped:?}");
+    let screen = String::from_utf8_lossy(&piped.stdout);
+    assert!(
+        screen.contains(" events (") && screen.contains("/s, "),
+        "no count and rate on the terminal: {screen:?}"
+    );
+    // A backup: a bar over the database's bytes.
+    let backup = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!(
+            "'{BIN}' --db '{}' backup '{}' > /dev/null",
+            path_arg(&db)?,
+            path_arg(&folder.path().join("copy.db"))?
+        ))
+        .arg("/dev/null")
+        .env_remove("KEYTALLY_LOG")
+        .output()?;
+    assert!(backup.status.success(), "{backup:?}");
+    let screen = String::from_utf8_lossy(&backup.stdout);
+    assert!(
+        screen.contains("MiB") && screen.contains("left) backing up to"),
+        "no bar over the database's bytes: {screen:?}"
+    );
     // stderr to a file: nothing is drawn there.
     let err_file = folder.path().join("err.txt");
     let screen = on_terminal(&format!("2> '{}'", path_arg(&err_file)?))?;

@@ -1,7 +1,7 @@
 //! `keytally events …`.
 
 use std::io::{BufRead, Read};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,14 +51,15 @@ enum Line {
 
 /// Reads stdin line by line, at most `MAX_JSON_LINE_LEN` bytes a line,
 /// until its end or the first line that cannot be read.
-fn read_lines(sender: &mpsc::SyncSender<Line>) {
+fn read_lines(sender: &mpsc::SyncSender<Line>, read: &AtomicU64) {
     let mut stdin = std::io::stdin().lock();
     let limit = keytally::MAX_JSON_LINE_LEN as u64 + 1;
     loop {
         let mut bytes = Vec::new();
         let line = match (&mut stdin).take(limit).read_until(b'\n', &mut bytes) {
             Ok(0) => return,
-            Ok(_) => {
+            Ok(n) => {
+                read.fetch_add(n as u64, Ordering::Relaxed);
                 if bytes.last() == Some(&b'\n') {
                     bytes.pop();
                     if bytes.last() == Some(&b'\r') {
@@ -78,6 +79,20 @@ fn read_lines(sender: &mpsc::SyncSender<Line>) {
             return;
         }
     }
+}
+
+/// What is left to read on stdin when it is a regular file (`< FILE`), so
+/// that progress can show a total; `None` for a pipe or a terminal.
+fn stdin_bytes_left() -> Option<u64> {
+    use std::io::Seek;
+    use std::os::fd::AsFd;
+    let mut file = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned().ok()?);
+    let metadata = file.metadata().ok()?;
+    if !metadata.is_file() {
+        return None;
+    }
+    let at = file.stream_position().ok()?;
+    Some(metadata.len().saturating_sub(at))
 }
 
 /// A failed ingest: what went wrong at which line, how many events were
@@ -122,8 +137,16 @@ fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
     // Lines are read on their own thread so that a signal is noticed even
     // while stdin has nothing to say.
     let (sender, lines) = mpsc::sync_channel::<Line>(4 * batch_size);
-    std::thread::spawn(move || read_lines(&sender));
-    let bar = out.progress("events");
+    let read = Arc::new(AtomicU64::new(0));
+    let reader_count = Arc::clone(&read);
+    std::thread::spawn(move || read_lines(&sender, &reader_count));
+    // From a file, the size is known: a bar over its bytes; from a pipe, a
+    // count of events and their rate.
+    let bytes_total = stdin_bytes_left();
+    let bar = match bytes_total {
+        Some(total) => out.progress_bytes(total),
+        None => out.progress("events"),
+    };
     let mut committed: u64 = 0;
     let mut pending: Vec<NewEvent> = Vec::with_capacity(batch_size);
     let mut first_pending_line = 1;
@@ -135,7 +158,12 @@ fn ingest(store: &Store, batch_size: usize, out: &Output) -> CliResult {
         match store.events().record_batch(pending) {
             Ok(_) => {
                 committed += pending.len() as u64;
-                bar.set_position(committed);
+                if bytes_total.is_some() {
+                    bar.set_position(read.load(Ordering::Relaxed));
+                    bar.set_message(parse::counted(committed, "event"));
+                } else {
+                    bar.set_position(committed);
+                }
                 pending.clear();
                 Ok(())
             }

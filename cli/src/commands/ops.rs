@@ -164,9 +164,10 @@ pub fn checkpoint(store: &Store, out: &Output) -> CliResult {
 }
 
 pub fn backup(store: &Store, dest: &Path, force: bool, out: &Output) -> CliResult {
-    let bar = out.progress("");
+    let total = std::fs::metadata(store.path()).map_or(0, |metadata| metadata.len());
+    let bar = out.progress_bytes(total);
     bar.set_message(format!("backing up to {}", dest.display()));
-    let report = store.backup_to(dest, force);
+    let report = store.backup_with_progress(dest, force, |written, _| bar.set_position(written));
     bar.finish_and_clear();
     let report = report?;
     out.print(&report, || {

@@ -51,17 +51,42 @@ impl Output {
         }
     }
 
-    /// A spinner counting `unit` on stderr, shown only when stderr is a
-    /// terminal (as curl and pv do), so that it never mixes with output
-    /// redirected to a file.
+    /// A spinner counting `unit` on stderr, with its rate, shown only when
+    /// stderr is a terminal (as curl and pv do), so that it never mixes with
+    /// output redirected to a file.
     pub fn progress(&self, unit: &'static str) -> ProgressBar {
         if !std::io::stderr().is_terminal() {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::new_spinner();
-        if let Ok(style) = ProgressStyle::with_template(&format!(
-            "{{spinner}} {{pos}} {unit} {{msg}} ({{elapsed}})"
-        )) {
+        let template = if unit.is_empty() {
+            "{spinner} {msg} ({elapsed})".to_owned()
+        } else {
+            format!("{{spinner}} {{pos}} {unit} ({{rate}}, {{elapsed}}) {{msg}}")
+        };
+        if let Ok(style) = ProgressStyle::with_template(&template) {
+            bar.set_style(style.with_key(
+                "rate",
+                |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                    let _ = write!(out, "{:.0}/s", state.per_sec());
+                },
+            ));
+        }
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    }
+
+    /// A bar over `total` bytes on stderr, with the rate and the time left,
+    /// and a message for what they hold; shown only when stderr is a
+    /// terminal.
+    pub fn progress_bytes(&self, total: u64) -> ProgressBar {
+        if !std::io::stderr().is_terminal() {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(total);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{bar:30} {bytes}/{total_bytes} ({binary_bytes_per_sec}, {eta} left) {msg}",
+        ) {
             bar.set_style(style);
         }
         bar.enable_steady_tick(Duration::from_millis(120));

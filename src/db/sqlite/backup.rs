@@ -228,6 +228,7 @@ pub(crate) fn write_backup(
     database: &Path,
     destination: &Path,
     replace: bool,
+    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<BackupReport> {
     check_destination(database, destination, replace)?;
     let mut temp = TempFile::beside(destination)?;
@@ -235,10 +236,24 @@ pub(crate) fn write_backup(
         field: "destination",
         reason: "the path is not valid UTF-8".to_owned(),
     })?;
-    diesel::sql_query("VACUUM INTO ?")
-        .bind::<Text, _>(target)
-        .execute(conn)
-        .map_err(|e| Error::from(e).writing(destination))?;
+    // The copy's size, watched while SQLite writes it.
+    let copying = std::sync::atomic::AtomicBool::new(true);
+    let copied = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while copying.load(std::sync::atomic::Ordering::Acquire) {
+                if let Ok(metadata) = fs::metadata(&temp.path) {
+                    progress(metadata.len());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let copied = diesel::sql_query("VACUUM INTO ?")
+            .bind::<Text, _>(target)
+            .execute(conn);
+        copying.store(false, std::sync::atomic::Ordering::Release);
+        copied
+    });
+    copied.map_err(|e| Error::from(e).writing(destination))?;
     fsync_file(&temp.path).map_err(|e| e.writing(destination))?;
     let schema_version = verify_copy(&temp.path)?;
     // The check's connection may have left sidecars of the copy.
