@@ -16,6 +16,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// The count of key changes, as the watcher threads read it.
+pub(crate) const COUNT_SQL: &str = "SELECT next AS value FROM sequences WHERE name = 'key_changes'";
+
+/// A row of [`COUNT_SQL`].
+#[derive(diesel::QueryableByName)]
+pub(crate) struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub(crate) value: i64,
+}
+
 /// How old the last successful read may be before the count is no longer
 /// trusted.
 pub const STALE_AFTER: Duration = Duration::from_millis(100);

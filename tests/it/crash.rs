@@ -6,7 +6,6 @@
 //! 50 kills by default; `KEYTALLY_CRASH_KILLS=5000` for a long run.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use keytally::{KeyId, Store};
 use rstest::rstest;
 use tempfile::TempDir;
 
-use crate::support::crash_writer::crash_writer;
+use crate::support::crash_writer::{crash_writer, whole_lines};
 use crate::TestResult;
 
 /// Events per batch, as the child writes them.
@@ -80,15 +79,7 @@ fn acknowledged_writes_survive_sigkill(folder: TempDir) -> TestResult {
             .stderr(Stdio::piped())
             .spawn()?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
-        let reader = std::thread::spawn(move || {
-            // Only whole lines count: a line cut by the kill was never
-            // acknowledged.
-            BufReader::new(stdout)
-                .split(b'\n')
-                .map_while(Result::ok)
-                .filter_map(|line| String::from_utf8(line).ok())
-                .collect::<Vec<String>>()
-        });
+        let reader = whole_lines(stdout);
         std::thread::sleep(Duration::from_millis(10 + rng.below(150)));
         child.kill()?;
         let status = child.wait()?;

@@ -5,7 +5,6 @@
 //! holds a gap-free prefix of the acknowledged batches.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -127,15 +126,7 @@ fn a_database_replicated_by_litestream_restores_to_a_gap_free_prefix() -> TestRe
         .stderr(Stdio::piped())
         .spawn()?;
     let stdout = writer.stdout.take().ok_or("no stdout")?;
-    let reader = std::thread::spawn(move || {
-        // Only whole lines count: a line cut by the kill was never
-        // acknowledged.
-        BufReader::new(stdout)
-            .split(b'\n')
-            .map_while(Result::ok)
-            .filter_map(|line| String::from_utf8(line).ok())
-            .collect::<Vec<String>>()
-    });
+    let reader = crate::support::crash_writer::whole_lines(stdout);
     std::thread::sleep(Duration::from_secs(2));
     writer.kill()?;
     writer.wait()?;

@@ -306,19 +306,26 @@ fn check_checkpoint_and_dry_run(folder: TempDir) -> TestResult {
     Ok(())
 }
 
-#[rstest]
-fn check_fails_on_a_damaged_page(folder: TempDir) -> TestResult {
-    let db = database(&folder);
-    let (key, _) = create_key(&db, &[])?;
+/// A database of 3,000 events whose middle page (far from the schema page)
+/// is overwritten, as a bad disk sector or a stray write would; returns the
+/// key's id and the damaged file's bytes.
+fn damaged_database(db: &Path) -> Result<(String, Vec<u8>), Box<dyn std::error::Error>> {
+    let (key, _) = create_key(db, &[])?;
     let input: String = (0..3000).map(|i| event_line(i, &key)).collect();
-    assert!(run(&db, &["events", "ingest"], &input)?.status.success());
-    // Overwrite the middle of a page far from the schema page.
-    let mut bytes = std::fs::read(&db)?;
+    assert!(run(db, &["events", "ingest"], &input)?.status.success());
+    let mut bytes = std::fs::read(db)?;
     let page = bytes.len() / 4096 / 2;
     for byte in &mut bytes[page * 4096 + 100..page * 4096 + 3000] {
         *byte = 0x5a;
     }
-    std::fs::write(&db, &bytes)?;
+    std::fs::write(db, &bytes)?;
+    Ok((key, bytes))
+}
+
+#[rstest]
+fn check_fails_on_a_damaged_page(folder: TempDir) -> TestResult {
+    let db = database(&folder);
+    damaged_database(&db)?;
     let check = run(&db, &["check"], "")?;
     assert_eq!(check.status.code(), Some(1), "{check:?}");
     let error = stderr_json(&check)?;
@@ -332,17 +339,7 @@ fn check_fails_on_a_damaged_page(folder: TempDir) -> TestResult {
 #[rstest]
 fn ingest_refuses_a_damaged_database_before_writing(folder: TempDir) -> TestResult {
     let db = database(&folder);
-    let (key, _) = create_key(&db, &[])?;
-    let input: String = (0..3000).map(|i| event_line(i, &key)).collect();
-    assert!(run(&db, &["events", "ingest"], &input)?.status.success());
-    // Overwrite the middle of a page far from the schema page, as a bad
-    // disk sector or a stray write would.
-    let mut bytes = std::fs::read(&db)?;
-    let page = bytes.len() / 4096 / 2;
-    for byte in &mut bytes[page * 4096 + 100..page * 4096 + 3000] {
-        *byte = 0x5a;
-    }
-    std::fs::write(&db, &bytes)?;
+    let (key, bytes) = damaged_database(&db)?;
     let more: String = (3000..3010).map(|i| event_line(i, &key)).collect();
     let ingest = run(&db, &["events", "ingest"], &more)?;
     assert_eq!(ingest.status.code(), Some(1), "{ingest:?}");

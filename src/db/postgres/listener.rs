@@ -16,10 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
-use diesel::sql_types::BigInt;
-use diesel::{PgConnection, QueryableByName, RunQueryDsl};
+use diesel::{PgConnection, RunQueryDsl};
 
-use crate::db::key_changes::{KeyChangeWatch, WatchThread};
+use crate::db::key_changes::{Count, KeyChangeWatch, WatchThread, COUNT_SQL};
 use crate::db::postgres::connection::PgSetup;
 use crate::error::{Error, Result};
 
@@ -31,12 +30,6 @@ pub const POLL: Duration = Duration::from_millis(5);
 
 /// How often the listener reads the count itself.
 pub const PROBE: Duration = Duration::from_millis(50);
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    value: i64,
-}
 
 /// Starts the listener thread on its own connection to `setup`'s database,
 /// keeping `watch`. The first count is read before this returns, so
@@ -95,9 +88,7 @@ fn listen(setup: &PgSetup, watch: &KeyChangeWatch) -> Result<PgConnection> {
 /// Reads the count; on success the watch is fresh as of the read's start.
 fn probe(conn: &mut PgConnection, watch: &KeyChangeWatch) -> Result<()> {
     let began = watch.now();
-    let count: Count =
-        diesel::sql_query("SELECT next AS value FROM sequences WHERE name = 'key_changes'")
-            .get_result(conn)?;
+    let count: Count = diesel::sql_query(COUNT_SQL).get_result(conn)?;
     watch.read(began, count.value);
     Ok(())
 }

@@ -9,18 +9,11 @@
 
 use std::sync::Arc;
 
-use diesel::sql_types::BigInt;
-use diesel::{QueryableByName, RunQueryDsl, SqliteConnection};
+use diesel::{RunQueryDsl, SqliteConnection};
 
-use crate::db::key_changes::{KeyChangeWatch, WatchThread, SQLITE_POLL};
+use crate::db::key_changes::{Count, KeyChangeWatch, WatchThread, COUNT_SQL, SQLITE_POLL};
 use crate::db::sqlite::connection::ConnectionSetup;
 use crate::error::{Error, Result};
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    value: i64,
-}
 
 /// Starts the watcher thread on its own connection, keeping `watch`. The
 /// first count is read before this returns, so resolves can trust it at
@@ -49,9 +42,7 @@ pub(crate) fn start(setup: &ConnectionSetup, watch: &Arc<KeyChangeWatch>) -> Res
 /// Reads the count; on success the watch is fresh as of the read's start.
 fn read(conn: &mut SqliteConnection, watch: &KeyChangeWatch) -> Result<()> {
     let began = watch.now();
-    let count: Count =
-        diesel::sql_query("SELECT next AS value FROM sequences WHERE name = 'key_changes'")
-            .get_result(conn)?;
+    let count: Count = diesel::sql_query(COUNT_SQL).get_result(conn)?;
     watch.read(began, count.value);
     Ok(())
 }
