@@ -172,6 +172,10 @@ impl<T> Drop for WriterExit<'_, T> {
     fn drop(&mut self) {
         self.0.lock_progress().writer_gone = true;
         self.0.settled.notify_all();
+        // Nothing takes from the queue any more: a producer waiting for
+        // space, or one about to queue, is told the sink is closed.
+        self.0.lock_queue().closed = true;
+        self.0.taken.notify_all();
     }
 }
 
@@ -306,6 +310,11 @@ mod tests {
         );
         assert!(writer.join().is_err(), "the writer did not panic");
         assert!(waiter.join().is_ok());
+        // Nothing will take from the queue again: queueing is refused.
+        assert!(matches!(
+            state.push(&mut state.lock_queue(), 8, true),
+            Err(Error::Closed)
+        ));
     }
 
     /// An event the writer cannot complete fails alone; the others of its
