@@ -303,6 +303,30 @@ fn read_header(database: &Path) -> Result<HeaderVerdict> {
         .take(HEADER_LEN as u64)
         .read_to_end(&mut header)
         .map_err(|e| Error::io(database, e))?;
+    match judge_file_header(database, &header, length) {
+        // A checkpoint or a restore cut short by a crash or a power loss
+        // can leave page 1 torn in the file while the rollback journal or
+        // the log still holds it whole: SQLite plays the journal back, or
+        // reads the log's copy, and so does this check.
+        Err(error @ (Error::NotADatabase { .. } | Error::Corrupt { .. })) => {
+            let whole = match journaled_header(database)? {
+                Some(header) => Some(header),
+                None => logged_header(database)?,
+            };
+            match whole {
+                Some(header) if header[..SQLITE_MAGIC.len()] == SQLITE_MAGIC[..] => {
+                    judge_application(database, &header)
+                }
+                _ => Err(error),
+            }
+        }
+        verdict => verdict,
+    }
+}
+
+/// Judges the first bytes of the database file (`header`, at most 100) of a
+/// file `length` bytes long.
+fn judge_file_header(database: &Path, header: &[u8], length: u64) -> Result<HeaderVerdict> {
     let magic_seen = header.len().min(SQLITE_MAGIC.len());
     if header[..magic_seen] != SQLITE_MAGIC[..magic_seen] {
         return Err(Error::NotADatabase {
@@ -318,14 +342,6 @@ fn read_header(database: &Path) -> Result<HeaderVerdict> {
             "the file is {length} bytes long, shorter than an SQLite header"
         )));
     }
-    let u32_at = |offset: usize| {
-        u32::from_be_bytes([
-            header[offset],
-            header[offset + 1],
-            header[offset + 2],
-            header[offset + 3],
-        ])
-    };
     let page_size = match u16::from_be_bytes([header[16], header[17]]) {
         1 => 65_536u64,
         size if size >= 512 && size.is_power_of_two() => u64::from(size),
@@ -336,9 +352,9 @@ fn read_header(database: &Path) -> Result<HeaderVerdict> {
             "the file is {length} bytes long, not a whole number of {page_size}-byte pages (truncated?)"
         )));
     }
-    let change_counter = u32_at(24);
-    let page_count = u64::from(u32_at(28));
-    let valid_for = u32_at(92);
+    let change_counter = be_u32(header, 24);
+    let page_count = u64::from(be_u32(header, 28));
+    let valid_for = be_u32(header, 92);
     // The page count in the header is only meaningful when the header says it
     // is current (older writers leave it stale), and only while no other
     // connection can be writing: a checkpoint writes page 1 before it extends
@@ -355,8 +371,13 @@ fn read_header(database: &Path) -> Result<HeaderVerdict> {
             "the header promises {page_count} pages of {page_size} bytes but the file is {length} bytes long (truncated)"
         )));
     }
-    let application_id = u32_at(68);
-    let schema_cookie = u32_at(40);
+    judge_application(database, header)
+}
+
+/// Judges the application id and schema cookie of a whole, valid header.
+fn judge_application(database: &Path, header: &[u8]) -> Result<HeaderVerdict> {
+    let application_id = be_u32(header, 68);
+    let schema_cookie = be_u32(header, 40);
     match application_id {
         APPLICATION_ID => Ok(HeaderVerdict::Ours),
         0 if schema_cookie == 0 => Ok(HeaderVerdict::Unmarked),
@@ -383,74 +404,205 @@ const WAL_FRAME_HEADER_LEN: usize = 24;
 /// log of another keytally database with the same page size cannot be told
 /// apart this way.
 fn inspect_wal(database: &Path) -> Result<()> {
-    let wal = sidecar(database, SIDECAR_SUFFIXES[0]);
-    let file = match File::open(&wal) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(&wal, e)),
+    let Some(mut log) = LogReader::open(database)? else {
+        return Ok(());
     };
-    let mut reader = io::BufReader::new(file);
-    let mut header = [0u8; WAL_HEADER_LEN as usize];
-    if !read_whole(&mut reader, &mut header, &wal)? {
-        return Ok(());
-    }
-    let magic = be_u32(&header, 0);
-    if magic != 0x377f_0682 && magic != 0x377f_0683 {
-        // SQLite ignores a log without a valid header.
-        return Ok(());
-    }
-    let big_endian = magic & 1 == 1;
-    let mut sums = wal_checksum(&header[..24], (0, 0), big_endian);
-    if sums != (be_u32(&header, 24), be_u32(&header, 28)) {
-        return Ok(());
-    }
+    let wal = log.path.clone();
     let foreign = |detail: String| Error::Foreign {
         path: wal.clone(),
         detail,
     };
-    let wal_page_size = u64::from(be_u32(&header, 8));
     let (database_page_size, database_application_id) = database_identity(database)?;
     if let Some(page_size) = database_page_size {
-        if wal_page_size != page_size {
+        if log.page_size != page_size {
             return Err(foreign(format!(
-                "its pages are {wal_page_size} bytes, the database's {page_size}: it belongs to another database"
+                "its pages are {} bytes, the database's {page_size}: it belongs to another database",
+                log.page_size
             )));
         }
     }
-    if !(512..=65_536).contains(&wal_page_size) || !wal_page_size.is_power_of_two() {
-        return Ok(());
-    }
-    let (salt_1, salt_2) = (be_u32(&header, 16), be_u32(&header, 20));
-    let mut frame_header = [0u8; WAL_FRAME_HEADER_LEN];
-    let mut page = vec![0u8; usize::try_from(wal_page_size).unwrap_or(65_536)];
-    loop {
-        if !read_whole(&mut reader, &mut frame_header, &wal)?
-            || !read_whole(&mut reader, &mut page, &wal)?
-        {
-            return Ok(());
-        }
-        // SQLite replays frames up to the first whose salts or cumulative
-        // checksum do not hold (left from an earlier log, or half written).
-        if be_u32(&frame_header, 8) != salt_1 || be_u32(&frame_header, 12) != salt_2 {
-            return Ok(());
-        }
-        sums = wal_checksum(&frame_header[..8], sums, big_endian);
-        sums = wal_checksum(&page, sums, big_endian);
-        if sums != (be_u32(&frame_header, 16), be_u32(&frame_header, 20)) {
-            return Ok(());
-        }
-        if be_u32(&frame_header, 0) == 1 {
-            let application_id = be_u32(&page, 68);
+    while let Some(frame) = log.next_frame()? {
+        if frame.page_number == 1 {
+            let application_id = be_u32(&log.page, 68);
             let acceptable = match database_application_id {
                 Some(expected) => application_id == expected,
                 None => application_id == APPLICATION_ID || application_id == 0,
             };
-            if page[..16] != SQLITE_MAGIC[..] || !acceptable {
+            if log.page[..16] != SQLITE_MAGIC[..] || !acceptable {
                 return Err(foreign(format!(
                     "it holds a page 1 with application id {application_id:#010x}: it belongs to another database"
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// The first 100 bytes of page 1 as SQLite reads it from the database's log:
+/// the last copy of page 1 in a committed transaction, if the log holds one.
+fn logged_header(database: &Path) -> Result<Option<Vec<u8>>> {
+    let Some(mut log) = LogReader::open(database)? else {
+        return Ok(None);
+    };
+    let (mut uncommitted, mut committed) = (None, None);
+    while let Some(frame) = log.next_frame()? {
+        if frame.page_number == 1 {
+            uncommitted = Some(log.page[..HEADER_LEN].to_vec());
+        }
+        if frame.commit && uncommitted.is_some() {
+            committed = uncommitted.take();
+        }
+    }
+    Ok(committed)
+}
+
+/// The magic number of a rollback journal's header.
+const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
+
+/// The first 100 bytes of page 1 as a hot rollback journal beside the
+/// database holds it (SQLite plays it back before reading anything), if it
+/// holds page 1 in a record whose checksum is whole.
+fn journaled_header(database: &Path) -> Result<Option<Vec<u8>>> {
+    let path = sidecar(database, JOURNAL_SUFFIX);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let mut reader = io::BufReader::new(file);
+    let mut header = [0u8; 28];
+    if !read_whole(&mut reader, &mut header, &path)? || header[..8] != JOURNAL_MAGIC {
+        return Ok(None);
+    }
+    let records = be_u32(&header, 8);
+    let nonce = be_u32(&header, 12);
+    let sector_size = u64::from(be_u32(&header, 20));
+    let page_size = u64::from(be_u32(&header, 24));
+    if !(512..=65_536).contains(&page_size)
+        || !page_size.is_power_of_two()
+        || !(32..=65_536).contains(&sector_size)
+    {
+        return Ok(None);
+    }
+    // Records start at the next sector.
+    io::copy(&mut (&mut reader).take(sector_size - 28), &mut io::sink())
+        .map_err(|e| Error::io(&path, e))?;
+    let mut page = vec![0u8; usize::try_from(page_size).unwrap_or(65_536)];
+    let mut number = [0u8; 4];
+    let mut checksum = [0u8; 4];
+    // A record count of all ones means as many records as the file holds.
+    let mut left = if records == u32::MAX {
+        u64::MAX
+    } else {
+        u64::from(records)
+    };
+    while left > 0 {
+        if !read_whole(&mut reader, &mut number, &path)?
+            || !read_whole(&mut reader, &mut page, &path)?
+            || !read_whole(&mut reader, &mut checksum, &path)?
+        {
+            return Ok(None);
+        }
+        // SQLite's record checksum: the nonce plus every 200th byte, from
+        // the end of the page.
+        let mut sum = nonce;
+        let mut i = page.len() - 200;
+        while i > 0 {
+            sum = sum.wrapping_add(u32::from(page[i]));
+            i = i.saturating_sub(200);
+        }
+        if sum != u32::from_be_bytes(checksum) {
+            return Ok(None);
+        }
+        if u32::from_be_bytes(number) == 1 {
+            return Ok(Some(page[..HEADER_LEN].to_vec()));
+        }
+        left -= 1;
+    }
+    Ok(None)
+}
+
+/// One frame of a write-ahead log.
+struct Frame {
+    page_number: u32,
+    /// Whether the frame ends a transaction.
+    commit: bool,
+}
+
+/// Reads the frames SQLite would replay from a database's `-wal`: after a
+/// header whose checksum holds, the frames up to the first whose salts or
+/// cumulative checksum do not (left from an earlier log, or half written).
+struct LogReader {
+    path: PathBuf,
+    reader: io::BufReader<File>,
+    page_size: u64,
+    salts: (u32, u32),
+    sums: (u32, u32),
+    big_endian: bool,
+    /// The page of the last frame read.
+    page: Vec<u8>,
+}
+
+impl LogReader {
+    /// The log of `database`, or `None` if it has none SQLite would read.
+    fn open(database: &Path) -> Result<Option<LogReader>> {
+        let path = sidecar(database, SIDECAR_SUFFIXES[0]);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let mut reader = io::BufReader::new(file);
+        let mut header = [0u8; WAL_HEADER_LEN as usize];
+        if !read_whole(&mut reader, &mut header, &path)? {
+            return Ok(None);
+        }
+        let magic = be_u32(&header, 0);
+        if magic != 0x377f_0682 && magic != 0x377f_0683 {
+            // SQLite ignores a log without a valid header.
+            return Ok(None);
+        }
+        let big_endian = magic & 1 == 1;
+        let sums = wal_checksum(&header[..24], (0, 0), big_endian);
+        if sums != (be_u32(&header, 24), be_u32(&header, 28)) {
+            return Ok(None);
+        }
+        let page_size = u64::from(be_u32(&header, 8));
+        if !(512..=65_536).contains(&page_size) || !page_size.is_power_of_two() {
+            return Ok(None);
+        }
+        Ok(Some(LogReader {
+            path,
+            reader,
+            page_size,
+            salts: (be_u32(&header, 16), be_u32(&header, 20)),
+            sums,
+            big_endian,
+            page: vec![0u8; usize::try_from(page_size).unwrap_or(65_536)],
+        }))
+    }
+
+    /// The next frame SQLite would replay, its page in `self.page`.
+    fn next_frame(&mut self) -> Result<Option<Frame>> {
+        let mut frame_header = [0u8; WAL_FRAME_HEADER_LEN];
+        if !read_whole(&mut self.reader, &mut frame_header, &self.path)?
+            || !read_whole(&mut self.reader, &mut self.page, &self.path)?
+        {
+            return Ok(None);
+        }
+        if (be_u32(&frame_header, 8), be_u32(&frame_header, 12)) != self.salts {
+            return Ok(None);
+        }
+        let sums = wal_checksum(&frame_header[..8], self.sums, self.big_endian);
+        let sums = wal_checksum(&self.page, sums, self.big_endian);
+        if sums != (be_u32(&frame_header, 16), be_u32(&frame_header, 20)) {
+            return Ok(None);
+        }
+        self.sums = sums;
+        Ok(Some(Frame {
+            page_number: be_u32(&frame_header, 0),
+            commit: be_u32(&frame_header, 4) != 0,
+        }))
     }
 }
 
@@ -494,7 +646,7 @@ fn wal_checksum(data: &[u8], sums: (u32, u32), big_endian: bool) -> (u32, u32) {
 }
 
 /// The page size and application id of a database with a valid header, or
-/// `None` for an empty file.
+/// `None` for an empty file or one without SQLite's header.
 fn database_identity(database: &Path) -> Result<(Option<u64>, Option<u32>)> {
     let mut header = [0u8; HEADER_LEN];
     let mut file = match File::open(database) {
@@ -506,6 +658,10 @@ fn database_identity(database: &Path) -> Result<(Option<u64>, Option<u32>)> {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok((None, None)),
         Err(e) => return Err(Error::io(database, e)),
+    }
+    if header[..SQLITE_MAGIC.len()] != SQLITE_MAGIC[..] {
+        // A header torn by a power loss says nothing; the log's page 1 does.
+        return Ok((None, None));
     }
     let page_size = match u16::from_be_bytes([header[16], header[17]]) {
         1 => 65_536,
