@@ -17,6 +17,7 @@ mod notified;
 mod operator_cli;
 mod postgres_schema;
 mod postgres_store;
+mod power_loss;
 mod read_only;
 mod replicas;
 mod restore_race;

@@ -8,12 +8,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::sql_types::{Nullable, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use keytally::testing::postgres;
 use keytally::{NewKey, Store};
 
 use crate::support::crash_writer::example;
+use crate::support::sql::Raw;
 use crate::TestResult;
 
 const REPLICAS: usize = 3;
@@ -24,24 +25,6 @@ const MILLIS: u64 = 3_000;
 struct RequestId {
     #[diesel(sql_type = Nullable<Text>)]
     request_id: Option<String>,
-}
-
-#[derive(QueryableByName)]
-struct Number {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-/// Rows in one query's result and not the other's, both ways.
-fn difference(conn: &mut PgConnection, a: &str, b: &str) -> diesel::QueryResult<i64> {
-    let mut count = |sql: String| -> diesel::QueryResult<i64> {
-        Ok(diesel::sql_query(sql).get_result::<Number>(&mut *conn)?.n)
-    };
-    Ok(count(format!(
-        "SELECT count(*) AS n FROM ({a} EXCEPT ALL {b}) AS d"
-    ))? + count(format!(
-        "SELECT count(*) AS n FROM ({b} EXCEPT ALL {a}) AS d"
-    ))?)
 }
 
 #[test]
@@ -138,22 +121,11 @@ fn three_replicas_lose_nothing_and_never_accept_a_revoked_key() -> TestResult {
     assert_eq!(stored.len(), acked.len());
     assert!(stored == acked, "acknowledged events lost");
     // The rollups equal a recount of the raw events.
-    let by_model = difference(
-        &mut conn,
-        "SELECT hour, model_id, requests, errors, prompt_tokens, latency_ms_sum, \
-         latency_ms_max FROM usage_model_hourly",
-        "SELECT ts / 3600000, model_id, count(*), \
-         sum(CASE WHEN status >= 400 OR error IS NOT NULL THEN 1 ELSE 0 END), \
-         sum(prompt_tokens), sum(latency_ms), max(latency_ms) \
-         FROM events GROUP BY 1, 2",
-    )?;
-    assert_eq!(by_model, 0, "model rollups differ from a recount");
-    let by_key = difference(
-        &mut conn,
-        "SELECT key_row_id, hour, model_id, requests, prompt_tokens FROM usage_key_hourly",
-        "SELECT coalesce(key_row_id, 0), ts / 3600000, model_id, count(*), sum(prompt_tokens) \
-         FROM events GROUP BY 1, 2, 3",
-    )?;
-    assert_eq!(by_key, 0, "key rollups differ from a recount");
+    let mut raw = Raw::Postgres(conn);
+    assert_eq!(
+        raw.rollups_against_recount()?,
+        0,
+        "rollups differ from a recount"
+    );
     Ok(())
 }

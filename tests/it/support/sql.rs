@@ -57,6 +57,38 @@ impl Raw {
         }
     }
 
+    /// Rows that differ between the hourly rollups and a recount of the raw
+    /// events, per model and per key (0 when they agree).
+    pub fn rollups_against_recount(&mut self) -> QueryResult<i64> {
+        let by_model = self.difference(
+            "SELECT hour, model_id, requests, errors, prompt_tokens, latency_ms_sum, \
+             latency_ms_max FROM usage_model_hourly",
+            "SELECT ts / 3600000, model_id, count(*), \
+             sum(CASE WHEN status >= 400 OR error IS NOT NULL THEN 1 ELSE 0 END), \
+             sum(prompt_tokens), sum(latency_ms), max(latency_ms) \
+             FROM events GROUP BY 1, 2",
+        )?;
+        let by_key = self.difference(
+            "SELECT key_row_id, hour, model_id, requests, prompt_tokens FROM usage_key_hourly",
+            "SELECT coalesce(key_row_id, 0), ts / 3600000, model_id, count(*), sum(prompt_tokens) \
+             FROM events GROUP BY 1, 2, 3",
+        )?;
+        Ok(by_model + by_key)
+    }
+
+    /// Rows in one query's result and not the other's, both ways.
+    fn difference(&mut self, a: &str, b: &str) -> QueryResult<i64> {
+        let except = match self {
+            Raw::Sqlite(_) => "EXCEPT",
+            Raw::Postgres(_) => "EXCEPT ALL",
+        };
+        Ok(self.number(&format!(
+            "SELECT count(*) AS n FROM ({a} {except} {b}) AS d"
+        ))? + self.number(&format!(
+            "SELECT count(*) AS n FROM ({b} {except} {a}) AS d"
+        ))?)
+    }
+
     /// `bytes` as an SQL literal of this backend.
     pub fn blob(&self, bytes: &[u8]) -> String {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();

@@ -1,0 +1,372 @@
+//! Power loss, simulated the way SQLite tests itself: a child process
+//! (`examples/power_cut`) runs the store over a VFS that remembers every
+//! write not yet synced, cuts the power at a random operation, and rewrites
+//! the files as the cut left them, each unsynced write kept, lost or torn
+//! sector by sector. The real store then opens the files here and checks
+//! them.
+//!
+//! Cuts per test: 12 by default; `KEYTALLY_POWER_CUTS=1000` for the
+//! figures in `docs/reliability.md` (run with `--nocapture` to see them).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use diesel::sql_types::{Nullable, Text};
+use diesel::{QueryableByName, RunQueryDsl};
+use keytally::testing::folder;
+use keytally::{NewKey, Store};
+use rstest::rstest;
+use tempfile::TempDir;
+
+use crate::support::crash_writer::example;
+use crate::support::random::Rng;
+use crate::support::sql::Raw;
+use crate::TestResult;
+
+fn cuts() -> u64 {
+    std::env::var("KEYTALLY_POWER_CUTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(12)
+}
+
+fn seed() -> Result<u64, Box<dyn std::error::Error>> {
+    Ok(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64)
+}
+
+/// A migrated database with one key, copied into each run's folder.
+fn template(folder: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let path = folder.join("template.db");
+    let store = Store::open(&path)?;
+    store.keys().create(&NewKey::client("power"))?;
+    assert!(store.close()?.checkpoint_complete);
+    Ok(path)
+}
+
+/// What one child run reported.
+#[derive(Debug, Default)]
+struct Run {
+    /// Acknowledged commits in order: (commit number, events).
+    acked: Vec<(u64, u64)>,
+    /// The first this many acknowledged commits were in the log before its
+    /// last completed sync.
+    synced: usize,
+    counted: u64,
+    cut: bool,
+    backup_done: bool,
+    restore_done: bool,
+    damage: String,
+}
+
+/// Runs the child in a fresh folder holding a copy of `template`.
+fn run(
+    template: &Path,
+    parent: &Path,
+    scenario: &str,
+    synchronous: &str,
+    at: u64,
+    rng: &mut Rng,
+) -> Result<(TempDir, Run), Box<dyn std::error::Error>> {
+    let folder = tempfile::tempdir_in(parent)?;
+    std::fs::copy(template, folder.path().join("keytally.db"))?;
+    let garbage = if rng.below(4) == 0 { "1" } else { "0" };
+    let output = Command::new(example("power_cut")?)
+        .args([scenario, &folder.path().to_string_lossy(), synchronous])
+        .arg(at.to_string())
+        .arg(rng.next_u64().to_string())
+        .arg(garbage)
+        .output()?;
+    let stdout = String::from_utf8(output.stdout)?;
+    assert!(
+        output.status.success(),
+        "power_cut {scenario} {synchronous} {at} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut report = Run::default();
+    for line in stdout.lines() {
+        let mut words = line.split(' ');
+        match words.next() {
+            Some("ack") => {
+                let n = words.next().ok_or("ack without number")?.parse()?;
+                let events = words.next().ok_or("ack without events")?.parse()?;
+                report.acked.push((n, events));
+            }
+            Some("synced") => report.synced = words.next().ok_or("synced")?.parse()?,
+            Some("counted") => report.counted = words.next().ok_or("counted")?.parse()?,
+            Some("cut") => report.cut = true,
+            Some("backup") => report.backup_done = true,
+            Some("restore") => report.restore_done = true,
+            Some("damage") => report.damage = line.to_owned(),
+            _ => return Err(format!("unexpected report {line}").into()),
+        }
+    }
+    Ok((folder, report))
+}
+
+#[derive(QueryableByName)]
+struct RequestId {
+    #[diesel(sql_type = Nullable<Text>)]
+    request_id: Option<String>,
+}
+
+/// Events present per commit number (request ids `c<n>-<j>`).
+fn commits(store: &Store) -> Result<BTreeMap<u64, u64>, Box<dyn std::error::Error>> {
+    let mut conn = store.sqlite_connection()?;
+    let rows: Vec<RequestId> =
+        diesel::sql_query("SELECT request_id FROM events").load(&mut *conn)?;
+    let mut present = BTreeMap::new();
+    for row in rows {
+        let id = row.request_id.ok_or("an event without request id")?;
+        let number = id
+            .strip_prefix('c')
+            .and_then(|rest| rest.split('-').next())
+            .ok_or_else(|| format!("unexpected request id {id}"))?;
+        *present.entry(number.parse()?).or_insert(0) += 1;
+    }
+    Ok(present)
+}
+
+/// Opens the database the cut left and checks it: it opens, passes
+/// `check`, and its rollups equal a recount of its events.
+fn open_and_check(database: &Path, what: &str) -> Result<Store, Box<dyn std::error::Error>> {
+    let store =
+        Store::open(database).map_err(|e| format!("{what}: the store does not open: {e}"))?;
+    let check = store.check()?;
+    assert!(check.healthy(), "{what}: {:?}", check.problems);
+    let mut raw = Raw::Sqlite(store.sqlite_connection()?);
+    assert_eq!(
+        raw.rollups_against_recount()?,
+        0,
+        "{what}: rollups differ from a recount"
+    );
+    drop(raw);
+    Ok(store)
+}
+
+/// Figures of one setting, for `docs/reliability.md`.
+#[derive(Debug, Default)]
+struct Figures {
+    runs: u64,
+    cuts: u64,
+    acknowledged: u64,
+    lost: u64,
+    most_lost_in_one_cut: u64,
+}
+
+#[rstest]
+fn acknowledged_commits_and_a_whole_database_survive_power_cuts(
+    #[values("full", "normal")] synchronous: &str,
+    #[values("records", "checkpoint")] scenario: &str,
+    folder: TempDir,
+) -> TestResult {
+    let template = template(folder.path())?;
+    let mut rng = Rng::new(seed()?);
+    // A whole run without a cut, to know how many operations there are to
+    // cut at.
+    let (_, whole) = run(&template, folder.path(), scenario, synchronous, 0, &mut rng)?;
+    assert!(!whole.cut && whole.acked.len() == 200, "{whole:?}");
+    assert!(whole.counted > 0);
+    let mut figures = Figures::default();
+    for _ in 0..cuts() {
+        let at = 1 + rng.below(whole.counted);
+        let (run_folder, report) = run(
+            &template,
+            folder.path(),
+            scenario,
+            synchronous,
+            at,
+            &mut rng,
+        )?;
+        let what = format!("{scenario} {synchronous} cut at {at} ({})", report.damage);
+        figures.runs += 1;
+        figures.cuts += u64::from(report.cut);
+        let store = open_and_check(&run_folder.path().join("keytally.db"), &what)?;
+        let present = commits(&store)?;
+        let expected: BTreeMap<u64, u64> = (0..200)
+            .map(|n| (n, if n % 3 == 0 { 5 } else { 1 }))
+            .collect();
+        for (n, count) in &present {
+            assert_eq!(
+                Some(count),
+                expected.get(n),
+                "{what}: commit {n} is there in part"
+            );
+        }
+        // The commits lost are the last ones acknowledged, and none of those
+        // that were in the log before its last sync.
+        let lost: Vec<u64> = report
+            .acked
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| !present.contains_key(n))
+            .collect();
+        if let Some(first_lost) = lost.first() {
+            let position = report
+                .acked
+                .iter()
+                .position(|(n, _)| n == first_lost)
+                .ok_or("lost commit not acknowledged")?;
+            assert!(
+                position >= report.synced,
+                "{what}: commit {first_lost} was in the log before its last sync ({} commits) and is lost",
+                report.synced
+            );
+            let later_present: Vec<u64> = report.acked[position..]
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| present.contains_key(n))
+                .collect();
+            assert!(
+                later_present.is_empty(),
+                "{what}: commit {first_lost} is lost but later ones are there: {later_present:?}"
+            );
+        }
+        if synchronous == "full" {
+            assert!(
+                lost.is_empty(),
+                "{what}: acknowledged commits lost: {lost:?}"
+            );
+        }
+        figures.acknowledged += report.acked.len() as u64;
+        figures.lost += lost.len() as u64;
+        figures.most_lost_in_one_cut = figures.most_lost_in_one_cut.max(lost.len() as u64);
+        let _ = store.close()?;
+    }
+    assert!(
+        figures.cuts * 2 >= figures.runs,
+        "most runs ended before their cut: {figures:?}"
+    );
+    eprintln!("power loss, {scenario}, synchronous {synchronous}: {figures:?}");
+    Ok(())
+}
+
+/// The 15 commits of 20 events the backup scenarios make, all there.
+fn holds_the_backup_scenario(store: &Store, what: &str) -> TestResult {
+    let present = commits(store)?;
+    let expected: BTreeMap<u64, u64> = (0..15).map(|n| (n, 20)).collect();
+    assert_eq!(present, expected, "{what}");
+    Ok(())
+}
+
+#[rstest]
+fn a_power_cut_during_a_backup_leaves_the_database_whole(
+    #[values("full", "normal")] synchronous: &str,
+    folder: TempDir,
+) -> TestResult {
+    let template = template(folder.path())?;
+    let mut rng = Rng::new(seed()?);
+    let (_, whole) = run(&template, folder.path(), "backup", synchronous, 0, &mut rng)?;
+    assert!(whole.backup_done && whole.counted > 0, "{whole:?}");
+    for _ in 0..cuts() {
+        let at = 1 + rng.below(whole.counted);
+        let (run_folder, report) = run(
+            &template,
+            folder.path(),
+            "backup",
+            synchronous,
+            at,
+            &mut rng,
+        )?;
+        assert!(report.cut && !report.backup_done, "{report:?}");
+        let what = format!("backup {synchronous} cut at {at} ({})", report.damage);
+        let store = open_and_check(&run_folder.path().join("keytally.db"), &what)?;
+        holds_the_backup_scenario(&store, &what)?;
+        // No backup was reported, and none is there: the copy never got its
+        // name, or lost it with the folder entry.
+        let destination = run_folder.path().join("backup.db");
+        assert!(
+            !destination.exists(),
+            "{what}: a backup that was never reported done"
+        );
+        // The next backup clears what the cut left and succeeds.
+        store.backup_to(&destination, false)?;
+        let _ = store.close()?;
+        let names: BTreeSet<String> = std::fs::read_dir(run_folder.path())?
+            .map(|entry| entry.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        let expected: BTreeSet<String> = ["backup.db", "keytally.db"].map(String::from).into();
+        assert_eq!(names, expected, "{what}");
+    }
+    Ok(())
+}
+
+#[rstest]
+fn a_backup_reported_done_survives_a_power_cut_right_after(
+    #[values("full", "normal")] synchronous: &str,
+    folder: TempDir,
+) -> TestResult {
+    let template = template(folder.path())?;
+    let mut rng = Rng::new(seed()?);
+    for _ in 0..cuts().div_ceil(4) {
+        let (run_folder, report) = run(
+            &template,
+            folder.path(),
+            "after-backup",
+            synchronous,
+            0,
+            &mut rng,
+        )?;
+        assert!(report.backup_done && report.cut, "{report:?}");
+        let what = format!("backup {synchronous} then cut ({})", report.damage);
+        let backup = open_and_check(&run_folder.path().join("backup.db"), &what)?;
+        holds_the_backup_scenario(&backup, &what)?;
+        let _ = backup.close()?;
+    }
+    Ok(())
+}
+
+#[rstest]
+fn a_restore_cut_at_any_point_leaves_the_old_or_the_new_database(
+    #[values("full", "normal")] synchronous: &str,
+    folder: TempDir,
+) -> TestResult {
+    let template = template(folder.path())?;
+    let mut rng = Rng::new(seed()?);
+    let (_, whole) = run(
+        &template,
+        folder.path(),
+        "restore",
+        synchronous,
+        0,
+        &mut rng,
+    )?;
+    assert!(whole.restore_done && whole.counted > 0, "{whole:?}");
+    let old: BTreeMap<u64, u64> = (0..10).map(|n| (n, 20)).collect();
+    let new: BTreeMap<u64, u64> = (0..5).map(|n| (n, 20)).collect();
+    let (mut olds, mut news) = (0, 0);
+    for _ in 0..cuts() {
+        let at = 1 + rng.below(whole.counted);
+        let (run_folder, report) = run(
+            &template,
+            folder.path(),
+            "restore",
+            synchronous,
+            at,
+            &mut rng,
+        )?;
+        assert!(report.cut, "{report:?}");
+        let what = format!("restore {synchronous} cut at {at} ({})", report.damage);
+        let store = open_and_check(&run_folder.path().join("keytally.db"), &what)?;
+        let present = commits(&store)?;
+        // A restore reported done may still be closing its store when the
+        // power goes: what it reported stands.
+        if report.restore_done {
+            assert_eq!(present, new, "{what}: a restore reported done was undone");
+        }
+        if present == old {
+            olds += 1;
+        } else if present == new {
+            news += 1;
+        } else {
+            return Err(
+                format!("{what}: neither the old nor the new database: {present:?}").into(),
+            );
+        }
+        let _ = store.close()?;
+    }
+    eprintln!("restore {synchronous}: old database {olds} times, restored {news} times");
+    Ok(())
+}
