@@ -11,6 +11,7 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 
+use crate::db::sqlite::logs::{be_u32, journaled_header, logged_header, LogReader, HEADER_LEN};
 use crate::error::{Error, Result};
 
 /// The mode of every database file: owner read and write, nobody else.
@@ -24,7 +25,6 @@ pub const DIR_MODE: u32 = 0o700;
 pub const APPLICATION_ID: u32 = 0x6b74_6c79;
 
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
-const HEADER_LEN: usize = 100;
 
 /// The suffixes SQLite appends to the database path for its sidecar files.
 pub(crate) const SIDECAR_SUFFIXES: [&str; 2] = ["-wal", "-shm"];
@@ -309,9 +309,9 @@ fn read_header(database: &Path) -> Result<HeaderVerdict> {
         // the log still holds it whole: SQLite plays the journal back, or
         // reads the log's copy, and so does this check.
         Err(error @ (Error::NotADatabase { .. } | Error::Corrupt { .. })) => {
-            let whole = match journaled_header(database)? {
+            let whole = match journaled_header(&sidecar(database, JOURNAL_SUFFIX))? {
                 Some(header) => Some(header),
-                None => logged_header(database)?,
+                None => logged_header(&sidecar(database, SIDECAR_SUFFIXES[0]))?,
             };
             match whole {
                 Some(header) if header[..SQLITE_MAGIC.len()] == SQLITE_MAGIC[..] => {
@@ -392,9 +392,6 @@ fn judge_application(database: &Path, header: &[u8]) -> Result<HeaderVerdict> {
     }
 }
 
-const WAL_HEADER_LEN: u64 = 32;
-const WAL_FRAME_HEADER_LEN: usize = 24;
-
 /// Reads an existing `-wal` file (before SQLite replays it) and refuses one
 /// that cannot belong to this database: a different page size, or a copy of
 /// page 1 whose application id differs from the database's. SQLite itself
@@ -404,7 +401,7 @@ const WAL_FRAME_HEADER_LEN: usize = 24;
 /// log of another keytally database with the same page size cannot be told
 /// apart this way.
 fn inspect_wal(database: &Path) -> Result<()> {
-    let Some(mut log) = LogReader::open(database)? else {
+    let Some(mut log) = LogReader::open(&sidecar(database, SIDECAR_SUFFIXES[0]))? else {
         return Ok(());
     };
     let wal = log.path.clone();
@@ -436,213 +433,6 @@ fn inspect_wal(database: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The first 100 bytes of page 1 as SQLite reads it from the database's log:
-/// the last copy of page 1 in a committed transaction, if the log holds one.
-fn logged_header(database: &Path) -> Result<Option<Vec<u8>>> {
-    let Some(mut log) = LogReader::open(database)? else {
-        return Ok(None);
-    };
-    let (mut uncommitted, mut committed) = (None, None);
-    while let Some(frame) = log.next_frame()? {
-        if frame.page_number == 1 {
-            uncommitted = Some(log.page[..HEADER_LEN].to_vec());
-        }
-        if frame.commit && uncommitted.is_some() {
-            committed = uncommitted.take();
-        }
-    }
-    Ok(committed)
-}
-
-/// The magic number of a rollback journal's header.
-const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
-
-/// The first 100 bytes of page 1 as a hot rollback journal beside the
-/// database holds it (SQLite plays it back before reading anything), if it
-/// holds page 1 in a record whose checksum is whole.
-fn journaled_header(database: &Path) -> Result<Option<Vec<u8>>> {
-    let path = sidecar(database, JOURNAL_SUFFIX);
-    let file = match File::open(&path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(&path, e)),
-    };
-    let mut reader = io::BufReader::new(file);
-    let mut header = [0u8; 28];
-    if !read_whole(&mut reader, &mut header, &path)? || header[..8] != JOURNAL_MAGIC {
-        return Ok(None);
-    }
-    let records = be_u32(&header, 8);
-    let nonce = be_u32(&header, 12);
-    let sector_size = u64::from(be_u32(&header, 20));
-    let page_size = u64::from(be_u32(&header, 24));
-    if !(512..=65_536).contains(&page_size)
-        || !page_size.is_power_of_two()
-        || !(32..=65_536).contains(&sector_size)
-    {
-        return Ok(None);
-    }
-    // Records start at the next sector.
-    io::copy(&mut (&mut reader).take(sector_size - 28), &mut io::sink())
-        .map_err(|e| Error::io(&path, e))?;
-    let mut page = vec![0u8; usize::try_from(page_size).unwrap_or(65_536)];
-    let mut number = [0u8; 4];
-    let mut checksum = [0u8; 4];
-    // A record count of all ones means as many records as the file holds.
-    let mut left = if records == u32::MAX {
-        u64::MAX
-    } else {
-        u64::from(records)
-    };
-    while left > 0 {
-        if !read_whole(&mut reader, &mut number, &path)?
-            || !read_whole(&mut reader, &mut page, &path)?
-            || !read_whole(&mut reader, &mut checksum, &path)?
-        {
-            return Ok(None);
-        }
-        // SQLite's record checksum: the nonce plus every 200th byte, from
-        // the end of the page.
-        let mut sum = nonce;
-        let mut i = page.len() - 200;
-        while i > 0 {
-            sum = sum.wrapping_add(u32::from(page[i]));
-            i = i.saturating_sub(200);
-        }
-        if sum != u32::from_be_bytes(checksum) {
-            return Ok(None);
-        }
-        if u32::from_be_bytes(number) == 1 {
-            return Ok(Some(page[..HEADER_LEN].to_vec()));
-        }
-        left -= 1;
-    }
-    Ok(None)
-}
-
-/// One frame of a write-ahead log.
-struct Frame {
-    page_number: u32,
-    /// Whether the frame ends a transaction.
-    commit: bool,
-}
-
-/// Reads the frames SQLite would replay from a database's `-wal`: after a
-/// header whose checksum holds, the frames up to the first whose salts or
-/// cumulative checksum do not (left from an earlier log, or half written).
-struct LogReader {
-    path: PathBuf,
-    reader: io::BufReader<File>,
-    page_size: u64,
-    salts: (u32, u32),
-    sums: (u32, u32),
-    big_endian: bool,
-    /// The page of the last frame read.
-    page: Vec<u8>,
-}
-
-impl LogReader {
-    /// The log of `database`, or `None` if it has none SQLite would read.
-    fn open(database: &Path) -> Result<Option<LogReader>> {
-        let path = sidecar(database, SIDECAR_SUFFIXES[0]);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&path, e)),
-        };
-        let mut reader = io::BufReader::new(file);
-        let mut header = [0u8; WAL_HEADER_LEN as usize];
-        if !read_whole(&mut reader, &mut header, &path)? {
-            return Ok(None);
-        }
-        let magic = be_u32(&header, 0);
-        if magic != 0x377f_0682 && magic != 0x377f_0683 {
-            // SQLite ignores a log without a valid header.
-            return Ok(None);
-        }
-        let big_endian = magic & 1 == 1;
-        let sums = wal_checksum(&header[..24], (0, 0), big_endian);
-        if sums != (be_u32(&header, 24), be_u32(&header, 28)) {
-            return Ok(None);
-        }
-        let page_size = u64::from(be_u32(&header, 8));
-        if !(512..=65_536).contains(&page_size) || !page_size.is_power_of_two() {
-            return Ok(None);
-        }
-        Ok(Some(LogReader {
-            path,
-            reader,
-            page_size,
-            salts: (be_u32(&header, 16), be_u32(&header, 20)),
-            sums,
-            big_endian,
-            page: vec![0u8; usize::try_from(page_size).unwrap_or(65_536)],
-        }))
-    }
-
-    /// The next frame SQLite would replay, its page in `self.page`.
-    fn next_frame(&mut self) -> Result<Option<Frame>> {
-        let mut frame_header = [0u8; WAL_FRAME_HEADER_LEN];
-        if !read_whole(&mut self.reader, &mut frame_header, &self.path)?
-            || !read_whole(&mut self.reader, &mut self.page, &self.path)?
-        {
-            return Ok(None);
-        }
-        if (be_u32(&frame_header, 8), be_u32(&frame_header, 12)) != self.salts {
-            return Ok(None);
-        }
-        let sums = wal_checksum(&frame_header[..8], self.sums, self.big_endian);
-        let sums = wal_checksum(&self.page, sums, self.big_endian);
-        if sums != (be_u32(&frame_header, 16), be_u32(&frame_header, 20)) {
-            return Ok(None);
-        }
-        self.sums = sums;
-        Ok(Some(Frame {
-            page_number: be_u32(&frame_header, 0),
-            commit: be_u32(&frame_header, 4) != 0,
-        }))
-    }
-}
-
-fn be_u32(bytes: &[u8], offset: usize) -> u32 {
-    u32::from_be_bytes([
-        bytes[offset],
-        bytes[offset + 1],
-        bytes[offset + 2],
-        bytes[offset + 3],
-    ])
-}
-
-/// Fills `buffer`; `false` at the end of the file (a short read counts as
-/// the end, as it does for SQLite).
-fn read_whole(reader: &mut impl Read, buffer: &mut [u8], path: &Path) -> Result<bool> {
-    match reader.read_exact(buffer) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(Error::io(path, e)),
-    }
-}
-
-/// SQLite's write-ahead-log checksum over `data` (a multiple of 8 bytes),
-/// continuing from `sums`; the words are big-endian when the log's magic
-/// number says so, little-endian otherwise.
-fn wal_checksum(data: &[u8], sums: (u32, u32), big_endian: bool) -> (u32, u32) {
-    let (mut s0, mut s1) = sums;
-    for chunk in data.chunks_exact(8) {
-        let word = |i: usize| {
-            let bytes = [chunk[i], chunk[i + 1], chunk[i + 2], chunk[i + 3]];
-            if big_endian {
-                u32::from_be_bytes(bytes)
-            } else {
-                u32::from_le_bytes(bytes)
-            }
-        };
-        s0 = s0.wrapping_add(word(0)).wrapping_add(s1);
-        s1 = s1.wrapping_add(word(4)).wrapping_add(s0);
-    }
-    (s0, s1)
 }
 
 /// The page size and application id of a database with a valid header, or

@@ -1,5 +1,5 @@
 //! What only SQLite has: the database file and its sidecars, the header and
-//! `-wal` checks, the per-connection pragmas, the migration runner,
+//! `-wal` checks (with the log and journal readers), the per-connection pragmas, the migration runner,
 //! checkpoints, backups, restores and the integrity check.
 
 pub(crate) mod backup;
@@ -8,6 +8,7 @@ pub(crate) mod checkpoint;
 pub(crate) mod connection;
 pub(crate) mod files;
 pub(crate) mod location;
+pub(crate) mod logs;
 pub(crate) mod migrations;
 pub(crate) mod online_backup;
 pub(crate) mod restore;
