@@ -14,7 +14,9 @@
 //!   checkpoints write), `backup` (a backup of a store holding 300 events;
 //!   operations on the backup's files count), `after-backup` (the power is cut
 //!   right after the backup returns), `restore` (a restore over a database
-//!   with more events than the backup; every operation counts).
+//!   with more events than the backup; every operation counts), `paced`
+//!   (one event every 2 ms for 2.5 s, checkpointed only by the store's own
+//!   maintenance thread, as in a gateway; every operation counts).
 //! - FOLDER holds `keytally.db`, already migrated and holding one key, and
 //!   for the backup scenarios receives `backup.db`.
 //! - SYNCHRONOUS: `full` or `normal`.
@@ -23,11 +25,11 @@
 //! - SEED: of the torn writes. GARBAGE: `1` to also fill lost sectors with
 //!   random bytes.
 //!
-//! Reports on stdout, one per line: `ack N EVENTS` for each commit that
-//! returned (events with request ids `cN-0` .. `cN-<EVENTS-1>`), `synced K`
-//! (the first K acknowledged commits were in the log before its last
-//! completed sync), `backup done`, `restore done`, `counted N` (operations
-//! counted), `cut`, and `damage ...`.
+//! Reports on stdout, one per line: `ack N EVENTS MICROS` for each commit
+//! that returned (events with request ids `cN-0` .. `cN-<EVENTS-1>`, MICROS
+//! after the cut was armed), `synced K` (the first K acknowledged commits
+//! were in the log before its last completed sync), `backup done`, `restore done`, `counted N` (operations
+//! counted), `cut MICROS`, and `damage ...`.
 
 mod vfs;
 
@@ -38,6 +40,9 @@ use keytally::{KeyFilter, KeyId, NewEvent, Store, StoreOptions, Synchronous, Tim
 
 /// Commits of the `records` and `checkpoint` scenarios.
 const COMMITS: u64 = 200;
+
+/// How long the `paced` scenario writes.
+const PACED: std::time::Duration = std::time::Duration::from_millis(2500);
 
 fn main() {
     if let Err(error) = run() {
@@ -71,6 +76,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = std::io::stdout().lock();
     match scenario.as_str() {
         "records" => records(&options, plan("", &[]), &mut out)?,
+        "paced" => paced(&options, plan("", &[]), &mut out)?,
         "checkpoint" => records(
             &options,
             plan("/keytally.db", &["-wal", "-shm", "-journal"]),
@@ -120,7 +126,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     writeln!(out, "counted {}", vfs::counted())?;
     if vfs::is_cut() {
         let damage = vfs::settle()?;
-        writeln!(out, "cut")?;
+        writeln!(out, "cut {}", vfs::cut_micros())?;
         writeln!(
             out,
             "damage writes={} kept={} lost={} garbage={} renames_undone={}",
@@ -150,7 +156,7 @@ fn records(
         if commit(&store, n, events).is_err() {
             break;
         }
-        writeln!(out, "ack {n} {events}")?;
+        writeln!(out, "ack {n} {events} {}", vfs::armed_micros())?;
         if n % 25 == 24 && store.checkpoint().is_err() {
             break;
         }
@@ -170,6 +176,33 @@ fn first_key(store: &Store) -> keytally::Result<Option<KeyId>> {
         .list(&KeyFilter::default())?
         .first()
         .map(|key| key.id))
+}
+
+/// Records one event every 2 ms for `PACED` with no checkpoint of its own:
+/// only the store's maintenance thread checkpoints (every second), as in a
+/// gateway. Then closes the store.
+fn paced(
+    options: &StoreOptions,
+    plan: vfs::CutPlan,
+    out: &mut impl Write,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let store = Store::open_with(options)?;
+    vfs::arm(plan);
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    while started.elapsed() < PACED {
+        if commit(&store, n, 1).is_err() {
+            break;
+        }
+        writeln!(out, "ack {n} 1 {}", vfs::armed_micros())?;
+        n += 1;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    writeln!(out, "synced {}", vfs::synced_acknowledged())?;
+    if !vfs::is_cut() {
+        let _ = store.close();
+    }
+    Ok(())
 }
 
 /// Records commit `n`: one event, or a batch of `events`, acknowledged in

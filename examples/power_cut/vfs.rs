@@ -34,6 +34,7 @@ use std::os::unix::fs::FileExt;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use libsqlite3_sys as ffi;
 
@@ -81,6 +82,9 @@ struct State {
     /// Operations of any kind so far, on any file.
     operations: u64,
     dead: bool,
+    /// When the cut was armed, and when the power went.
+    armed_at: Option<Instant>,
+    cut_at: Option<Instant>,
     /// Unsynced changes per file path, oldest first.
     pending: HashMap<String, Vec<Change>>,
     /// Commits acknowledged before the last completed sync of a `-wal` began.
@@ -152,14 +156,42 @@ pub fn arm(plan: CutPlan) {
     if let Some(state) = state().as_mut() {
         state.plan = Some(plan);
         state.counted = 0;
+        state.armed_at = Some(Instant::now());
     }
 }
 
 /// Cuts the power now.
 pub fn cut_now() {
     if let Some(state) = state().as_mut() {
-        state.dead = true;
+        die(state);
     }
+}
+
+fn die(state: &mut State) {
+    if !state.dead {
+        state.dead = true;
+        state.cut_at = Some(Instant::now());
+    }
+}
+
+fn micros_since_armed(state: &State, at: Instant) -> u128 {
+    state
+        .armed_at
+        .map_or(0, |armed| at.saturating_duration_since(armed).as_micros())
+}
+
+/// Microseconds since the cut was armed.
+pub fn armed_micros() -> u128 {
+    state()
+        .as_ref()
+        .map_or(0, |state| micros_since_armed(state, Instant::now()))
+}
+
+/// Microseconds from arming the cut to the cut.
+pub fn cut_micros() -> u128 {
+    state().as_ref().map_or(0, |state| {
+        state.cut_at.map_or(0, |cut| micros_since_armed(state, cut))
+    })
 }
 
 /// Whether the power was cut.
@@ -200,7 +232,7 @@ pub struct Damage {
 pub fn settle() -> Result<Damage, String> {
     let mut guard = state();
     let state = guard.as_mut().ok_or("not installed")?;
-    state.dead = true;
+    die(state);
     let seed = state.plan.as_ref().map_or(1, |plan| plan.seed);
     let garbage = state.plan.as_ref().is_some_and(|plan| plan.garbage);
     let mut rng = Rng::new(seed);
@@ -431,18 +463,21 @@ fn count(state: &mut State, path: Option<&str>) -> bool {
         return true;
     }
     state.operations += 1;
-    if let (Some(plan), Some(path)) = (&state.plan, path) {
-        if path.contains(&plan.file_contains)
-            && !plan
-                .except_suffixes
-                .iter()
-                .any(|suffix| path.ends_with(suffix))
+    let at = match (&state.plan, path) {
+        (Some(plan), Some(path))
+            if path.contains(&plan.file_contains)
+                && !plan
+                    .except_suffixes
+                    .iter()
+                    .any(|suffix| path.ends_with(suffix)) =>
         {
-            state.counted += 1;
-            if state.counted >= plan.at {
-                state.dead = true;
-            }
+            plan.at
         }
+        _ => return false,
+    };
+    state.counted += 1;
+    if state.counted >= at {
+        die(state);
     }
     state.dead
 }
