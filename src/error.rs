@@ -274,6 +274,26 @@ pub enum Error {
         source: BoxedError,
     },
 
+    /// The connection to the PostgreSQL server was lost, or none could be
+    /// made: the server is down, restarting, or terminated the connection.
+    /// Nothing of the call was committed. The store reconnects by itself
+    /// once the server is back; the call can then be made again.
+    #[error("the database server is unavailable (connection lost); nothing was committed")]
+    Unavailable {
+        /// The connection's error.
+        source: BoxedError,
+    },
+
+    /// The connection to the PostgreSQL server was lost while a write was
+    /// committing, so whether it was committed is unknown. An
+    /// [`crate::EventSink`] never reports this for its events unless the
+    /// server stayed away: it asks the server once it is back.
+    #[error("the connection to the database server was lost while the write was committing; it may or may not have been committed")]
+    CommitUnknown {
+        /// The connection's error.
+        source: BoxedError,
+    },
+
     /// Any other database error.
     #[error("database error")]
     Database(#[source] diesel::result::Error),
@@ -291,6 +311,18 @@ impl Error {
             source = cause.source();
         }
         text
+    }
+
+    /// Whether the call failed because the database server could not be
+    /// reached ([`Error::Unavailable`], or [`Error::Pool`]: no connection
+    /// within the timeout) or the write's fate is unknown
+    /// ([`Error::CommitUnknown`]): what a gateway answers with 503 and a
+    /// retry later.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Error::Unavailable { .. } | Error::Pool { .. } | Error::CommitUnknown { .. }
+        )
     }
 
     /// Whether the call failed only because it met another writer

@@ -20,6 +20,9 @@ impl From<diesel::result::Error> for Error {
                 path: None,
                 source: Box::new(error),
             },
+            Some(Class::Unavailable) => Error::Unavailable {
+                source: Box::new(error),
+            },
             _ => Error::Database(error),
         }
     }
@@ -109,6 +112,8 @@ enum Class {
     Conflict,
     Busy,
     Full,
+    /// The connection to the server is gone.
+    Unavailable,
     NotADatabase(String),
     Corrupt(String),
 }
@@ -119,6 +124,10 @@ fn message_class(error: &diesel::result::Error) -> Option<Class> {
         diesel::result::Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
             Some(Class::Conflict)
         }
+        diesel::result::Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            _,
+        ) => Some(Class::Unavailable),
         diesel::result::Error::DatabaseError(_, info) => class_of_message(info.message()),
         _ => None,
     }

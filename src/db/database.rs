@@ -199,11 +199,6 @@ fn wait_for_connections<M: ManageConnection>(pool: &Pool<M>, deadline: Instant) 
     }
 }
 
-/// How often a PostgreSQL transaction that failed on a serialization
-/// failure or a deadlock is run again before the error is returned.
-#[cfg(feature = "postgres")]
-const POSTGRES_RETRIES: u32 = 5;
-
 impl Database {
     /// Builds the pool of up to `pool_size` SQLite connections, each
     /// prepared by `setup`. `first`, a prepared connection, is closed only
@@ -359,24 +354,16 @@ impl Database {
         // refuses a nested write, which would wait for itself.
         let queue = self.backend() == Backend::Sqlite;
         let _turn = self.gate.enter(queue)?;
-        let mut pooled = self.connection()?;
-        match &mut pooled {
-            PooledConn::Sqlite(conn) => {
+        #[cfg(feature = "postgres")]
+        if !queue {
+            return self.write_postgres(f);
+        }
+        match self.connection()? {
+            PooledConn::Sqlite(mut conn) => {
                 conn.immediate_transaction(|conn| f(&mut Conn::Sqlite(conn)))
             }
             #[cfg(feature = "postgres")]
-            PooledConn::Postgres(conn) => {
-                let mut tries = 0;
-                loop {
-                    tries += 1;
-                    match conn.transaction(|conn| f(&mut Conn::Postgres(conn))) {
-                        Err(error) if error.is_transient() && tries < POSTGRES_RETRIES => {
-                            tracing::debug!(error = %error.report(), tries, "transaction retried");
-                        }
-                        outcome => return outcome,
-                    }
-                }
-            }
+            PooledConn::Postgres(_) => Err(Error::Closed),
         }
     }
 
@@ -392,25 +379,40 @@ impl Database {
     #[cfg(feature = "postgres")]
     pub(crate) fn write_statement<T>(
         &self,
-        mut f: impl FnMut(&mut Conn<'_>) -> Result<T>,
+        f: impl FnMut(&mut Conn<'_>) -> Result<T>,
     ) -> Result<T> {
         match self.target {
             Target::Sqlite(_) => self.write(f),
             Target::Postgres(_) => {
                 let _turn = self.gate.enter(false)?;
-                let mut pooled = self.connection()?;
-                let mut tries = 0;
-                loop {
-                    tries += 1;
-                    match f(&mut pooled.conn()) {
-                        Err(error) if error.is_transient() && tries < POSTGRES_RETRIES => {
-                            tracing::debug!(error = %error.report(), tries, "statement retried");
-                        }
-                        outcome => return outcome,
-                    }
-                }
+                self.write_statement_postgres(f)
             }
         }
+    }
+
+    /// Runs `f` as [`Database::write`] does, in a transaction whose outcome
+    /// is always known: on PostgreSQL a commit cut off by a lost connection
+    /// is settled by asking `stored` (with what `f` returned) once the
+    /// server is back (`postgres/faults.rs`). For the event sink, whose
+    /// tickets say whether each event was stored.
+    ///
+    /// # Errors
+    ///
+    /// As [`Database::write`].
+    #[cfg_attr(
+        not(feature = "postgres"),
+        expect(unused_variables, reason = "only PostgreSQL asks")
+    )]
+    pub(crate) fn write_settled<T>(
+        &self,
+        f: impl FnMut(&mut Conn<'_>) -> Result<T>,
+        stored: impl Fn(&mut Conn<'_>, &T) -> Result<Option<bool>>,
+    ) -> Result<T> {
+        #[cfg(feature = "postgres")]
+        if self.backend() == Backend::Postgres {
+            return self.write_settled_postgres(f, stored);
+        }
+        self.write(f)
     }
 
     /// Runs `f` in a read transaction, which sees one consistent snapshot.
@@ -419,16 +421,16 @@ impl Database {
     /// # Errors
     ///
     /// What `f` returns, or [`Error::Pool`].
-    pub(crate) fn read<T>(&self, f: impl FnOnce(&mut Conn<'_>) -> Result<T>) -> Result<T> {
-        let mut pooled = self.connection()?;
-        match &mut pooled {
-            PooledConn::Sqlite(conn) => conn.transaction(|conn| f(&mut Conn::Sqlite(conn))),
+    pub(crate) fn read<T>(&self, f: impl FnMut(&mut Conn<'_>) -> Result<T>) -> Result<T> {
+        #[cfg(feature = "postgres")]
+        if self.backend() == Backend::Postgres {
+            return self.read_postgres(f);
+        }
+        let mut f = f;
+        match self.connection()? {
+            PooledConn::Sqlite(mut conn) => conn.transaction(|conn| f(&mut Conn::Sqlite(conn))),
             #[cfg(feature = "postgres")]
-            PooledConn::Postgres(conn) => conn
-                .build_transaction()
-                .repeatable_read()
-                .read_only()
-                .run(|conn| f(&mut Conn::Postgres(conn))),
+            PooledConn::Postgres(_) => Err(Error::Closed),
         }
     }
 

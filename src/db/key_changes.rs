@@ -95,6 +95,13 @@ impl KeyChangeWatch {
     /// This process committed a change to a key or a secret: the count it
     /// knows is not trusted until a read that began after now.
     pub(crate) fn changed_here(&self) {
+        self.distrust();
+    }
+
+    /// The thread that keeps the count lost its source (the listener's
+    /// connection): the count is not trusted until a read that began after
+    /// now, so resolves ask the database from this moment on.
+    pub(crate) fn distrust(&self) {
         let now = self.now();
         self.changed_here_at.fetch_max(now, Ordering::AcqRel);
     }

@@ -112,6 +112,28 @@ impl<'a> Events<'a> {
         self.record_valid(&valid)
     }
 
+    /// Records validated events in one transaction whose outcome is always
+    /// known (see `Database::write_settled`): the event sink's writes.
+    pub(crate) fn record_valid_settled(&self, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {
+        self.db.write_settled(
+            |conn| match conn {
+                Conn::Sqlite(conn) => event_rows::insert(conn, valid),
+                #[cfg(feature = "postgres")]
+                Conn::Postgres(conn) if valid.len() >= postgres_insert::COPY_FROM => {
+                    postgres_insert::insert_copied(conn, valid)
+                }
+                #[cfg(feature = "postgres")]
+                Conn::Postgres(conn) => postgres_insert::insert(conn, valid),
+            },
+            |conn, ids| match conn {
+                // SQLite never leaves a commit's outcome unknown.
+                Conn::Sqlite(_) => Ok(Some(ids.len() == valid.len())),
+                #[cfg(feature = "postgres")]
+                Conn::Postgres(conn) => postgres_insert::stored(conn, valid, ids),
+            },
+        )
+    }
+
     /// Records validated events in one transaction; returns their ids, in
     /// their order.
     pub(crate) fn record_valid(&self, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {

@@ -284,3 +284,45 @@ fn insert_one(conn: &mut PgConnection, valid: &ValidEvent<'_>) -> Result<Vec<Eve
         .map(|row| EventId(row.value))
         .collect())
 }
+
+/// Whether a batch whose commit was cut off by a lost connection is stored:
+/// `Some(true)` if every event is there under the id it was given, with its
+/// time, model and request id; `Some(false)` if none is; `None` if only
+/// some match (a server that crashed can hand out again the ids of events
+/// it had not committed, so an id alone proves nothing).
+pub(crate) fn stored(
+    conn: &mut PgConnection,
+    valid: &[ValidEvent<'_>],
+    ids: &[EventId],
+) -> Result<Option<bool>> {
+    use diesel::sql_types::{Array, Nullable, Text};
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let numbers: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    let times: Vec<i64> = valid.iter().map(|v| v.event.ts.as_millis()).collect();
+    let models: Vec<i64> = valid.iter().map(|v| v.model_id).collect();
+    let requests: Vec<Option<&str>> = valid
+        .iter()
+        .map(|v| v.event.request_id.as_deref())
+        .collect();
+    let found: Found = diesel::sql_query(
+        "SELECT count(*) AS n FROM events e \
+         JOIN unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[]) \
+           AS b(id, ts, model_id, request_id) \
+         ON e.id = b.id AND e.ts = b.ts AND e.model_id = b.model_id \
+         AND e.request_id IS NOT DISTINCT FROM b.request_id",
+    )
+    .bind::<Array<BigInt>, _>(&numbers)
+    .bind::<Array<BigInt>, _>(&times)
+    .bind::<Array<BigInt>, _>(&models)
+    .bind::<Array<Nullable<Text>>, _>(&requests)
+    .get_result(conn)?;
+    Ok(match usize::try_from(found.n) {
+        Ok(0) => Some(false),
+        Ok(n) if n == numbers.len() => Some(true),
+        _ => None,
+    })
+}

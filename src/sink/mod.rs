@@ -113,7 +113,7 @@ impl EventSink {
                 .spawn(move || {
                     write_batches(
                         |batch: &[ValidEvent<'static>]| {
-                            store.events().record_valid(batch).map(|_| ())
+                            store.events().record_valid_settled(batch).map(|_| ())
                         },
                         |pending: ValidEvent<'static>| {
                             Ok(store
@@ -201,6 +201,9 @@ impl EventSink {
     ///
     /// [`Error::BatchFailed`] with the reason the event was not committed,
     /// also when the writer thread ended before it (it panicked).
+    /// [`Error::CommitUnknown`] only if the connection to a PostgreSQL
+    /// server was lost while the batch committed and the server did not
+    /// come back within 30 s to say whether it was.
     pub fn wait(&self, ticket: Ticket) -> Result<()> {
         self.state.outcome(ticket.0)
     }

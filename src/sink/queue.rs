@@ -15,6 +15,9 @@ pub(super) struct FailedRange {
     pub(super) first: u64,
     pub(super) last: u64,
     pub(super) message: String,
+    /// Whether the events may have been stored after all (the server could
+    /// not say, see [`Error::CommitUnknown`]).
+    pub(super) maybe_stored: bool,
 }
 
 /// A queued event: `ready` when its key and models are resolved, otherwise
@@ -139,6 +142,9 @@ impl<T> State<T> {
             .iter()
             .find(|range| (range.first..=range.last).contains(&ticket))
         {
+            Some(range) if range.maybe_stored => Err(Error::CommitUnknown {
+                source: range.message.clone().into(),
+            }),
             Some(range) => Err(Error::BatchFailed {
                 message: range.message.clone(),
             }),
@@ -235,6 +241,7 @@ pub(super) fn write_batches<T>(
                     first: queued.ticket,
                     last: queued.ticket,
                     message: error.report(),
+                    maybe_stored: false,
                 }),
             }
         }
@@ -261,6 +268,7 @@ pub(super) fn write_batches<T>(
                     first: first_ticket,
                     last: last_ticket,
                     message: error.report(),
+                    maybe_stored: matches!(error, Error::CommitUnknown { .. }),
                 });
             }
         }

@@ -171,6 +171,16 @@ impl Store {
         &self.tightened_at_open
     }
 
+    /// Whether resolves are, at this moment, answered from what the store's
+    /// key-change watcher knows ([`crate::ResolveMode::Notified`] with the
+    /// watcher current) rather than by asking the database. Always false in
+    /// strict mode; false in notified mode while the watcher is behind or
+    /// its connection is lost, when resolves ask the database instead. A
+    /// gateway can expose it as a health detail.
+    pub fn resolves_from_notifications(&self) -> bool {
+        self.keys.resolves_from_notifications()
+    }
+
     /// The keys repository: create, resolve, revoke, rotate, update, list.
     pub fn keys(&self) -> Keys<'_> {
         Keys::new(&self.db, &self.keys)

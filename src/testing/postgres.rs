@@ -25,12 +25,6 @@ static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
 /// What the exit handler needs to stop the cluster this process started.
 static STARTED: Mutex<Option<Cluster>> = Mutex::new(None);
 
-struct Cluster {
-    bin: PathBuf,
-    folder: PathBuf,
-    as_postgres: bool,
-}
-
 /// The shared server, started on first use.
 ///
 /// # Errors
@@ -90,7 +84,8 @@ impl Server {
         name.starts_with("keytally_test_").then(|| name.to_owned())
     }
 
-    fn url(&self, database: &str) -> String {
+    /// A URL of `database` on this server.
+    pub fn url(&self, database: &str) -> String {
         self.template.replace("{database}", database)
     }
 }
@@ -110,76 +105,233 @@ fn with_database_placeholder(url: &str) -> String {
 }
 
 fn start() -> Result<Server, String> {
-    let bin = installed_binaries()?;
-    // SAFETY: geteuid(2) has no preconditions.
-    let as_postgres = unsafe { libc::geteuid() } == 0;
     // A folder of its own per process, under a short path: a Unix socket's
     // path is limited to about 100 bytes.
     let folder = std::env::temp_dir().join(format!("keytally-pg-{}", std::process::id()));
-    std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
-    if as_postgres {
-        run(
-            &bin,
-            false,
-            "chown",
-            &["postgres:postgres", path_str(&folder)?],
-        )?;
-    }
-    let data = folder.join("data");
-    run(
-        &bin,
-        as_postgres,
-        "initdb",
-        &[
-            "-D",
-            path_str(&data)?,
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ],
-    )?;
-    *STARTED.lock().unwrap_or_else(PoisonError::into_inner) = Some(Cluster {
-        bin: bin.clone(),
-        folder: folder.clone(),
-        as_postgres,
-    });
+    let cluster = Cluster::create(folder, "-c fsync=off -c max_connections=200")?;
+    *STARTED.lock().unwrap_or_else(PoisonError::into_inner) = Some(cluster.clone());
     // SAFETY: `stop_cluster` is an `extern "C" fn()` that does not unwind.
     unsafe { libc::atexit(stop_cluster) };
-    let options = format!(
-        "-c listen_addresses='' -c unix_socket_directories='{}' -c fsync=off \
-         -c max_connections=200",
-        path_str(&folder)?
-    );
-    let log = folder.join("server.log");
-    let started = run(
-        &bin,
-        as_postgres,
-        "pg_ctl",
-        &[
-            "-D",
-            path_str(&data)?,
-            "-l",
-            path_str(&log)?,
-            "-o",
-            &options,
-            "-w",
-            "start",
-        ],
-    );
-    if let Err(error) = started {
-        let log = std::fs::read_to_string(&log).unwrap_or_default();
-        return Err(format!("{error}\n{log}"));
+    cluster.start()?;
+    Ok(cluster.server())
+}
+
+/// A PostgreSQL server of a test's own, for fault tests: it can be killed
+/// and started again without disturbing the shared [`server`]. Stopped and
+/// its folder removed when dropped. Unlike the shared server it keeps
+/// PostgreSQL's durability settings (`fsync` and `synchronous_commit` on).
+pub struct OwnServer {
+    cluster: Cluster,
+    server: Server,
+}
+
+impl OwnServer {
+    /// Creates and starts a cluster in a new temporary folder.
+    ///
+    /// # Errors
+    ///
+    /// No PostgreSQL binaries, or the cluster did not start (its log is in
+    /// the message).
+    pub fn start() -> Result<OwnServer, String> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let folder = std::env::temp_dir().join(format!(
+            "keytally-pg-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let cluster = Cluster::create(folder, "")?;
+        let own = OwnServer {
+            server: cluster.server(),
+            cluster,
+        };
+        own.cluster.start()?;
+        Ok(own)
     }
-    Ok(Server {
-        template: format!(
-            "postgres://postgres@/{{database}}?host={}",
-            path_str(&folder)?
-        ),
-    })
+
+    /// Creates a new, empty database and returns its URL.
+    ///
+    /// # Errors
+    ///
+    /// As [`Server::fresh_database`].
+    pub fn fresh_database(&self) -> Result<String, Box<dyn std::error::Error>> {
+        self.server.fresh_database()
+    }
+
+    /// A URL of `database` on this server.
+    pub fn url(&self, database: &str) -> String {
+        self.server.url(database)
+    }
+
+    /// Kills the server with SIGKILL, the postmaster and every process it
+    /// started at once, as a crash of its machine's processes would, and
+    /// waits until they are gone.
+    ///
+    /// # Errors
+    ///
+    /// If the server's processes cannot be found or do not die.
+    pub fn kill(&self) -> Result<(), String> {
+        let pid_file = self.cluster.folder.join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file)
+            .map_err(|e| format!("{}: {e}", pid_file.display()))?;
+        let postmaster: i32 = text
+            .lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .ok_or_else(|| format!("{} names no process", pid_file.display()))?;
+        let mut pids = vec![postmaster];
+        pids.extend(children_of(postmaster));
+        for pid in &pids {
+            // SAFETY: kill(2) on a process id; a gone process is ESRCH.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // SAFETY: signal 0 only checks whether the process exists.
+        while pids.iter().any(|pid| unsafe { libc::kill(*pid, 0) } == 0) {
+            if std::time::Instant::now() > deadline {
+                return Err("the server's processes did not die".to_owned());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Starts the server again after [`OwnServer::kill`] (it recovers from
+    /// its log first) and waits until it accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// If it does not start.
+    pub fn restart(&self) -> Result<(), String> {
+        self.cluster.start()
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.cluster.stop_and_remove();
+    }
+}
+
+/// The processes whose parent is `parent`.
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // The parent is the second field after the parenthesised name.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let after_name = stat.rsplit_once(')')?.1;
+                    after_name.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// A cluster made with `initdb` in a folder of its own, on a Unix socket in
+/// that folder, with trust authentication.
+#[derive(Clone)]
+struct Cluster {
+    bin: PathBuf,
+    folder: PathBuf,
+    as_postgres: bool,
+    /// Server settings beyond the socket's.
+    settings: String,
+}
+
+impl Cluster {
+    fn create(folder: PathBuf, settings: &str) -> Result<Cluster, String> {
+        let bin = installed_binaries()?;
+        // SAFETY: geteuid(2) has no preconditions.
+        let as_postgres = unsafe { libc::geteuid() } == 0;
+        std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+        if as_postgres {
+            run(
+                &bin,
+                false,
+                "chown",
+                &["postgres:postgres", path_str(&folder)?],
+            )?;
+        }
+        let data = folder.join("data");
+        run(
+            &bin,
+            as_postgres,
+            "initdb",
+            &[
+                "-D",
+                path_str(&data)?,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )?;
+        Ok(Cluster {
+            bin,
+            folder,
+            as_postgres,
+            settings: settings.to_owned(),
+        })
+    }
+
+    fn start(&self) -> Result<(), String> {
+        let options = format!(
+            "-c listen_addresses='' -c unix_socket_directories='{}' {}",
+            path_str(&self.folder)?,
+            self.settings
+        );
+        let data = self.folder.join("data");
+        let log = self.folder.join("server.log");
+        let started = run(
+            &self.bin,
+            self.as_postgres,
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data)?,
+                "-l",
+                path_str(&log)?,
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
+        );
+        started.map_err(|error| {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            format!("{error}\n{log}")
+        })
+    }
+
+    fn server(&self) -> Server {
+        Server {
+            template: format!(
+                "postgres://postgres@/{{database}}?host={}",
+                self.folder.display()
+            ),
+        }
+    }
+
+    fn stop_and_remove(&self) {
+        let data = self.folder.join("data");
+        if let Some(data) = data.to_str() {
+            let _ = run(
+                &self.bin,
+                self.as_postgres,
+                "pg_ctl",
+                &["-D", data, "-m", "immediate", "-w", "stop"],
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.folder);
+    }
 }
 
 /// The newest `/usr/lib/postgresql/<version>/bin` that has `initdb`.
@@ -244,16 +396,7 @@ extern "C" fn stop_cluster() {
         .unwrap_or_else(PoisonError::into_inner)
         .take();
     if let Some(cluster) = cluster {
-        let data = cluster.folder.join("data");
-        if let Some(data) = data.to_str() {
-            let _ = run(
-                &cluster.bin,
-                cluster.as_postgres,
-                "pg_ctl",
-                &["-D", data, "-m", "immediate", "-w", "stop"],
-            );
-        }
-        let _ = std::fs::remove_dir_all(&cluster.folder);
+        cluster.stop_and_remove();
     }
 }
 

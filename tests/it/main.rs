@@ -15,6 +15,7 @@ mod keys;
 mod litestream;
 mod notified;
 mod operator_cli;
+mod postgres_faults;
 mod postgres_schema;
 mod postgres_store;
 mod power_loss;

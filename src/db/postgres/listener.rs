@@ -7,10 +7,11 @@
 //! [`POLL`], and reads the count itself every [`PROBE`], which also proves
 //! the connection alive. The count is trusted only while its last
 //! successful read is younger than
-//! [`STALE_AFTER`](crate::db::key_changes::STALE_AFTER): a listener whose
-//! connection died or hangs stops being trusted within that time, and
-//! resolves fall back to asking the database (strict mode) until it is
-//! back.
+//! [`STALE_AFTER`](crate::db::key_changes::STALE_AFTER). A listener whose
+//! connection fails stops being trusted the moment it sees the failure (at
+//! its next poll, within [`POLL`]); one whose connection hangs, within
+//! that time. Resolves then ask the database (strict mode) until the
+//! listener has reconnected and read the count again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +44,7 @@ pub(crate) fn start(setup: PgSetup, watch: &Arc<KeyChangeWatch>) -> Result<Watch
         .spawn(move || {
             loop {
                 if let Err(error) = serve(&mut conn, &shared) {
+                    shared.distrust();
                     tracing::warn!(
                         error = %error.report(),
                         "key-change listener lost its connection; resolves ask the database until it is back"

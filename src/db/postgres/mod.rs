@@ -4,6 +4,7 @@
 //! and PL/pgSQL triggers where SQLite has its own.
 
 pub(crate) mod connection;
+pub(crate) mod faults;
 pub(crate) mod listener;
 pub(crate) mod migrations;
 

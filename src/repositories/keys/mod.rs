@@ -106,6 +106,12 @@ impl KeyMemory {
         self.watch.get().and_then(|watch| watch.fresh_count())
     }
 
+    /// Whether resolves are answered from the watcher's count (notified
+    /// mode, while it is fresh) rather than by asking the database.
+    pub(crate) fn resolves_from_notifications(&self) -> bool {
+        self.known_key_changes().is_some()
+    }
+
     /// This process committed a change to a key or a secret: resolves ask
     /// the database until the watcher has read the count again.
     fn changed_here(&self) {
