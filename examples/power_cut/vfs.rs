@@ -376,19 +376,24 @@ fn fail_with(errno: c_int) -> c_int {
     -1
 }
 
+/// A sync of `fd` by the system call `number`, seen by the model first.
+fn observed_sync(fd: c_int, number: libc::c_long) -> c_int {
+    if let Some(path) = descriptor_path(fd) {
+        if !synced_outside(&path) {
+            return fail_with(libc::EIO);
+        }
+    }
+    // SAFETY: the caller's descriptor, passed on to the same system call.
+    unsafe { libc::syscall(number, fd) as c_int }
+}
+
 /// `fsync(2)`, seen by the model first.
 ///
 /// # Safety
 /// As `fsync(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
-    if let Some(path) = descriptor_path(fd) {
-        if !synced_outside(&path) {
-            return fail_with(libc::EIO);
-        }
-    }
-    // SAFETY: the caller's descriptor, passed on.
-    unsafe { libc::syscall(libc::SYS_fsync, fd) as c_int }
+    observed_sync(fd, libc::SYS_fsync)
 }
 
 /// `fdatasync(2)`, seen by the model first.
@@ -397,13 +402,7 @@ pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
 /// As `fdatasync(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
-    if let Some(path) = descriptor_path(fd) {
-        if !synced_outside(&path) {
-            return fail_with(libc::EIO);
-        }
-    }
-    // SAFETY: the caller's descriptor, passed on.
-    unsafe { libc::syscall(libc::SYS_fdatasync, fd) as c_int }
+    observed_sync(fd, libc::SYS_fdatasync)
 }
 
 /// `rename(2)`, remembered by the model until its folder is synced.

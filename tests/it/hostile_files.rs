@@ -292,6 +292,19 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .write_all(bytes)
 }
 
+/// Opens `path`, checks it, and returns how many models it holds.
+fn opens_whole(path: &Path) -> Result<i64, Box<dyn std::error::Error>> {
+    let store = Store::open(path)?;
+    let check = store.check()?;
+    assert!(check.healthy(), "{:?}", check.problems);
+    let mut conn = store.sqlite_connection()?;
+    Ok(diesel::RunQueryDsl::get_result::<Count>(
+        diesel::sql_query("SELECT count(*) AS n FROM models"),
+        &mut *conn,
+    )?
+    .n)
+}
+
 /// A database and its log as a crash left them.
 struct Crashed {
     path: PathBuf,
@@ -335,16 +348,7 @@ fn a_page_one_torn_by_a_power_loss_is_read_from_the_log(folder: TempDir) -> Test
     std::fs::write(&path, &main)?;
     write_private(&sidecar(&path, "-wal"), &wal)?;
     let _ = std::fs::remove_file(sidecar(&path, "-shm"));
-    let store = Store::open(&path)?;
-    let check = store.check()?;
-    assert!(check.healthy(), "{:?}", check.problems);
-    let mut conn = store.sqlite_connection()?;
-    let models = diesel::RunQueryDsl::get_result::<Count>(
-        diesel::sql_query("SELECT count(*) AS n FROM models"),
-        &mut *conn,
-    )?
-    .n;
-    assert_eq!(models, 2000);
+    assert_eq!(opens_whole(&path)?, 2000);
     Ok(())
 }
 
@@ -383,15 +387,6 @@ fn a_page_one_torn_during_a_restore_is_read_from_its_journal(folder: TempDir) ->
     }
     std::fs::write(&path, &main)?;
     write_private(&sidecar(&path, "-journal"), &journal)?;
-    let store = Store::open(&path)?;
-    let check = store.check()?;
-    assert!(check.healthy(), "{:?}", check.problems);
-    let mut conn = store.sqlite_connection()?;
-    let models = diesel::RunQueryDsl::get_result::<Count>(
-        diesel::sql_query("SELECT count(*) AS n FROM models"),
-        &mut *conn,
-    )?
-    .n;
-    assert_eq!(models, 2, "the journal was played back");
+    assert_eq!(opens_whole(&path)?, 2, "the journal was played back");
     Ok(())
 }
