@@ -533,6 +533,17 @@ impl Database {
     }
 
     /// Whether the database is still open.
+    /// The most connections the pool holds (0 once closed): how many dead
+    /// ones a caller may draw in a row after the server went away.
+    pub(crate) fn pool_size(&self) -> u32 {
+        match &self.pool {
+            Some(Pools::Sqlite(pool)) => pool.max_size(),
+            #[cfg(feature = "postgres")]
+            Some(Pools::Postgres(pool)) => pool.max_size(),
+            None => 0,
+        }
+    }
+
     pub(crate) fn is_open(&self) -> bool {
         self.pool.is_some()
     }

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 type PgPooled = PooledConnection<ConnectionManager<PgConnection>>;
 
 /// How many times a transaction is run again after a serialization
-/// failure, a deadlock, or a connection lost before its commit.
+/// failure or a deadlock.
 const RETRIES: u32 = 5;
 
 /// How long the sink's writer waits for the server to come back to learn
@@ -65,6 +65,14 @@ fn commit_unknown(error: Error) -> Error {
 }
 
 impl Database {
+    /// How many times a call is run again on another connection after its
+    /// connection was found lost: every pooled connection may be dead at
+    /// once (a restart, or every backend terminated), and each is dropped
+    /// once found so; then one newly made.
+    fn lost_retries(&self) -> u32 {
+        self.pool_size() + 1
+    }
+
     fn postgres_connection(&self) -> Result<PgPooled> {
         match self.connection()? {
             PooledConn::Postgres(conn) => Ok(conn),
@@ -95,7 +103,7 @@ impl Database {
                     if body_done {
                         return Err(commit_unknown(error));
                     }
-                    if tries >= RETRIES {
+                    if tries >= self.lost_retries() {
                         return Err(error);
                     }
                     tracing::debug!(error = %error.report(), tries, "connection lost before the commit; transaction retried");
@@ -118,7 +126,7 @@ impl Database {
                 Err(error) if error.is_transient() && tries < RETRIES => {
                     tracing::debug!(error = %error.report(), tries, "statement retried");
                 }
-                Err(error) if not_sent(&error) && tries < RETRIES => {
+                Err(error) if not_sent(&error) && tries < self.lost_retries() => {
                     tracing::debug!(error = %error.report(), tries, "connection gone before the statement was sent; retried");
                 }
                 // Sent, and the statement was its own transaction.
@@ -145,11 +153,7 @@ impl Database {
                 .read_only()
                 .run(|conn| f(&mut Conn::Postgres(conn)));
             match outcome {
-                Err(error @ Error::Unavailable { .. }) => {
-                    if tries >= RETRIES {
-                        return Err(error);
-                    }
-                }
+                Err(Error::Unavailable { .. }) if tries < self.lost_retries() => {}
                 outcome => return outcome,
             }
         }
@@ -184,7 +188,7 @@ impl Database {
             };
             let Some(value) = kept else {
                 // Lost before the commit was sent: nothing was committed.
-                if tries >= RETRIES {
+                if tries >= self.lost_retries() {
                     return Err(error);
                 }
                 continue;
