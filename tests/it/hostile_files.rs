@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use diesel::connection::SimpleConnection;
 use keytally::testing::folder;
-use keytally::{Error, Store};
+use keytally::{Error, KeyId, KeyUpdate, NewEvent, NewKey, Store, Timestamp};
 use rstest::rstest;
 use tempfile::TempDir;
 
@@ -388,5 +388,124 @@ fn a_page_one_torn_during_a_restore_is_read_from_its_journal(folder: TempDir) ->
     std::fs::write(&path, &main)?;
     write_private(&sidecar(&path, "-journal"), &journal)?;
     assert_eq!(opens_whole(&path)?, 2, "the journal was played back");
+    Ok(())
+}
+
+/// The log `write` leaves beside the keytally database at `path`, copied
+/// while its store is still open (as a crash leaves it).
+fn log_left_by(
+    path: &Path,
+    write: impl FnOnce(&Store) -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let store = Store::open(path)?;
+    write(&store)?;
+    let wal = std::fs::read(sidecar(path, "-wal"))?;
+    assert!(wal.len() > 32, "no log to copy");
+    drop(store);
+    Ok(wal)
+}
+
+/// A closed keytally database at `path` with one key labelled `label`.
+fn database_with_a_key(path: &Path, label: &str) -> Result<KeyId, Box<dyn std::error::Error>> {
+    let store = Store::open(path)?;
+    let id = store.keys().create(&NewKey::client(label))?.key.id;
+    assert!(store.close()?.checkpoint_complete);
+    Ok(id)
+}
+
+/// Opens `path` with `wal` beside it and expects the log to be refused as
+/// another database's, with the database and the log left as they were.
+fn refused_as_anothers(path: &Path, wal: &[u8]) -> TestResult {
+    let before = std::fs::read(path)?;
+    write_private(&sidecar(path, "-wal"), wal)?;
+    let error = match Store::open(path) {
+        Ok(_) => return Err("another keytally database's -wal was replayed".into()),
+        Err(error) => error,
+    };
+    let Error::Foreign { path: refused, .. } = &error else {
+        return Err(format!("unexpected error {error:?}").into());
+    };
+    assert_eq!(refused, &sidecar(path, "-wal"));
+    assert!(error.to_string().contains("identity differs"), "{error}");
+    assert_eq!(std::fs::read(path)?, before);
+    assert_eq!(std::fs::read(sidecar(path, "-wal"))?, wal);
+    Ok(())
+}
+
+#[rstest]
+fn a_log_of_another_keytally_database_is_refused(folder: TempDir) -> TestResult {
+    // Two databases made the same way: the same schema, the same page size,
+    // the same application id, a key with the same row in each.
+    let path = folder.path().join("keytally.db");
+    let id = database_with_a_key(&path, "ours")?;
+    let other = folder.path().join("other.db");
+    let their_id = database_with_a_key(&other, "theirs")?;
+    let relabelled = log_left_by(&other, |store| {
+        let update = KeyUpdate {
+            label: Some("changed by a stranger".to_owned()),
+            ..KeyUpdate::default()
+        };
+        store.keys().update(their_id, &update)?;
+        Ok(())
+    })?;
+    refused_as_anothers(&path, &relabelled)?;
+    let recorded = log_left_by(&other, |store| {
+        for n in 0..50 {
+            store.events().record(&NewEvent::new(
+                Timestamp::from_millis(1_790_000_000_000 + n)?,
+                "gpt-4o",
+            ))?;
+        }
+        Ok(())
+    })?;
+    refused_as_anothers(&path, &recorded)?;
+    // Without the stranger's log the database is as it was.
+    std::fs::remove_file(sidecar(&path, "-wal"))?;
+    let store = Store::open(&path)?;
+    assert_eq!(store.keys().get(id)?.label, "ours");
+    assert!(store.check()?.healthy());
+    Ok(())
+}
+
+#[rstest]
+fn a_log_of_a_database_opened_from_a_backup_is_refused(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    let _ = database_with_a_key(&path, "ours")?;
+    let backup = folder.path().join("nightly.db");
+    {
+        let store = Store::open(&path)?;
+        let _ = store.backup_to(&backup, false)?;
+        let _ = store.close()?;
+    }
+    // The backup, put to use elsewhere, writes a log of its own.
+    let wal = log_left_by(&backup, |store| {
+        store
+            .events()
+            .record(&NewEvent::new(Timestamp::now(), "gpt-4o"))?;
+        Ok(())
+    })?;
+    refused_as_anothers(&path, &wal)
+}
+
+#[rstest]
+fn a_log_of_this_database_is_replayed(folder: TempDir) -> TestResult {
+    let path = folder.path().join("keytally.db");
+    let id = database_with_a_key(&path, "before")?;
+    let main = std::fs::read(&path)?;
+    let wal = log_left_by(&path, |store| {
+        let update = KeyUpdate {
+            label: Some("after".to_owned()),
+            ..KeyUpdate::default()
+        };
+        store.keys().update(id, &update)?;
+        Ok(())
+    })?;
+    // The database as the crash left it: the file before any checkpoint,
+    // the change only in the log.
+    std::fs::write(&path, &main)?;
+    write_private(&sidecar(&path, "-wal"), &wal)?;
+    let _ = std::fs::remove_file(sidecar(&path, "-shm"));
+    let store = Store::open(&path)?;
+    assert_eq!(store.keys().get(id)?.label, "after");
     Ok(())
 }

@@ -254,6 +254,7 @@ pub(crate) fn write_backup(
         copied
     });
     copied.map_err(|e| Error::from(e).writing(destination))?;
+    renew_identity(&temp.path).map_err(|e| e.writing(destination))?;
     fsync_file(&temp.path).map_err(|e| e.writing(destination))?;
     let schema_version = verify_copy(&temp.path)?;
     // The check's connection may have left sidecars of the copy.
@@ -272,6 +273,32 @@ pub(crate) fn write_backup(
         bytes,
         schema_version,
     })
+}
+
+/// Gives the copy at `path` an identity of its own (see
+/// [`pages`](super::pages)), so that the log of a database opened from the
+/// backup is never taken for the original's. The copy is written in rollback
+/// mode, straight into its file.
+fn renew_identity(path: &Path) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        count: i64,
+    }
+    let mut conn = plain_connection(path)?;
+    conn.batch_execute("PRAGMA journal_mode = DELETE")?;
+    // A database older than the identity has none to renew.
+    let found: Found = diesel::sql_query(
+        "SELECT count(*) AS count FROM sqlite_schema WHERE type = 'table' AND name = 'sequences'",
+    )
+    .get_result(&mut conn)?;
+    if found.count > 0 {
+        conn.batch_execute(
+            "UPDATE sequences SET next = (random() & 4611686018427387903) | 4294967296 \
+             WHERE name = 'identity'",
+        )?;
+    }
+    Ok(())
 }
 
 fn check_destination(database: &Path, destination: &Path, replace: bool) -> Result<()> {

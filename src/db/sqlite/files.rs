@@ -12,6 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use serde::Serialize;
 
 use crate::db::sqlite::logs::{be_u32, journaled_header, logged_header, LogReader, HEADER_LEN};
+use crate::db::sqlite::pages::{identity_in, PageFile};
 use crate::error::{Error, Result};
 
 /// The mode of every database file: owner read and write, nobody else.
@@ -393,13 +394,15 @@ fn judge_application(database: &Path, header: &[u8]) -> Result<HeaderVerdict> {
 }
 
 /// Reads an existing `-wal` file (before SQLite replays it) and refuses one
-/// that cannot belong to this database: a different page size, or a copy of
-/// page 1 whose application id differs from the database's. SQLite itself
-/// would replay such a log into the database. Only what SQLite would replay
-/// counts: a header and frames whose checksums hold, so a frame another
-/// process is writing at this moment is never mistaken for a stranger's. A
-/// log of another keytally database with the same page size cannot be told
-/// apart this way.
+/// that cannot belong to this database: a different page size, a copy of
+/// page 1 whose application id differs from the database's, or a copy of the
+/// page of `sequences` whose identity differs from the one in the database
+/// file (see [`pages`](super::pages)). SQLite itself would replay such a log
+/// into the database. Only what SQLite would replay counts: a header and
+/// frames whose checksums hold, so a frame another process is writing at this
+/// moment is never mistaken for a stranger's. What cannot be told apart: the
+/// log of a copy of this very database made with `cp` (same identity), and a
+/// log none of whose transactions recorded an event or changed a key.
 fn inspect_wal(database: &Path) -> Result<()> {
     let Some(mut log) = LogReader::open(&sidecar(database, SIDECAR_SUFFIXES[0]))? else {
         return Ok(());
@@ -409,8 +412,8 @@ fn inspect_wal(database: &Path) -> Result<()> {
         path: wal.clone(),
         detail,
     };
-    let (database_page_size, database_application_id) = database_identity(database)?;
-    if let Some(page_size) = database_page_size {
+    let ours = DatabaseFacts::read(database)?;
+    if let Some(page_size) = ours.page_size {
         if log.page_size != page_size {
             return Err(foreign(format!(
                 "its pages are {} bytes, the database's {page_size}: it belongs to another database",
@@ -421,7 +424,7 @@ fn inspect_wal(database: &Path) -> Result<()> {
     while let Some(frame) = log.next_frame()? {
         if frame.page_number == 1 {
             let application_id = be_u32(&log.page, 68);
-            let acceptable = match database_application_id {
+            let acceptable = match ours.application_id {
                 Some(expected) => application_id == expected,
                 None => application_id == APPLICATION_ID || application_id == 0,
             };
@@ -431,35 +434,75 @@ fn inspect_wal(database: &Path) -> Result<()> {
                 )));
             }
         }
+        // Another database may keep `sequences` on another page (a backup
+        // is written afresh), so every page is looked at.
+        if let Some(identity) = ours.identity {
+            if identity_in(&log.page, ours.usable).is_some_and(|theirs| theirs != identity) {
+                return Err(foreign(
+                    "it holds pages of another keytally database (their identity differs from this database's): it belongs to another database".to_owned(),
+                ));
+            }
+        }
     }
     Ok(())
 }
 
-/// The page size and application id of a database with a valid header, or
-/// `None` for an empty file or one without SQLite's header.
-fn database_identity(database: &Path) -> Result<(Option<u64>, Option<u32>)> {
-    let mut header = [0u8; HEADER_LEN];
-    let mut file = match File::open(database) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((None, None)),
-        Err(e) => return Err(Error::io(database, e)),
-    };
-    match file.read_exact(&mut header) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok((None, None)),
-        Err(e) => return Err(Error::io(database, e)),
+/// What the database file says about itself, as far as its log must agree.
+#[derive(Default)]
+struct DatabaseFacts {
+    /// The page size, from a valid header.
+    page_size: Option<u64>,
+    /// The application id, if the header has one.
+    application_id: Option<u32>,
+    /// The bytes of each page SQLite uses.
+    usable: usize,
+    /// The identity, if the file's schema and `sequences` page hold one.
+    identity: Option<i64>,
+}
+
+impl DatabaseFacts {
+    /// Reads them from `database`; nothing for an empty file or one without
+    /// SQLite's header. The identity is not read while a rollback journal is
+    /// beside the database: SQLite plays it back into the file first.
+    fn read(database: &Path) -> Result<DatabaseFacts> {
+        let mut header = [0u8; HEADER_LEN];
+        let mut file = match File::open(database) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DatabaseFacts::default()),
+            Err(e) => return Err(Error::io(database, e)),
+        };
+        match file.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Ok(DatabaseFacts::default())
+            }
+            Err(e) => return Err(Error::io(database, e)),
+        }
+        if header[..SQLITE_MAGIC.len()] != SQLITE_MAGIC[..] {
+            // A header torn by a power loss says nothing; the log's page 1 does.
+            return Ok(DatabaseFacts::default());
+        }
+        let page_size = match u16::from_be_bytes([header[16], header[17]]) {
+            1 => 65_536,
+            size => usize::from(size),
+        };
+        let reserved = usize::from(header[20]);
+        let application_id = be_u32(&header, 68);
+        let identity = if sidecar(database, JOURNAL_SUFFIX).exists() {
+            None
+        } else {
+            PageFile {
+                file: &mut file,
+                page_size,
+                reserved,
+            }
+            .identity()
+        };
+        Ok(DatabaseFacts {
+            page_size: Some(page_size as u64),
+            application_id: (application_id != 0).then_some(application_id),
+            usable: page_size.saturating_sub(reserved),
+            identity,
+        })
     }
-    if header[..SQLITE_MAGIC.len()] != SQLITE_MAGIC[..] {
-        // A header torn by a power loss says nothing; the log's page 1 does.
-        return Ok((None, None));
-    }
-    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
-        1 => 65_536,
-        size => u64::from(size),
-    };
-    let application_id = u32::from_be_bytes([header[68], header[69], header[70], header[71]]);
-    Ok((
-        Some(page_size),
-        (application_id != 0).then_some(application_id),
-    ))
 }

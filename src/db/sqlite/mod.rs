@@ -11,5 +11,6 @@ pub(crate) mod location;
 pub(crate) mod logs;
 pub(crate) mod migrations;
 pub(crate) mod online_backup;
+pub(crate) mod pages;
 pub(crate) mod restore;
 pub(crate) mod watcher;
