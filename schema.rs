@@ -18,6 +18,7 @@ diesel::table! {
         error -> Nullable<Text>,
         usage_unknown -> Bool,
         thinking_level -> Nullable<Text>,
+        cost_nanos -> Nullable<BigInt>,
     }
 }
 
@@ -54,6 +55,18 @@ diesel::table! {
 }
 
 diesel::table! {
+    prices (model_id, effective_from) {
+        model_id -> BigInt,
+        effective_from -> BigInt,
+        prompt_micros -> BigInt,
+        completion_micros -> BigInt,
+        cache_read_micros -> BigInt,
+        cache_creation_micros -> BigInt,
+        reasoning_micros -> BigInt,
+    }
+}
+
+diesel::table! {
     sequences (name) {
         name -> Text,
         next -> BigInt,
@@ -74,6 +87,8 @@ diesel::table! {
         reasoning_tokens -> BigInt,
         latency_ms_sum -> BigInt,
         latency_ms_max -> BigInt,
+        cost_nanos -> BigInt,
+        unpriced_requests -> BigInt,
     }
 }
 
@@ -90,16 +105,20 @@ diesel::table! {
         reasoning_tokens -> BigInt,
         latency_ms_sum -> BigInt,
         latency_ms_max -> BigInt,
+        cost_nanos -> BigInt,
+        unpriced_requests -> BigInt,
     }
 }
 
 diesel::joinable!(key_secrets -> keys (key_row_id));
+diesel::joinable!(prices -> models (model_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     events,
     key_secrets,
     keys,
     models,
+    prices,
     sequences,
     usage_key_hourly,
     usage_model_hourly,

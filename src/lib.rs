@@ -89,12 +89,14 @@ pub use model::key::{
     MAX_LABEL_CHARS, MAX_MODEL_NAME_CHARS, MAX_PAGE_SIZE,
 };
 pub use model::location::Location;
+pub use model::price::{Cost, Micros, Price, PriceVersion, MAX_PRICE_MICROS};
 pub use model::secret::{Secret, DEFAULT_SECRET_PREFIX};
 pub use model::time::Timestamp;
 pub use model::usage::{Bucket, GroupUsage, Totals, UsageFilter};
 pub use repositories::events::Events;
 pub use repositories::keys::cache::DEFAULT_KEY_CACHE_SIZE;
 pub use repositories::keys::Keys;
+pub use repositories::prices::Prices;
 pub use sink::{EventSink, SinkOptions, SinkReport, Ticket};
 pub use store::options::{
     ResolveMode, Retention, StoreOptions, DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_POOL_SIZE,

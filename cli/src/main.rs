@@ -92,6 +92,12 @@ enum Command {
         after_help = "Examples:\n  keytally events usage --since 24h --by model\n  keytally events list --limit 20"
     )]
     Events(EventsCommand),
+    /// Set and list what each model's tokens cost, from which time on.
+    #[command(subcommand)]
+    #[command(
+        after_help = "Examples:\n  keytally prices set --model gpt-4o --prompt 2.50 --completion 10.00\n  keytally prices set --file prices.toml\n  keytally prices list"
+    )]
+    Prices(PricesCommand),
     /// Write a consistent, verified snapshot to DEST while writers keep running.
     #[command(
         after_help = "Examples:\n  keytally backup /backups/keytally-$(date +%F).db\n  keytally backup --force /backups/keytally-latest.db"
@@ -217,6 +223,43 @@ struct UpdateKey {
     /// Go back to the gateway's default rate limit.
     #[arg(long)]
     default_rate_limit: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum PricesCommand {
+    /// Set one model's price (per million tokens) from a time on, or every price in a file.
+    #[command(
+        after_help = "Prices are decimals per million tokens, in one currency of your choice; a count\nwithout a price costs 0. A price may not take effect before an event of its model\nthat is already recorded.\n\nA file (JSON, or TOML if its name ends in .toml) holds a list `prices` of\n{ model, from, prompt, completion, cache_read, cache_creation, reasoning },\nall set in one transaction.\n\nExamples:\n  keytally prices set --model gpt-4o --prompt 2.50 --completion 10.00 --cache-read 1.25\n  keytally prices set --model o3 --from 2026-12-01T00:00:00Z --prompt 2 --completion 8\n  keytally prices set --file prices.toml"
+    )]
+    Set {
+        /// The model, as events name it.
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        model: Option<String>,
+        /// When the price takes effect (RFC 3339, Unix ms, or a duration ago); now if omitted.
+        #[arg(long)]
+        from: Option<String>,
+        /// Per million prompt tokens.
+        #[arg(long, default_value = "0")]
+        prompt: String,
+        /// Per million completion tokens.
+        #[arg(long, default_value = "0")]
+        completion: String,
+        /// Per million prompt tokens read from cache.
+        #[arg(long, default_value = "0")]
+        cache_read: String,
+        /// Per million prompt tokens written to cache.
+        #[arg(long, default_value = "0")]
+        cache_write: String,
+        /// Per million reasoning tokens.
+        #[arg(long, default_value = "0")]
+        reasoning: String,
+        /// Set every price in this file instead (JSON, or TOML by its .toml name).
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// List every price version, by model and time.
+    #[command(after_help = "Examples:\n  keytally prices list\n  keytally prices list --json")]
+    List,
 }
 
 #[derive(Debug, Subcommand)]

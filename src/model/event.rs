@@ -102,6 +102,18 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
+    /// The five token counts in the order prices list them: prompt,
+    /// completion, cache read, cache creation, reasoning.
+    pub fn token_counts(&self) -> [i64; 5] {
+        [
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cache_read_tokens,
+            self.cache_creation_tokens,
+            self.reasoning_tokens,
+        ]
+    }
+
     /// A successful (status 200) event for `model` at `ts`, with zero tokens
     /// and latency; set the other fields as needed.
     pub fn new(ts: Timestamp, model: impl Into<String>) -> NewEvent {
@@ -189,6 +201,10 @@ impl NewEvent {
 pub struct Event {
     /// Its id.
     pub id: EventId,
+    /// What it cost, fixed when it was recorded with the price of its
+    /// model in force at its time; `None` if there was none.
+    #[serde(rename = "cost")]
+    pub cost: Option<crate::model::price::Cost>,
     /// What was recorded.
     #[serde(flatten)]
     pub event: NewEvent,

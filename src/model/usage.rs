@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::model::event::NewEvent;
 use crate::model::key::KeyId;
+use crate::model::price::Cost;
 use crate::model::time::Timestamp;
 
 /// Which usage to total, over which window (`since` included, `until` not).
@@ -65,6 +66,13 @@ pub struct Totals {
     /// Largest latency, in milliseconds (0 without requests).
     #[diesel(sql_type = BigInt)]
     pub latency_ms_max: i64,
+    /// What the priced requests cost, in nano-units of the operator's
+    /// currency ([`Totals::cost`]).
+    #[diesel(sql_type = BigInt)]
+    pub cost_nanos: i64,
+    /// Requests whose model had no price at their time: counted, not free.
+    #[diesel(sql_type = BigInt)]
+    pub unpriced_requests: i64,
 }
 
 impl Totals {
@@ -73,8 +81,14 @@ impl Totals {
         (self.requests > 0).then(|| self.latency_ms_sum as f64 / self.requests as f64)
     }
 
-    /// Adds one event, as a rollup row counts it.
-    pub(crate) fn add_event(&mut self, event: &NewEvent) {
+    /// What the priced requests cost.
+    pub fn cost(&self) -> Cost {
+        Cost(self.cost_nanos)
+    }
+
+    /// Adds one event, as a rollup row counts it, with its cost (`None`
+    /// when its model had no price).
+    pub(crate) fn add_event(&mut self, event: &NewEvent, cost: Option<Cost>) {
         self.merge(&Totals {
             requests: 1,
             errors: i64::from(event.is_error()),
@@ -85,6 +99,8 @@ impl Totals {
             reasoning_tokens: event.reasoning_tokens,
             latency_ms_sum: event.latency_ms,
             latency_ms_max: event.latency_ms,
+            cost_nanos: cost.map_or(0, Cost::nanos),
+            unpriced_requests: i64::from(cost.is_none()),
         });
     }
 
@@ -99,10 +115,12 @@ impl Totals {
         self.reasoning_tokens += other.reasoning_tokens;
         self.latency_ms_sum += other.latency_ms_sum;
         self.latency_ms_max = self.latency_ms_max.max(other.latency_ms_max);
+        self.cost_nanos += other.cost_nanos;
+        self.unpriced_requests += other.unpriced_requests;
     }
 
     /// The values in the rollup tables' column order.
-    pub(crate) fn values(&self) -> [i64; 9] {
+    pub(crate) fn values(&self) -> [i64; 11] {
         [
             self.requests,
             self.errors,
@@ -113,6 +131,8 @@ impl Totals {
             self.reasoning_tokens,
             self.latency_ms_sum,
             self.latency_ms_max,
+            self.cost_nanos,
+            self.unpriced_requests,
         ]
     }
 }

@@ -12,6 +12,8 @@ use crate::db::database::Conn;
 use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::{Error, Result};
 use crate::model::event::{EventId, NewEvent};
+use crate::model::price::Cost;
+use crate::repositories::price_memory::PriceMemory;
 use crate::repositories::rollups::{self, Counted};
 
 /// An event that passed validation, with its key and models resolved to
@@ -49,9 +51,12 @@ impl ValidEvent<'_> {
 }
 
 sql_text!(
-    /// The id the next event gets: ids are given explicitly, so a batch's
-    /// are known without reading each one back.
-    NextEventId = "SELECT next AS value FROM sequences WHERE name = 'events'"
+    /// The id the next event gets (ids are given explicitly, so a batch's
+    /// are known without reading each one back), and the count of price
+    /// changes (see `prices`).
+    NextEventId = "SELECT next AS value, \
+        (SELECT next FROM sequences WHERE name = 'price_changes') AS price_changes \
+        FROM sequences WHERE name = 'events'"
 );
 sql_text!(
     /// Moves the event id sequence past a transaction's events.
@@ -62,25 +67,28 @@ sql_text!(
     InsertEvent = "INSERT INTO events (id, ts, key_row_id, model_id, upstream_model_id, \
         request_id, prompt_tokens, completion_tokens, cache_read_tokens, \
         cache_creation_tokens, reasoning_tokens, status, latency_ms, error, usage_unknown, \
-        thinking_level) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        thinking_level, cost_nanos) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 );
 
 #[derive(QueryableByName)]
 struct IdRow {
     #[diesel(sql_type = BigInt)]
     value: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    price_changes: Option<i64>,
 }
 
 impl ValidEvent<'_> {
     /// The values of [`InsertEvent`], in its columns' order.
-    fn values(&self, id: i64) -> Vec<Value<'_>> {
+    fn values(&self, id: i64, cost: Option<Cost>) -> Vec<Value<'_>> {
         let mut values = vec![Value::Int(id)];
         values.extend(self.column_values());
+        values.push(Value::NullableInt(cost.map(Cost::nanos)));
         values
     }
 
-    /// The values of every column of `events` but the id, in the table's
-    /// order.
+    /// The values of every column of `events` but the id and the cost, in
+    /// the table's order.
     pub(crate) fn column_values(&self) -> [Value<'_>; 15] {
         let event = &self.event;
         [
@@ -109,6 +117,7 @@ impl ValidEvent<'_> {
 pub(crate) fn insert(
     conn: &mut SqliteConnection,
     valid: &[ValidEvent<'_>],
+    prices: &PriceMemory,
 ) -> Result<Vec<EventId>> {
     if valid.is_empty() {
         return Err(Error::InvalidInput {
@@ -116,46 +125,56 @@ pub(crate) fn insert(
             reason: "it is empty".to_owned(),
         });
     }
-    let ids = allocate_ids(conn, valid.len())?;
+    let (ids, price_changes) = allocate_ids(conn, valid.len())?;
+    let costs = prices.costs(
+        conn,
+        price_changes,
+        valid.iter().map(|valid| (valid.model_id, &*valid.event)),
+    )?;
     // The table is ordered by time: rows go in in that order, so a batch
     // that arrives slightly out of order still fills each page once.
     let mut order: Vec<usize> = (0..valid.len()).collect();
     order.sort_by_key(|&offset| valid[offset].event.ts);
     for offset in order {
-        let row = FixedSql::<InsertEvent>::new(valid[offset].values(ids[offset].0));
+        let row = FixedSql::<InsertEvent>::new(valid[offset].values(ids[offset].0, costs[offset]));
         row.execute(conn)?;
     }
     rollups::add(
         &mut Conn::Sqlite(conn),
-        valid.iter().map(|valid| Counted {
+        valid.iter().zip(&costs).map(|(valid, &cost)| Counted {
             hour: valid.event.ts.hour(),
             key_row_id: valid.key_row_id.unwrap_or(0),
             model_id: valid.model_id,
             event: &valid.event,
+            cost,
         }),
     )?;
     Ok(ids)
 }
 
 /// `count` new, consecutive event ids from the `events` counter, which
-/// the write lock keeps to one writer at a time.
-fn allocate_ids(conn: &mut SqliteConnection, count: usize) -> Result<Vec<EventId>> {
+/// the write lock keeps to one writer at a time, and the count of price
+/// changes.
+fn allocate_ids(conn: &mut SqliteConnection, count: usize) -> Result<(Vec<EventId>, i64)> {
     let count = i64::try_from(count).map_err(|_| Error::InvalidInput {
         field: "batch",
         reason: "too many events".to_owned(),
     })?;
-    let first = FixedSql::<NextEventId>::new(Vec::new())
+    let row = FixedSql::<NextEventId>::new(Vec::new())
         .get_result::<IdRow>(conn)
         .optional()?
         .ok_or_else(|| Error::BadStoredValue {
             message: "the event id sequence is missing from the sequences table".to_owned(),
-        })?
-        .value;
+        })?;
+    let first = row.value;
+    let price_changes = row.price_changes.ok_or_else(|| Error::BadStoredValue {
+        message: "the count of price changes is missing from the sequences table".to_owned(),
+    })?;
     let next = first
         .checked_add(count)
         .ok_or_else(|| Error::BadStoredValue {
             message: format!("event ids are exhausted (next id {first})"),
         })?;
     FixedSql::<SetNextEventId>::new(vec![Value::Int(next)]).execute(conn)?;
-    Ok((first..next).map(EventId).collect())
+    Ok(((first..next).map(EventId).collect(), price_changes))
 }

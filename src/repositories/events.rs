@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::event::{Event, EventFilter, EventId, NewEvent, PruneReport, MAX_BATCH_LEN};
 use crate::model::invalid::Invalid;
 use crate::model::key::{page_size, KeyId};
+use crate::model::price::Cost;
 use crate::model::time::{Timestamp, HOUR_MS};
 use crate::repositories::event_rows::{self, ValidEvent};
 use crate::repositories::keys::{self, KeyMemory, Keys};
@@ -117,7 +118,7 @@ impl<'a> Events<'a> {
     pub(crate) fn record_valid_settled(&self, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {
         self.db.write_settled(
             |conn| match conn {
-                Conn::Sqlite(conn) => event_rows::insert(conn, valid),
+                Conn::Sqlite(conn) => event_rows::insert(conn, valid, &self.models.prices),
                 #[cfg(feature = "postgres")]
                 Conn::Postgres(conn) if valid.len() >= postgres_insert::COPY_FROM => {
                     postgres_insert::insert_copied(conn, valid)
@@ -138,7 +139,7 @@ impl<'a> Events<'a> {
     /// their order.
     pub(crate) fn record_valid(&self, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {
         let record = |conn: &mut Conn<'_>| match conn {
-            Conn::Sqlite(conn) => event_rows::insert(conn, valid),
+            Conn::Sqlite(conn) => event_rows::insert(conn, valid, &self.models.prices),
             #[cfg(feature = "postgres")]
             Conn::Postgres(conn) => postgres_insert::insert(conn, valid),
         };
@@ -151,7 +152,7 @@ impl<'a> Events<'a> {
             Backend::Postgres if valid.len() >= postgres_insert::COPY_FROM => {
                 self.db.write(|conn| match conn {
                     Conn::Postgres(conn) => postgres_insert::insert_copied(conn, valid),
-                    Conn::Sqlite(conn) => event_rows::insert(conn, valid),
+                    Conn::Sqlite(conn) => event_rows::insert(conn, valid, &self.models.prices),
                 })
             }
             // PostgreSQL, a few events: one statement, its own transaction.
@@ -432,6 +433,7 @@ type Row = (
     Option<String>,
     bool,
     Option<String>,
+    Option<i64>,
 );
 
 fn event_from_row(
@@ -456,6 +458,7 @@ fn event_from_row(
         error,
         usage_unknown,
         thinking_level,
+        cost_nanos,
     ) = row;
     let missing = |what: String| Error::BadStoredValue {
         message: format!("event {id} refers to {what}, which does not exist"),
@@ -476,6 +479,7 @@ fn event_from_row(
         .transpose()?;
     Ok(Event {
         id,
+        cost: cost_nanos.map(Cost),
         event: NewEvent {
             ts,
             key_id,

@@ -9,5 +9,7 @@ pub(crate) mod keys;
 pub(crate) mod models;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres_insert;
+pub(crate) mod price_memory;
+pub(crate) mod prices;
 pub(crate) mod rollups;
 pub(crate) mod usage;

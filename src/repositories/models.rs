@@ -10,11 +10,14 @@ use diesel::prelude::*;
 use crate::db::database::{on_backend, Conn, Database};
 use crate::db::schema::models;
 use crate::error::Result;
+use crate::repositories::price_memory::PriceMemory;
 
-/// Model names to their ids, as far as this store has seen them.
+/// Model names to their ids, as far as this store has seen them, and the
+/// models' prices as SQLite's recording transactions read them.
 #[derive(Debug, Default)]
 pub(crate) struct ModelIds {
     ids: RwLock<HashMap<String, i64>>,
+    pub(crate) prices: PriceMemory,
 }
 
 impl ModelIds {

@@ -17,7 +17,7 @@ use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
 use crate::model::event::EventId;
-use crate::model::usage::Totals;
+use crate::model::price;
 use crate::repositories::event_rows::ValidEvent;
 use crate::repositories::rollups;
 
@@ -47,15 +47,21 @@ fn statement() -> String {
 }
 
 /// The statement reading the batch from `rows`: rows of [`COLUMNS`] and
-/// `position`.
+/// `position`. Each event is costed with the price of its model in force
+/// at its time, read in the statement itself (see `prices`).
 fn statement_from(rows: &str) -> String {
     format!(
         "WITH new AS MATERIALIZED (\
-           SELECT nextval('event_ids') AS id, u.* FROM {rows} AS u), \
-         inserted AS (INSERT INTO events (id, {COLUMNS}) SELECT id, {INSERTED} FROM new ORDER BY ts), \
+           SELECT nextval('event_ids') AS id, u.*, \
+             (SELECT {cost} FROM prices AS p WHERE p.model_id = u.model_id \
+              AND p.effective_from <= u.ts ORDER BY p.effective_from DESC LIMIT 1) AS cost_nanos \
+           FROM {rows} AS u), \
+         inserted AS (INSERT INTO events (id, {COLUMNS}, cost_nanos) \
+           SELECT id, {INSERTED}, cost_nanos FROM new ORDER BY ts), \
          by_key AS ({by_key}), \
          by_model AS ({by_model}) \
          SELECT id AS value FROM new ORDER BY position",
+        cost = price::cost_sql("u", "p"),
         by_key = rollups::upsert_totals_of(
             "usage_key_hourly",
             &["key_row_id", "hour", "model_id"],
@@ -182,18 +188,18 @@ pub(crate) fn insert_copied(
         .collect())
 }
 sql_text!(
-    /// Records one event with its rollups: the same work as
-    /// [`RecordBatch`] for one row, with no arrays to unpack and no groups
-    /// to form, which a single event (the request path) does not need.
-    RecordOne = format!(
-        "WITH new AS (SELECT nextval('event_ids') AS id), \
-         inserted AS (INSERT INTO events (id, {COLUMNS}) \
-           SELECT id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM new), \
-         by_key AS ({by_key}), \
-         by_model AS ({by_model}) \
-         SELECT id AS value FROM new",
-        by_key = rollups::upsert("usage_key_hourly", &["key_row_id", "hour", "model_id"]),
-        by_model = rollups::upsert("usage_model_hourly", &["hour", "model_id"]),
+    /// Records one event with its rollups: the same statement as
+    /// [`RecordBatch`], its one row given as scalars, with no arrays to
+    /// unpack, which a single event (the request path) does not need.
+    RecordOne = statement_from(
+        "(SELECT CAST(? AS BIGINT) AS ts, CAST(? AS BIGINT) AS key_row_id, \
+          CAST(? AS BIGINT) AS model_id, CAST(? AS BIGINT) AS upstream_model_id, \
+          CAST(? AS TEXT) AS request_id, CAST(? AS BIGINT) AS prompt_tokens, \
+          CAST(? AS BIGINT) AS completion_tokens, CAST(? AS BIGINT) AS cache_read_tokens, \
+          CAST(? AS BIGINT) AS cache_creation_tokens, CAST(? AS BIGINT) AS reasoning_tokens, \
+          CAST(? AS BIGINT) AS status, CAST(? AS BIGINT) AS latency_ms, \
+          CAST(? AS TEXT) AS error, CAST(? AS BOOLEAN) AS usage_unknown, \
+          CAST(? AS TEXT) AS thinking_level, CAST(1 AS BIGINT) AS position)"
     )
 );
 
@@ -268,17 +274,7 @@ pub(crate) fn insert(conn: &mut PgConnection, valid: &[ValidEvent<'_>]) -> Resul
 
 /// [`insert`] for one event.
 fn insert_one(conn: &mut PgConnection, valid: &ValidEvent<'_>) -> Result<Vec<EventId>> {
-    let event = &valid.event;
-    let mut values = valid.column_values().to_vec();
-    let mut totals = Totals::default();
-    totals.add_event(event);
-    let hour = event.ts.hour();
-    values.extend(rollups::binds(
-        &[valid.key_row_id.unwrap_or(0), hour, valid.model_id],
-        &totals,
-    ));
-    values.extend(rollups::binds(&[hour, valid.model_id], &totals));
-    Ok(FixedSql::<RecordOne>::new(values)
+    Ok(FixedSql::<RecordOne>::new(valid.column_values().to_vec())
         .load::<IdRow>(conn)?
         .into_iter()
         .map(|row| EventId(row.value))

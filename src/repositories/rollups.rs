@@ -1,7 +1,7 @@
 //! The hourly rollups, `usage_key_hourly` (per key, hour and model) and
 //! `usage_model_hourly` (per hour and model): added to in the transaction
 //! that records the events they count, read by usage queries, pruned by
-//! retention. [`COLUMNS`] is the one list of their nine value columns;
+//! retention. [`COLUMNS`] is the one list of their eleven value columns;
 //! every statement below, and the usage queries, are built from it.
 
 use std::collections::BTreeMap;
@@ -12,6 +12,7 @@ use crate::db::database::{on_backend, Conn};
 use crate::db::sql::{sql_text, CachedSql, FixedSql, Value};
 use crate::error::Result;
 use crate::model::event::NewEvent;
+use crate::model::price::Cost;
 use crate::model::usage::Totals;
 
 /// How a rollup column's values combine.
@@ -35,7 +36,7 @@ pub(crate) struct RollupColumn {
 }
 
 /// The rollup tables' value columns, in the order of [`Totals::values`].
-pub(crate) const COLUMNS: [RollupColumn; 9] = [
+pub(crate) const COLUMNS: [RollupColumn; 11] = [
     column("requests", "1", Combine::Sum),
     column(
         "errors",
@@ -53,6 +54,12 @@ pub(crate) const COLUMNS: [RollupColumn; 9] = [
     column("reasoning_tokens", "reasoning_tokens", Combine::Sum),
     column("latency_ms_sum", "latency_ms", Combine::Sum),
     column("latency_ms_max", "latency_ms", Combine::Max),
+    column("cost_nanos", "coalesce(cost_nanos, 0)", Combine::Sum),
+    column(
+        "unpriced_requests",
+        "CASE WHEN cost_nanos IS NULL THEN 1 ELSE 0 END",
+        Combine::Sum,
+    ),
 ];
 
 const fn column(name: &'static str, per_event: &'static str, combine: Combine) -> RollupColumn {
@@ -162,12 +169,14 @@ sql_text!(
     AddToModelRollup = upsert("usage_model_hourly", &["hour", "model_id"])
 );
 
-/// An event to count: its hour, key row (0 for none) and model id.
+/// An event to count: its hour, key row (0 for none), model id and cost
+/// (`None` without a price).
 pub(crate) struct Counted<'a> {
     pub(crate) hour: i64,
     pub(crate) key_row_id: i64,
     pub(crate) model_id: i64,
     pub(crate) event: &'a NewEvent,
+    pub(crate) cost: Option<Cost>,
 }
 
 /// Adds events to both rollup tables, inside the caller's write
@@ -183,11 +192,11 @@ pub(crate) fn add<'a>(
         by_key
             .entry((counted.key_row_id, counted.hour, counted.model_id))
             .or_default()
-            .add_event(counted.event);
+            .add_event(counted.event, counted.cost);
         by_model
             .entry((counted.hour, counted.model_id))
             .or_default()
-            .add_event(counted.event);
+            .add_event(counted.event, counted.cost);
     }
     for ((key_row_id, hour, model_id), totals) in by_key {
         let upsert = FixedSql::<AddToKeyRollup>::new(binds(&[key_row_id, hour, model_id], &totals));

@@ -22,6 +22,7 @@ use crate::model::location::Location;
 use crate::repositories::events::Events;
 use crate::repositories::keys::{KeyMemory, Keys};
 use crate::repositories::models::ModelIds;
+use crate::repositories::prices::Prices;
 use crate::store::maintenance::Maintenance;
 use crate::store::options::ResolveMode;
 use crate::store::options::StoreOptions;
@@ -189,6 +190,12 @@ impl Store {
     /// The events repository: record, batch, list, prune, usage.
     pub fn events(&self) -> Events<'_> {
         Events::new(&self.db, &self.keys, &self.models)
+    }
+
+    /// The prices repository: what each model's tokens cost, from which
+    /// time on.
+    pub fn prices(&self) -> Prices<'_> {
+        Prices::new(&self.db, &self.models)
     }
 
     /// Closes the store: stops the maintenance thread (which writes the

@@ -54,6 +54,8 @@ fn add(totals: &mut Totals, event: &NewEvent) {
     totals.reasoning_tokens += event.reasoning_tokens;
     totals.latency_ms_sum += event.latency_ms;
     totals.latency_ms_max = totals.latency_ms_max.max(event.latency_ms);
+    // These tests set no prices: every request is unpriced.
+    totals.unpriced_requests += 1;
 }
 
 fn recount<'a>(events: impl Iterator<Item = &'a NewEvent>) -> Totals {

@@ -19,6 +19,7 @@ mod postgres_faults;
 mod postgres_schema;
 mod postgres_store;
 mod power_loss;
+mod prices;
 mod read_only;
 mod replicas;
 mod restore_race;

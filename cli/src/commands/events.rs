@@ -375,6 +375,8 @@ fn usage(
                 "reasoning_tokens": totals.reasoning_tokens,
                 "latency_ms_mean": totals.latency_ms_mean(),
                 "latency_ms_max": totals.latency_ms_max,
+                "cost": totals.cost().to_string(),
+                "unpriced_requests": totals.unpriced_requests,
             })
         })
         .collect();
@@ -386,19 +388,29 @@ fn usage(
     });
     out.print(&value, || {
         let mut text = format!(
-            "{:<36} {:>9} {:>7} {:>13} {:>13} {:>10} {:>10}\n",
-            "group", "requests", "errors", "prompt", "completion", "mean ms", "max ms"
+            "{:<36} {:>9} {:>7} {:>13} {:>13} {:>10} {:>10} {:>14} {:>9}\n",
+            "group",
+            "requests",
+            "errors",
+            "prompt",
+            "completion",
+            "mean ms",
+            "max ms",
+            "cost",
+            "unpriced"
         );
         for (group, t) in &rows {
             text.push_str(&format!(
-                "{:<36} {:>9} {:>7} {:>13} {:>13} {:>10.0} {:>10}\n",
+                "{:<36} {:>9} {:>7} {:>13} {:>13} {:>10.0} {:>10} {:>14} {:>9}\n",
                 group,
                 t.requests,
                 t.errors,
                 t.prompt_tokens,
                 t.completion_tokens,
                 t.latency_ms_mean().unwrap_or(0.0),
-                t.latency_ms_max
+                t.latency_ms_max,
+                t.cost().to_string(),
+                t.unpriced_requests
             ));
         }
         text

@@ -6,12 +6,13 @@ mod keys;
 mod ops;
 mod output;
 mod parse;
+mod prices;
 
 use std::path::{Path, PathBuf};
 
 pub use output::Output;
 
-use crate::{Cli, Command, EventsCommand, KeysCommand};
+use crate::{Cli, Command, EventsCommand, KeysCommand, PricesCommand};
 
 /// Why a command failed: a library error, or a verdict the command reports
 /// (a rejected secret, a failed check).
@@ -127,6 +128,7 @@ pub fn run(cli: &Cli, db_on_command_line: bool, out: &Output) -> CliResult {
         Command::Check => ops::check(&store, out),
         Command::Checkpoint => ops::checkpoint(&store, out),
         Command::Keys(command) => keys::run(&store, command, out),
+        Command::Prices(command) => prices::run(&store, command, out),
         Command::Backup { dest, force } => ops::backup(&store, dest, *force, out),
         Command::Events(command) => return events::run(store, command, out),
         Command::Demo => return ops::demo(store, None, out),
@@ -158,6 +160,7 @@ pub fn only_reads(command: &Command) -> bool {
             events,
             EventsCommand::List { .. } | EventsCommand::Usage { .. }
         ),
+        Command::Prices(prices) => matches!(prices, PricesCommand::List),
         _ => false,
     }
 }

@@ -1,0 +1,10 @@
+ALTER TABLE usage_model_hourly DROP COLUMN unpriced_requests;
+ALTER TABLE usage_model_hourly DROP COLUMN cost_nanos;
+ALTER TABLE usage_key_hourly DROP COLUMN unpriced_requests;
+ALTER TABLE usage_key_hourly DROP COLUMN cost_nanos;
+ALTER TABLE events DROP COLUMN cost_nanos;
+DROP TRIGGER prices_count_deletes;
+DROP TRIGGER prices_count_updates;
+DROP TRIGGER prices_count_inserts;
+DELETE FROM sequences WHERE name = 'price_changes';
+DROP TABLE prices;
