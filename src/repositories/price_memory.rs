@@ -13,8 +13,31 @@ use crate::error::Result;
 use crate::model::event::NewEvent;
 use crate::model::price::{Cost, Price};
 
-/// One row of `prices`, in its columns' order.
-type PriceRow = (i64, i64, i64, i64, i64, i64, i64);
+/// The columns of a price version: when it takes effect, then its five
+/// prices; read into a [`VersionRow`].
+pub(crate) const VERSION_COLUMNS: (
+    prices::effective_from,
+    prices::prompt_micros,
+    prices::completion_micros,
+    prices::cache_read_micros,
+    prices::cache_creation_micros,
+    prices::reasoning_micros,
+) = (
+    prices::effective_from,
+    prices::prompt_micros,
+    prices::completion_micros,
+    prices::cache_read_micros,
+    prices::cache_creation_micros,
+    prices::reasoning_micros,
+);
+
+/// A row of [`VERSION_COLUMNS`].
+pub(crate) type VersionRow = (i64, i64, i64, i64, i64, i64);
+
+/// A price version's time and price, from its row.
+pub(crate) fn version_of((from, a, b, c, d, e): VersionRow) -> (i64, Price) {
+    (from, Price::from_micros([a, b, c, d, e]))
+}
 
 /// The prices as a recording transaction on SQLite costs events with:
 /// loaded in such a transaction, and kept while the count of price changes
@@ -52,24 +75,13 @@ impl PriceMemory {
     ) -> Result<Vec<Option<Cost>>> {
         let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         if table.as_ref().map(|table| table.changes) != Some(changes) {
-            let rows: Vec<PriceRow> = prices::table
-                .select((
-                    prices::model_id,
-                    prices::effective_from,
-                    prices::prompt_micros,
-                    prices::completion_micros,
-                    prices::cache_read_micros,
-                    prices::cache_creation_micros,
-                    prices::reasoning_micros,
-                ))
+            let rows: Vec<(i64, VersionRow)> = prices::table
+                .select((prices::model_id, VERSION_COLUMNS))
                 .order((prices::model_id, prices::effective_from))
                 .load(conn)?;
             let mut by_model: HashMap<i64, Vec<(i64, Price)>> = HashMap::new();
-            for (model_id, from, a, b, c, d, e) in rows {
-                by_model
-                    .entry(model_id)
-                    .or_default()
-                    .push((from, Price::from_micros([a, b, c, d, e])));
+            for (model_id, row) in rows {
+                by_model.entry(model_id).or_default().push(version_of(row));
             }
             *table = Some(PriceTable { changes, by_model });
         }

@@ -18,9 +18,10 @@ use crate::db::database::{on_backend, Conn, Database};
 use crate::db::schema::{models, prices};
 use crate::db::sql::CachedSql;
 use crate::error::{Error, Result};
-use crate::model::price::{Price, PriceVersion};
+use crate::model::price::PriceVersion;
 use crate::model::time::{Timestamp, HOUR_MS};
 use crate::repositories::models::ModelIds;
+use crate::repositories::price_memory::{version_of, VersionRow, VERSION_COLUMNS};
 
 /// The prices repository of a store; see `Store::prices`.
 #[derive(Debug, Clone, Copy)]
@@ -127,30 +128,24 @@ impl<'a> Prices<'a> {
     ///
     /// The store's errors.
     pub fn list(&self) -> Result<Vec<PriceVersion>> {
-        let rows: Vec<(String, i64, i64, i64, i64, i64, i64)> = self.db.read(|conn| {
+        let rows: Vec<(String, VersionRow)> = self.db.read(|conn| {
             Ok(on_backend!(conn, |c| prices::table
                 .inner_join(models::table)
-                .select((
-                    models::name,
-                    prices::effective_from,
-                    prices::prompt_micros,
-                    prices::completion_micros,
-                    prices::cache_read_micros,
-                    prices::cache_creation_micros,
-                    prices::reasoning_micros,
-                ))
+                .select((models::name, VERSION_COLUMNS))
                 .order((models::name, prices::effective_from))
                 .load(c))?)
         })?;
-        rows.into_iter()
-            .map(|(model, from, a, b, c, d, e)| {
-                Ok(PriceVersion {
+        Ok(rows
+            .into_iter()
+            .map(|(model, row)| {
+                let (from, price) = version_of(row);
+                PriceVersion {
                     model,
                     effective_from: Timestamp::from_stored(from),
-                    price: Price::from_micros([a, b, c, d, e]),
-                })
+                    price,
+                }
             })
-            .collect()
+            .collect())
     }
 }
 
