@@ -464,3 +464,91 @@ fn a_price_set_by_another_store_applies_to_the_next_event(folder: tempfile::Temp
     );
     Ok(())
 }
+
+#[rstest]
+fn prices_set_while_events_are_recorded_always_match_their_costs(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    let store = store_on(backend);
+    let model = "racing-model";
+    // Every event gets the next millisecond; each price is set to take
+    // effect a few events ahead of the newest, so recorders cross it while
+    // the price is being set.
+    let clock = AtomicI64::new(T0);
+    let done = AtomicBool::new(false);
+    let (accepted, refused) = std::thread::scope(|scope| {
+        let recorders: Vec<_> = (0..3)
+            .map(|_| {
+                scope.spawn(|| -> Result<usize, Error> {
+                    let mut recorded = 0;
+                    while !done.load(Ordering::Acquire) {
+                        let mut event =
+                            NewEvent::new(ts(clock.fetch_add(1, Ordering::AcqRel))?, model);
+                        event.prompt_tokens = 1_000;
+                        store.events().record(&event)?;
+                        recorded += 1;
+                    }
+                    Ok(recorded)
+                })
+            })
+            .collect();
+        let mut outcome = (0, 0);
+        for round in 1..=60i64 {
+            let ahead = clock.load(Ordering::Acquire) + round % 4;
+            let version = PriceVersion {
+                model: model.to_owned(),
+                effective_from: ts(ahead)?,
+                price: price([round * 1_000, 0, 0, 0, 0]),
+            };
+            match store.prices().set(&version) {
+                Ok(()) => outcome.0 += 1,
+                Err(Error::InvalidInput {
+                    field: "effective_from",
+                    ..
+                }) => outcome.1 += 1,
+                Err(error) => return Err(error.into()),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        done.store(true, Ordering::Release);
+        for recorder in recorders {
+            recorder.join().map_err(|_| "a recorder panicked")??;
+        }
+        Ok::<_, Box<dyn std::error::Error>>(outcome)
+    })?;
+    eprintln!("{backend:?}: {accepted} prices set, {refused} refused as too late");
+    assert!(accepted > 0, "no price was ever set");
+    // Every event's cost is the one the final price table gives it.
+    let versions = store.prices().list()?;
+    let mut events = Vec::new();
+    loop {
+        let page = store.events().list(&EventFilter {
+            limit: Some(10_000),
+            before: events.last().map(keytally::Event::cursor),
+            ..EventFilter::default()
+        })?;
+        if page.is_empty() {
+            break;
+        }
+        events.extend(page);
+    }
+    assert!(events.len() > 100, "{} events", events.len());
+    let mut mismatched = Vec::new();
+    for event in &events {
+        let in_force = versions
+            .iter()
+            .filter(|version| version.effective_from <= event.ts)
+            .max_by_key(|version| version.effective_from)
+            .map(|version| version.price.cost_of(event.token_counts()).nanos());
+        if event.cost.map(|cost| cost.nanos()) != in_force {
+            mismatched.push((event.ts, event.cost, in_force));
+        }
+    }
+    assert!(
+        mismatched.is_empty(),
+        "{} events: {mismatched:?}",
+        mismatched.len()
+    );
+    Ok(())
+}
