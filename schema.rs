@@ -23,6 +23,18 @@ diesel::table! {
 }
 
 diesel::table! {
+    key_budgets (key_row_id) {
+        key_row_id -> BigInt,
+        budget_nanos -> BigInt,
+        soft_nanos -> Nullable<BigInt>,
+        period_days -> Nullable<Integer>,
+        anchor -> BigInt,
+        period_start -> BigInt,
+        spend_nanos -> BigInt,
+    }
+}
+
+diesel::table! {
     key_secrets (secret_hash) {
         secret_hash -> Binary,
         key_row_id -> BigInt,
@@ -110,11 +122,13 @@ diesel::table! {
     }
 }
 
+diesel::joinable!(key_budgets -> keys (key_row_id));
 diesel::joinable!(key_secrets -> keys (key_row_id));
 diesel::joinable!(prices -> models (model_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     events,
+    key_budgets,
     key_secrets,
     keys,
     models,

@@ -77,6 +77,7 @@ pub use db::sqlite::migrations::{known_versions, pending_for, MIGRATIONS};
 pub use db::sqlite::restore::RestoreReport;
 pub use error::{BoxedError, Error, Result};
 pub use ingest::{parse_json_line, MAX_JSON_LINE_LEN};
+pub use model::budget::{Budget, BudgetPeriod, BudgetStatus, MAX_PERIOD_DAYS};
 pub use model::event::{
     Event, EventCursor, EventFilter, EventId, NewEvent, PruneReport, DEFAULT_PRUNE_BATCH,
     DEFAULT_RAW_RETENTION, MAX_BATCH_LEN, MAX_ERROR_TAG_LEN, MAX_REQUEST_ID_LEN,

@@ -135,7 +135,7 @@ enum Command {
 enum KeysCommand {
     /// Create a key and print its secret (shown this once).
     #[command(
-        after_help = "Examples:\n  keytally keys create --label \"alice's laptop\" --models gpt-4o,gpt-4o-mini --expires-in 90d\n  keytally keys create --label ops --tier admin --json"
+        after_help = "Examples:\n  keytally keys create --label \"alice's laptop\" --models gpt-4o,gpt-4o-mini --expires-in 90d\n  keytally keys create --label team-a --budget 25.00/month --soft-budget 20\n  keytally keys create --label ops --tier admin --json"
     )]
     Create(CreateKey),
     /// List active keys (all keys with --all).
@@ -145,7 +145,7 @@ enum KeysCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Show one key.
+    /// Show one key, with its budget's spend in the current period.
     #[command(after_help = "Examples:\n  keytally keys show 01a20c2d-20bd-77f1-9864-d896bc6cfb7b")]
     Show {
         /// The key's id.
@@ -170,9 +170,9 @@ enum KeysCommand {
         #[arg(long, default_value = "24h", value_name = "DURATION")]
         grace: String,
     },
-    /// Change a key's label, models, expiry or rate limit (never its tier).
+    /// Change a key's label, models, expiry, rate limit or budget (never its tier).
     #[command(
-        after_help = "Examples:\n  keytally keys update 01a20c2d-20bd-77f1-9864-d896bc6cfb7b --models \"*\" --no-expiry\n  keytally keys update 01a20c2d-20bd-77f1-9864-d896bc6cfb7b --rate-limit 600"
+        after_help = "Examples:\n  keytally keys update 01a20c2d-20bd-77f1-9864-d896bc6cfb7b --models \"*\" --no-expiry\n  keytally keys update 01a20c2d-20bd-77f1-9864-d896bc6cfb7b --rate-limit 600\n  keytally keys update 01a20c2d-20bd-77f1-9864-d896bc6cfb7b --budget 5/day --soft-budget 4"
     )]
     Update(UpdateKey),
     /// Read a secret from stdin and print the key it belongs to.
@@ -199,6 +199,15 @@ struct CreateKey {
     /// Requests per minute for this key (default: the gateway's).
     #[arg(long, value_name = "N")]
     rate_limit: Option<u32>,
+    /// What the key may spend per period: AMOUNT/PERIOD, the period day, month or N days (30d).
+    #[arg(long, value_name = "AMOUNT/PERIOD")]
+    budget: Option<String>,
+    /// Report (once a period) when the spend reaches this amount.
+    #[arg(long, value_name = "AMOUNT")]
+    soft_budget: Option<String>,
+    /// When the first period of an N-days budget starts (default: today, 00:00 UTC).
+    #[arg(long, value_name = "TIME")]
+    budget_from: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -223,6 +232,18 @@ struct UpdateKey {
     /// Go back to the gateway's default rate limit.
     #[arg(long)]
     default_rate_limit: bool,
+    /// What the key may spend per period: AMOUNT/PERIOD, the period day, month or N days (30d).
+    #[arg(long, value_name = "AMOUNT/PERIOD", conflicts_with = "no_budget")]
+    budget: Option<String>,
+    /// Report (once a period) when the spend reaches this amount.
+    #[arg(long, value_name = "AMOUNT")]
+    soft_budget: Option<String>,
+    /// When the first period of an N-days budget starts (default: today, 00:00 UTC).
+    #[arg(long, value_name = "TIME")]
+    budget_from: Option<String>,
+    /// Remove the budget.
+    #[arg(long, conflicts_with_all = ["soft_budget", "budget_from"])]
+    no_budget: bool,
 }
 
 #[derive(Debug, Subcommand)]

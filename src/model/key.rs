@@ -12,6 +12,7 @@ use diesel::Queryable;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
+use crate::model::budget::Budget;
 use crate::model::invalid::Invalid;
 use crate::model::secret::Secret;
 use crate::model::time::Timestamp;
@@ -275,6 +276,8 @@ pub struct NewKey {
     pub expires_at: Option<Timestamp>,
     /// Requests per minute; `None` for the gateway's default.
     pub rate_limit_override: Option<u32>,
+    /// What the key may spend per period; `None` for no limit.
+    pub budget: Option<Budget>,
 }
 
 impl NewKey {
@@ -286,6 +289,7 @@ impl NewKey {
             allowed_models: AllowedModels::Any,
             expires_at: None,
             rate_limit_override: None,
+            budget: None,
         }
     }
 }
@@ -302,6 +306,9 @@ pub struct KeyUpdate {
     pub expires_at: Option<Option<Timestamp>>,
     /// A new rate limit; `Some(None)` returns to the gateway's default.
     pub rate_limit_override: Option<Option<u32>>,
+    /// A new budget; `Some(None)` removes it. The spend of the current
+    /// period is counted from the events already recorded in it.
+    pub budget: Option<Option<Budget>>,
 }
 
 /// A new key (or a rotated one) with its secret, which is shown this once.
@@ -335,7 +342,7 @@ impl ActiveKey {
 
 /// Why a presented secret does not let its bearer in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Rejection {
     /// Not a keytally secret: wrong shape, or a checksum mismatch (a typo).
     /// The database was not consulted.
@@ -347,6 +354,9 @@ pub enum Rejection {
     /// The key has expired, or this secret was rotated out and its grace
     /// period has ended.
     Expired,
+    /// The key's spend in its budget's current period has reached the
+    /// budget; it resolves again when the next period starts.
+    OverBudget,
 }
 
 impl Rejection {
@@ -357,6 +367,7 @@ impl Rejection {
             Rejection::Unknown => "unknown",
             Rejection::Revoked => "revoked",
             Rejection::Expired => "expired",
+            Rejection::OverBudget => "over_budget",
         }
     }
 }

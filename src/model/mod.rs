@@ -1,8 +1,9 @@
-//! Plain values: ids, times, secrets, keys, events, prices and usage, with the rules
+//! Plain values: ids, times, secrets, keys, budgets, events, prices and usage, with the rules
 //! their fields follow. Nothing here touches a database, and nothing here
 //! imports from another layer of keytally: [`crate::Error`] and everything
 //! else build on these.
 
+pub(crate) mod budget;
 pub(crate) mod event;
 pub(crate) mod invalid;
 pub(crate) mod key;

@@ -133,7 +133,7 @@ impl FromStr for Micros {
     type Err = Invalid;
 
     fn from_str(text: &str) -> Result<Micros, Invalid> {
-        parse_decimal(text, 6).map(Micros)
+        parse_decimal(text, 6, "price", "a price").map(Micros)
     }
 }
 
@@ -174,6 +174,15 @@ impl Cost {
 impl fmt::Display for Cost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&decimal(i128::from(self.0), 9))
+    }
+}
+
+impl FromStr for Cost {
+    type Err = Invalid;
+
+    /// An amount as a decimal with up to nine places (`"25.00"`).
+    fn from_str(text: &str) -> Result<Cost, Invalid> {
+        parse_decimal(text, 9, "amount", "an amount").map(Cost)
     }
 }
 
@@ -218,11 +227,11 @@ fn decimal(value: i128, places: u32) -> String {
 
 /// Parses a non-negative decimal with at most `places` places into an
 /// integer number of `10^-places` units.
-fn parse_decimal(text: &str, places: u32) -> Result<i64, Invalid> {
+fn parse_decimal(text: &str, places: u32, field: &'static str, what: &str) -> Result<i64, Invalid> {
     let refuse = |why: &str| {
         Invalid::new(
-            "price",
-            format!("{text:?} is not a price: {why} (write a decimal such as 2.50 or 0.075)"),
+            field,
+            format!("{text:?} is not {what}: {why} (write a decimal such as 2.50 or 0.075)"),
         )
     };
     let trimmed = text.trim();

@@ -1,6 +1,6 @@
 //! Event rows as they are written: [`ValidEvent`], an event checked and
 //! with its key and models resolved to row ids, and its insert with its
-//! rollups on SQLite, ids taken from the `events` counter. PostgreSQL's
+//! rollups and its key's spend on SQLite, ids taken from the `events` counter. PostgreSQL's
 //! insert is in `postgres_insert`.
 
 use std::borrow::Cow;
@@ -13,6 +13,7 @@ use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::{Error, Result};
 use crate::model::event::{EventId, NewEvent};
 use crate::model::price::Cost;
+use crate::repositories::budgets;
 use crate::repositories::price_memory::PriceMemory;
 use crate::repositories::rollups::{self, Counted};
 
@@ -52,10 +53,11 @@ impl ValidEvent<'_> {
 
 sql_text!(
     /// The id the next event gets (ids are given explicitly, so a batch's
-    /// are known without reading each one back), and the count of price
-    /// changes (see `prices`).
+    /// are known without reading each one back), the count of price
+    /// changes (see `prices`), and whether any key has a budget.
     NextEventId = "SELECT next AS value, \
-        (SELECT next FROM sequences WHERE name = 'price_changes') AS price_changes \
+        (SELECT next FROM sequences WHERE name = 'price_changes') AS price_changes, \
+        EXISTS (SELECT 1 FROM key_budgets) AS budgets \
         FROM sequences WHERE name = 'events'"
 );
 sql_text!(
@@ -76,6 +78,8 @@ struct IdRow {
     value: i64,
     #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
     price_changes: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    budgets: bool,
 }
 
 impl ValidEvent<'_> {
@@ -125,7 +129,7 @@ pub(crate) fn insert(
             reason: "it is empty".to_owned(),
         });
     }
-    let (ids, price_changes) = allocate_ids(conn, valid.len())?;
+    let (ids, price_changes, budgets) = allocate_ids(conn, valid.len())?;
     let costs = prices.costs(
         conn,
         price_changes,
@@ -135,9 +139,19 @@ pub(crate) fn insert(
     // that arrives slightly out of order still fills each page once.
     let mut order: Vec<usize> = (0..valid.len()).collect();
     order.sort_by_key(|&offset| valid[offset].event.ts);
-    for offset in order {
+    for &offset in &order {
         let row = FixedSql::<InsertEvent>::new(valid[offset].values(ids[offset].0, costs[offset]));
         row.execute(conn)?;
+    }
+    if budgets {
+        // In time order, so that a later period's event starts its spend
+        // after the earlier period's events were added.
+        for &offset in &order {
+            if let (Some(key_row_id), Some(cost)) = (valid[offset].key_row_id, costs[offset]) {
+                let event = &valid[offset].event;
+                budgets::add_spend(conn, event.key_id, key_row_id, event.ts, cost)?;
+            }
+        }
     }
     rollups::add(
         &mut Conn::Sqlite(conn),
@@ -153,9 +167,9 @@ pub(crate) fn insert(
 }
 
 /// `count` new, consecutive event ids from the `events` counter, which
-/// the write lock keeps to one writer at a time, and the count of price
-/// changes.
-fn allocate_ids(conn: &mut SqliteConnection, count: usize) -> Result<(Vec<EventId>, i64)> {
+/// the write lock keeps to one writer at a time, the count of price
+/// changes, and whether any key has a budget.
+fn allocate_ids(conn: &mut SqliteConnection, count: usize) -> Result<(Vec<EventId>, i64, bool)> {
     let count = i64::try_from(count).map_err(|_| Error::InvalidInput {
         field: "batch",
         reason: "too many events".to_owned(),
@@ -176,5 +190,9 @@ fn allocate_ids(conn: &mut SqliteConnection, count: usize) -> Result<(Vec<EventI
             message: format!("event ids are exhausted (next id {first})"),
         })?;
     FixedSql::<SetNextEventId>::new(vec![Value::Int(next)]).execute(conn)?;
-    Ok(((first..next).map(EventId).collect(), price_changes))
+    Ok((
+        (first..next).map(EventId).collect(),
+        price_changes,
+        row.budgets,
+    ))
 }

@@ -2,6 +2,7 @@
 //! or concern. They run on [`crate::db`]'s connections and transactions and
 //! use [`crate::model`]'s values; they never name the store.
 
+pub(crate) mod budgets;
 pub(crate) mod event_rows;
 pub(crate) mod events;
 pub(crate) mod fast_hash;

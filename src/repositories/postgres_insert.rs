@@ -1,6 +1,7 @@
 //! Recording events on PostgreSQL: a single statement takes the ids from
-//! the `event_ids` sequence, inserts the rows and adds their totals to both
-//! rollup tables (grouped on the server, so they equal a recount).
+//! the `event_ids` sequence, inserts the rows, adds their totals to both
+//! rollup tables (grouped on the server, so they equal a recount) and their
+//! costs to their keys' budgets (`budgets::spend_cte`).
 //!
 //! - One event: the statement with scalars ([`RecordOne`]), one round trip.
 //! - A few events: the batch as one array per column ([`RecordBatch`]), one
@@ -18,6 +19,7 @@ use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
 use crate::model::event::EventId;
 use crate::model::price;
+use crate::repositories::budgets;
 use crate::repositories::event_rows::ValidEvent;
 use crate::repositories::rollups;
 
@@ -59,8 +61,12 @@ fn statement_from(rows: &str) -> String {
          inserted AS (INSERT INTO events (id, {COLUMNS}, cost_nanos) \
            SELECT id, {INSERTED}, cost_nanos FROM new ORDER BY ts), \
          by_key AS ({by_key}), \
-         by_model AS ({by_model}) \
-         SELECT id AS value FROM new ORDER BY position",
+         by_model AS ({by_model}), \
+         {spent} \
+         SELECT new.id AS value, {spent_columns} FROM new \
+         LEFT JOIN spent ON spent.position = new.position ORDER BY new.position",
+        spent = budgets::spend_cte("new"),
+        spent_columns = budgets::SPENT_COLUMNS,
         cost = price::cost_sql("u", "p"),
         by_key = rollups::upsert_totals_of(
             "usage_key_hourly",
@@ -181,11 +187,8 @@ pub(crate) fn insert_copied(
     diesel::copy_from(keytally_staging::table)
         .from_insertable(&rows)
         .execute(conn)?;
-    Ok(FixedSql::<RecordStaged>::new(Vec::new())
-        .load::<IdRow>(conn)?
-        .into_iter()
-        .map(|row| EventId(row.value))
-        .collect())
+    let rows = FixedSql::<RecordStaged>::new(Vec::new()).load::<IdRow>(conn)?;
+    Ok(ids_of(rows, valid))
 }
 sql_text!(
     /// Records one event with its rollups: the same statement as
@@ -203,10 +206,26 @@ sql_text!(
     )
 );
 
+/// An event's id, and its key's budget if the spend added for its key
+/// was last added with it.
 #[derive(QueryableByName)]
 struct IdRow {
     #[diesel(sql_type = BigInt)]
     value: i64,
+    #[diesel(embed)]
+    spent: budgets::SpentColumns,
+}
+
+/// The ids of the recorded events, in their order; logs the budget limits
+/// their keys reached.
+fn ids_of(rows: Vec<IdRow>, valid: &[ValidEvent<'_>]) -> Vec<EventId> {
+    rows.into_iter()
+        .zip(valid)
+        .map(|(row, valid)| {
+            row.spent.report(valid.event.key_id);
+            EventId(row.value)
+        })
+        .collect()
 }
 
 /// The batch's columns, one vector each.
@@ -265,20 +284,14 @@ pub(crate) fn insert(conn: &mut PgConnection, valid: &[ValidEvent<'_>]) -> Resul
         Value::BoolArray(&columns.usage_unknown),
         Value::NullableTextArray(&columns.thinking_level),
     ]);
-    Ok(FixedSql::<RecordBatch>::new(values)
-        .load::<IdRow>(conn)?
-        .into_iter()
-        .map(|row| EventId(row.value))
-        .collect())
+    let rows = FixedSql::<RecordBatch>::new(values).load::<IdRow>(conn)?;
+    Ok(ids_of(rows, valid))
 }
 
 /// [`insert`] for one event.
 fn insert_one(conn: &mut PgConnection, valid: &ValidEvent<'_>) -> Result<Vec<EventId>> {
-    Ok(FixedSql::<RecordOne>::new(valid.column_values().to_vec())
-        .load::<IdRow>(conn)?
-        .into_iter()
-        .map(|row| EventId(row.value))
-        .collect())
+    let rows = FixedSql::<RecordOne>::new(valid.column_values().to_vec()).load::<IdRow>(conn)?;
+    Ok(ids_of(rows, std::slice::from_ref(valid)))
 }
 
 /// Whether a batch whose commit was cut off by a lost connection is stored:

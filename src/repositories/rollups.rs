@@ -6,13 +6,14 @@
 
 use std::collections::BTreeMap;
 
-use diesel::RunQueryDsl;
+use diesel::{QueryableByName, RunQueryDsl};
 
 use crate::db::database::{on_backend, Conn};
 use crate::db::sql::{sql_text, CachedSql, FixedSql, Value};
 use crate::error::Result;
 use crate::model::event::NewEvent;
 use crate::model::price::Cost;
+use crate::model::time::HOUR_MS;
 use crate::model::usage::Totals;
 
 /// How a rollup column's values combine.
@@ -235,3 +236,56 @@ pub(crate) fn delete_before(conn: &mut Conn<'_>, cutoff_hour: i64, batch: u32) -
     let by_model = on_backend!(conn, |c| by_model.execute(c))?;
     Ok(by_key + by_model)
 }
+
+/// Totals read by [`key_totals`].
+#[derive(QueryableByName)]
+struct TotalsRow {
+    #[diesel(embed)]
+    totals: Totals,
+}
+
+/// One key's totals over `[since, until)` (Unix milliseconds): whole
+/// hours from its rollups, the partial hours at the edges from its raw
+/// events, in one statement.
+pub(crate) fn key_totals(
+    conn: &mut Conn<'_>,
+    key_row: i64,
+    since: i64,
+    until: i64,
+) -> Result<Totals> {
+    let first_whole_hour = since.div_euclid(HOUR_MS) + i64::from(since.rem_euclid(HOUR_MS) != 0);
+    let end_whole_hour = until.div_euclid(HOUR_MS);
+    let (rollup, left, right) = if first_whole_hour < end_whole_hour {
+        (
+            (first_whole_hour, end_whole_hour),
+            (since, first_whole_hour * HOUR_MS),
+            (end_whole_hour * HOUR_MS, until),
+        )
+    } else {
+        ((0, 0), (since, until), (0, 0))
+    };
+    let values = [
+        key_row, rollup.0, rollup.1, key_row, left.0, left.1, key_row, right.0, right.1,
+    ]
+    .map(Value::Int)
+    .to_vec();
+    let query = FixedSql::<KeyWindowTotals>::new(values);
+    let row: TotalsRow = on_backend!(conn, |c| query.get_result(c))?;
+    Ok(row.totals)
+}
+
+sql_text!(
+    /// One key's totals: whole hours `[?, ?)` from its rollups, and the two
+    /// edges from its raw events (an edge not needed is an empty window).
+    /// Fixed for the process, so Diesel keeps it prepared by type.
+    KeyWindowTotals = format!(
+        "SELECT {totals} FROM (\
+         SELECT {columns} FROM usage_key_hourly WHERE key_row_id = ? AND hour >= ? AND hour < ? \
+         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ? \
+         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ?) \
+         AS parts",
+        totals = totals_of_rows(),
+        columns = column_list(),
+        per_event = event_as_rollup_row(),
+    )
+);

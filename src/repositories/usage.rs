@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 
 use crate::db::database::on_backend;
-use crate::db::sql::{sql_text, CachedSql, FixedSql, Value};
+use crate::db::sql::CachedSql;
 use crate::error::{Error, Result};
 use crate::model::key::KeyId;
 use crate::model::time::{Timestamp, DAY_MS, HOUR_MS};
@@ -158,28 +158,13 @@ impl<'a> Events<'a> {
             (grouping, resolved.key_row, resolved.model_id)
         {
             // One key's totals: the dashboard's question, asked most often.
-            let (rollup, left, right) = if first_whole_hour < end_whole_hour {
-                (
-                    (first_whole_hour, end_whole_hour),
-                    (resolved.since, first_whole_hour * HOUR_MS),
-                    (end_whole_hour * HOUR_MS, resolved.until),
-                )
-            } else {
-                ((0, 0), (resolved.since, resolved.until), (0, 0))
-            };
-            let values = [
-                key_row, rollup.0, rollup.1, key_row, left.0, left.1, key_row, right.0, right.1,
-            ]
-            .map(Value::Int)
-            .to_vec();
-            let row: GroupRow = {
+            let totals = {
                 let mut pooled = self.db.connection()?;
-                let query = FixedSql::<KeyWindowTotals>::new(values);
-                on_backend!(&mut pooled.conn(), |c| query.get_result(c))?
+                rollups::key_totals(&mut pooled.conn(), key_row, resolved.since, resolved.until)?
             };
             let mut grouped = BTreeMap::new();
-            if row.totals.requests > 0 {
-                grouped.insert(0, row.totals);
+            if totals.requests > 0 {
+                grouped.insert(0, totals);
             }
             return Ok(grouped);
         }
@@ -226,22 +211,6 @@ impl<'a> Events<'a> {
         Ok(grouped)
     }
 }
-
-sql_text!(
-    /// One key's totals: whole hours `[?, ?)` from its rollups, and the two
-    /// edges from its raw events (an edge not needed is an empty window).
-    /// Fixed for the process, so Diesel keeps it prepared by type.
-    KeyWindowTotals = format!(
-        "SELECT CAST(0 AS BIGINT) AS grp, {totals} FROM (\
-         SELECT {columns} FROM usage_key_hourly WHERE key_row_id = ? AND hour >= ? AND hour < ? \
-         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ? \
-         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ?) \
-         AS parts",
-        totals = rollups::totals_of_rows(),
-        columns = rollups::column_list(),
-        per_event = rollups::event_as_rollup_row(),
-    )
-);
 
 /// The parts of a `UNION ALL`, each a `SELECT` of rollup-shaped rows with
 /// its values.

@@ -60,6 +60,7 @@ fn created_key_resolves_and_stores_no_secret(
         allowed_models: AllowedModels::from_names(&["gpt-4o", "o3"])?,
         expires_at: Some(Timestamp::now().plus_millis(3_600_000)),
         rate_limit_override: Some(120),
+        budget: None,
     };
     let created = store.keys().create(&new)?;
     let secret = created.secret.expose().to_owned();
@@ -310,6 +311,7 @@ fn update_changes_fields_but_never_the_tier(
             allowed_models: Some(AllowedModels::from_names(&["o3"])?),
             rate_limit_override: Some(Some(7)),
             expires_at: None,
+            budget: None,
         },
     )?;
     assert_eq!(updated.label, "new label");

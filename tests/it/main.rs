@@ -3,6 +3,7 @@
 mod architecture;
 mod backup;
 mod bad_conditions;
+mod budgets;
 mod cli;
 mod contention;
 mod crash;

@@ -2,7 +2,9 @@
 
 use std::io::Read;
 
-use keytally::{Key, KeyFilter, KeyState, KeyUpdate, NewKey, Store, Timestamp};
+use keytally::{
+    BudgetStatus, Key, KeyFilter, KeyId, KeyState, KeyUpdate, NewKey, Store, Timestamp,
+};
 use serde_json::json;
 
 use super::{parse, CliResult, Failure, Output};
@@ -21,14 +23,22 @@ pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
                     .map(|text| parse::duration(text).map(parse::from_now))
                     .transpose()?,
                 rate_limit_override: args.rate_limit,
+                budget: parse::budget(
+                    args.budget.as_deref(),
+                    args.soft_budget.as_deref(),
+                    args.budget_from.as_deref(),
+                    None,
+                )?,
             };
             let created = store.keys().create(&new)?;
+            let budget = store.keys().budget(created.key.id)?;
             out.print(
-                &json!({ "key": created.key, "secret": created.secret.expose() }),
+                &json!({ "key": created.key, "budget": budget, "secret": created.secret.expose() }),
                 || {
                     format!(
-                        "{}secret: {}\n(the secret is shown this once; store it now)",
+                        "{}{}secret: {}\n(the secret is shown this once; store it now)",
                         key_text(&created.key),
+                        budget_text(budget.as_ref()),
                         created.secret.expose()
                     )
                 },
@@ -56,11 +66,7 @@ pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
             });
             Ok(())
         }
-        KeysCommand::Show { id } => {
-            let key = store.keys().get(parse::key_id(id)?)?;
-            out.print(&key, || key_text(&key));
-            Ok(())
-        }
+        KeysCommand::Show { id } => show(store, parse::key_id(id)?, out),
         KeysCommand::Revoke { id } => {
             let key = store.keys().revoke(parse::key_id(id)?)?;
             out.print(&key, || format!("revoked {}", key.id));
@@ -99,10 +105,39 @@ pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
                 } else {
                     args.rate_limit.map(Some)
                 },
+                budget: None,
             };
-            let key = store.keys().update(parse::key_id(&args.id)?, &update)?;
-            out.print(&key, || key_text(&key));
-            Ok(())
+            let id = parse::key_id(&args.id)?;
+            let update = if args.no_budget {
+                KeyUpdate {
+                    budget: Some(None),
+                    ..update
+                }
+            } else if args.budget.is_some()
+                || args.soft_budget.is_some()
+                || args.budget_from.is_some()
+            {
+                // A soft limit or a start alone changes the key's budget.
+                let base = if args.budget.is_none() {
+                    store.keys().budget(id)?.map(|status| status.budget)
+                } else {
+                    None
+                };
+                let budget = parse::budget(
+                    args.budget.as_deref(),
+                    args.soft_budget.as_deref(),
+                    args.budget_from.as_deref(),
+                    base,
+                )?;
+                KeyUpdate {
+                    budget: Some(budget),
+                    ..update
+                }
+            } else {
+                update
+            };
+            store.keys().update(id, &update)?;
+            show(store, id, out)
         }
         KeysCommand::Resolve => {
             // From stdin, never argv, where `ps` would show it.
@@ -130,6 +165,50 @@ pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
             }
         }
     }
+}
+
+/// Prints a key with its budget.
+fn show(store: &Store, id: KeyId, out: &Output) -> CliResult {
+    let key = store.keys().get(id)?;
+    let budget = store.keys().budget(id)?;
+    let mut shown =
+        serde_json::to_value(&key).map_err(|source| keytally::Error::BadStoredValue {
+            message: format!("the key cannot be shown as JSON: {source}"),
+        })?;
+    if let Some(fields) = shown.as_object_mut() {
+        fields.insert("budget".to_owned(), json!(budget));
+    }
+    out.print(&shown, || {
+        format!("{}{}", key_text(&key), budget_text(budget.as_ref()))
+    });
+    Ok(())
+}
+
+/// The budget lines of `keys show`.
+fn budget_text(budget: Option<&BudgetStatus>) -> String {
+    let Some(status) = budget else {
+        return "budget:         -\n".to_owned();
+    };
+    let soft = status.budget.soft_limit.map_or_else(
+        || "-".to_owned(),
+        |soft| {
+            let reached = if status.soft_limit_reached {
+                " (reached)"
+            } else {
+                ""
+            };
+            format!("{soft}{reached}")
+        },
+    );
+    format!(
+        "budget:         {} per {}{}\nsoft_budget:    {soft}\nspend:          {} since {}\nresets_at:      {}\n",
+        status.budget.limit,
+        status.budget.period,
+        if status.over_budget { " (reached: the key does not resolve)" } else { "" },
+        status.spend,
+        status.period_start,
+        status.resets_at,
+    )
 }
 
 fn all_keys(store: &Store, active_only: bool) -> CliResult<Vec<Key>> {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use keytally::{AllowedModels, Error, KeyId, Timestamp};
+use keytally::{AllowedModels, Budget, BudgetPeriod, Cost, Error, KeyId, Timestamp};
 
 /// A duration such as `90s`, `15m`, `24h`, `30d` or `0`.
 pub fn duration(text: &str) -> Result<Duration, Error> {
@@ -94,6 +94,46 @@ pub fn key_id(text: &str) -> Result<KeyId, Error> {
 pub fn models(text: &str) -> Result<AllowedModels, Error> {
     let names: Vec<&str> = text.split(',').map(str::trim).collect();
     Ok(AllowedModels::from_names(&names)?)
+}
+
+/// A budget from `--budget AMOUNT/PERIOD`, `--soft-budget AMOUNT` and
+/// `--budget-from TIME` (the start of a fixed-days period); `base` is the
+/// key's budget for a change of the soft limit or start alone.
+pub fn budget(
+    budget: Option<&str>,
+    soft: Option<&str>,
+    from: Option<&str>,
+    base: Option<Budget>,
+) -> Result<Option<Budget>, Error> {
+    let mut result = match (budget, base) {
+        (Some(text), _) => text.parse::<Budget>()?,
+        (None, Some(base)) => base,
+        (None, None) if soft.is_none() && from.is_none() => return Ok(None),
+        (None, None) => {
+            return Err(Error::InvalidInput {
+                field: "budget",
+                reason: "the key has no budget: give one with --budget AMOUNT/PERIOD".to_owned(),
+            })
+        }
+    };
+    if let Some(soft) = soft {
+        result.soft_limit = Some(soft.parse::<Cost>()?);
+    }
+    if let Some(from) = from {
+        let BudgetPeriod::Days { days, .. } = result.period else {
+            return Err(Error::InvalidInput {
+                field: "budget_from",
+                reason: "only a budget of a number of days (such as 100/30d) has a start"
+                    .to_owned(),
+            });
+        };
+        result.period = BudgetPeriod::Days {
+            days,
+            from: time(from)?,
+        };
+    }
+    result.validate()?;
+    Ok(Some(result))
 }
 
 #[cfg(test)]

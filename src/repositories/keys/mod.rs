@@ -6,6 +6,7 @@
 
 pub(crate) mod cache;
 pub(crate) mod last_used;
+mod look_up;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,18 +17,21 @@ use diesel::prelude::*;
 
 use crate::db::database::{on_backend, Conn, Database};
 use crate::db::key_changes::KeyChangeWatch;
-use crate::db::schema::{key_secrets, keys, sequences};
-use crate::db::sql::{sql_text, FixedSql};
+use crate::db::schema::{key_secrets, keys};
 use crate::error::{Error, Result};
+use crate::model::budget::BudgetStatus;
 use crate::model::key::{
     page_size, validate_expiry, validate_label, ActiveKey, AllowedModels, CreatedKey, Key,
     KeyFilter, KeyId, KeyState, KeyUpdate, NewKey, Rejection, Tier,
 };
 use crate::model::secret;
 use crate::model::time::Timestamp;
+use crate::repositories::budgets;
 use crate::repositories::fast_hash::BuildFastHasher;
 use crate::repositories::keys::cache::KeyCache;
 use crate::repositories::keys::last_used::LastUsed;
+pub(crate) use crate::repositories::keys::look_up::Resolved;
+use crate::repositories::keys::look_up::{key_changes, look_up};
 
 #[derive(Insertable)]
 #[diesel(table_name = keys)]
@@ -121,47 +125,6 @@ impl KeyMemory {
     }
 }
 
-/// The name of the count of key changes in `sequences`; see [`cache`].
-const KEY_CHANGES: &str = "key_changes";
-
-sql_text!(
-    /// The database's count of key changes. A constant statement kept
-    /// prepared by type: no value to bind on the hot path of a resolve.
-    KeyChangeCount = "SELECT next AS value FROM sequences WHERE name = 'key_changes'"
-);
-
-#[derive(QueryableByName)]
-struct CountRow {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    value: i64,
-}
-
-/// The database's count of key changes, read in its own read transaction.
-fn key_changes(conn: &mut Conn<'_>) -> Result<i64> {
-    Ok(
-        on_backend!(conn, |c| FixedSql::<KeyChangeCount>::new(Vec::new())
-            .get_result::<CountRow>(c)
-            .optional())?
-        .ok_or_else(|| Error::BadStoredValue {
-            message: "the count of key changes is missing from the sequences table".to_owned(),
-        })?
-        .value,
-    )
-}
-
-/// What resolving a secret reads: the key's row id, id, tier, allowed
-/// models, rate limit, expiry and revocation, and the secret's end of grace.
-pub(crate) type Resolved = (
-    i64,
-    KeyId,
-    Tier,
-    AllowedModels,
-    Option<i64>,
-    Option<Timestamp>,
-    Option<Timestamp>,
-    Option<Timestamp>,
-);
-
 /// The keys repository of a store; see `Store::keys`.
 #[derive(Debug, Clone, Copy)]
 pub struct Keys<'a> {
@@ -188,6 +151,9 @@ impl<'a> Keys<'a> {
         if let Some(expiry) = new.expires_at {
             validate_expiry(expiry, now)?;
         }
+        if let Some(budget) = &new.budget {
+            budget.validate()?;
+        }
         let secret = secret::generate(&self.memory.secret_prefix)?;
         let hash = secret.hash();
         let display_prefix = secret.display_prefix();
@@ -212,6 +178,9 @@ impl<'a> Keys<'a> {
                 created_at: now,
             }
             .insert(conn)?;
+            if let Some(budget) = &new.budget {
+                budgets::set(conn, key.row_id, Some(budget), now)?;
+            }
             Ok(key)
         })?;
         tracing::info!(key = %key.id, tier = %key.tier, "created key");
@@ -263,6 +232,7 @@ impl<'a> Keys<'a> {
             expires_at,
             revoked_at,
             valid_until,
+            over_budget_until,
         )) = row
         else {
             return Ok(Err(Rejection::Unknown));
@@ -273,6 +243,10 @@ impl<'a> Keys<'a> {
         }
         if expires_at.is_some_and(|t| t <= now) || valid_until.is_some_and(|t| t <= now) {
             return Ok(Err(Rejection::Expired));
+        }
+        // The period that the spend reached the budget in ends by time alone.
+        if over_budget_until.is_some_and(|t| now < t) {
+            return Ok(Err(Rejection::OverBudget));
         }
         self.memory.last_used.note(row_id, now.as_millis());
         if looked_up {
@@ -407,8 +381,8 @@ impl<'a> Keys<'a> {
         Ok(CreatedKey { key, secret })
     }
 
-    /// Changes the label, models, expiry or rate limit of a key. The tier
-    /// cannot change.
+    /// Changes the label, models, expiry, rate limit or budget of a key.
+    /// The tier cannot change.
     ///
     /// # Errors
     ///
@@ -421,6 +395,9 @@ impl<'a> Keys<'a> {
         if let Some(Some(expiry)) = update.expires_at {
             validate_expiry(expiry, Timestamp::now())?;
         }
+        if let Some(Some(budget)) = &update.budget {
+            budget.validate()?;
+        }
         let changes = KeyChanges {
             label,
             allowed_models: update.allowed_models.as_ref(),
@@ -432,8 +409,12 @@ impl<'a> Keys<'a> {
             && changes.expires_at.is_none()
             && changes.rate_limit_override.is_none();
         self.write_key_change(|conn| {
-            if find_for_update(conn, id)?.revoked_at.is_some() {
+            let key = find_for_update(conn, id)?;
+            if key.revoked_at.is_some() {
                 return Err(Error::KeyRevoked { id });
+            }
+            if let Some(budget) = &update.budget {
+                budgets::set(conn, key.row_id, budget.as_ref(), Timestamp::now())?;
             }
             if !nothing_to_change {
                 on_backend!(conn, |c| diesel::update(
@@ -444,6 +425,19 @@ impl<'a> Keys<'a> {
             }
             find(conn, id)
         })
+    }
+
+    /// The key's budget and where it stands in the current period; `None`
+    /// for a key without one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::KeyNotFound`], or the store's errors.
+    pub fn budget(&self, id: KeyId) -> Result<Option<BudgetStatus>> {
+        let mut pooled = self.db.connection()?;
+        let conn = &mut pooled.conn();
+        let key = find(conn, id)?;
+        budgets::status(conn, key.row_id, Timestamp::now())
     }
 
     /// A write that changes a key or a secret (and so moves the count of
@@ -500,40 +494,6 @@ impl<'a> Keys<'a> {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, row_id);
     }
-}
-
-/// Reads what resolving the secret with this hash returns, with the count
-/// of key changes in the same statement, and keeps it in `cache`.
-fn look_up(
-    conn: &mut Conn<'_>,
-    cache: &KeyCache<Resolved>,
-    hash: &[u8; 32],
-) -> Result<Option<Resolved>> {
-    let found: Option<(Option<i64>, Resolved)> = on_backend!(conn, |c| key_secrets::table
-        .inner_join(keys::table)
-        .left_join(sequences::table.on(sequences::name.eq(KEY_CHANGES)))
-        .filter(key_secrets::secret_hash.eq(&hash[..]))
-        .select((
-            sequences::next.nullable(),
-            (
-                keys::row_id,
-                keys::id,
-                keys::tier,
-                keys::allowed_models,
-                keys::rate_limit_override,
-                keys::expires_at,
-                keys::revoked_at,
-                key_secrets::valid_until,
-            ),
-        ))
-        // `get_result`, not `first`: `first` binds LIMIT as a parameter,
-        // which makes SQLite re-prepare the statement on every call.
-        .get_result(c)
-        .optional())?;
-    if let Some((Some(changes), row)) = &found {
-        cache.put(*changes, *hash, row.clone());
-    }
-    Ok(found.map(|(_, row)| row))
 }
 
 /// The key with this id.

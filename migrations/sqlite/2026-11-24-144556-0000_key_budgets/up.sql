@@ -1,0 +1,47 @@
+-- A key's budget: at most `budget_nanos` of spend (nano-units, as events'
+-- cost_nanos) per period, and an optional soft limit that is only reported.
+-- A period is a calendar month in UTC (`period_days` NULL), or a fixed
+-- number of days from `anchor` (Unix milliseconds; a day is one day from
+-- midnight UTC, anchor 0). The spend of the period that began at
+-- `period_start` is kept as events are recorded, in their transaction: an
+-- event of a later period starts the spend again from its cost, an event of
+-- an earlier period (or before `anchor`) leaves it alone. Resolving a key
+-- reads these two columns, never the events.
+CREATE TABLE key_budgets (
+    key_row_id INTEGER PRIMARY KEY NOT NULL REFERENCES keys (row_id),
+    budget_nanos BIGINT NOT NULL CHECK (budget_nanos > 0),
+    soft_nanos BIGINT CHECK (soft_nanos > 0 AND soft_nanos <= budget_nanos),
+    period_days INTEGER CHECK (period_days BETWEEN 1 AND 36500),
+    anchor BIGINT NOT NULL CHECK (anchor >= 0),
+    period_start BIGINT NOT NULL,
+    spend_nanos BIGINT NOT NULL CHECK (spend_nanos >= 0)
+);
+
+-- Setting, changing or removing a budget can change what resolving the key
+-- answers: it counts as a key change.
+CREATE TRIGGER key_budgets_insert_counts_as_a_key_change AFTER INSERT ON key_budgets
+BEGIN
+    UPDATE sequences SET next = next + 1 WHERE name = 'key_changes';
+END;
+
+CREATE TRIGGER key_budgets_update_counts_as_a_key_change
+AFTER UPDATE OF key_row_id, budget_nanos, period_days, anchor ON key_budgets
+BEGIN
+    UPDATE sequences SET next = next + 1 WHERE name = 'key_changes';
+END;
+
+CREATE TRIGGER key_budgets_delete_counts_as_a_key_change AFTER DELETE ON key_budgets
+BEGIN
+    UPDATE sequences SET next = next + 1 WHERE name = 'key_changes';
+END;
+
+-- So does the spend reaching the budget: every process's cached answer for
+-- the key is read again then, and only then (spend below the budget changes
+-- no answer; a new period ends an earlier refusal by time alone).
+CREATE TRIGGER key_budgets_reached_counts_as_a_key_change
+AFTER UPDATE OF spend_nanos ON key_budgets
+WHEN NEW.spend_nanos >= NEW.budget_nanos
+    AND (OLD.spend_nanos < OLD.budget_nanos OR NEW.period_start <> OLD.period_start)
+BEGIN
+    UPDATE sequences SET next = next + 1 WHERE name = 'key_changes';
+END;

@@ -1,0 +1,375 @@
+//! Budgets on a real store, on both backends: a key stops resolving when
+//! its spend in the period reaches its budget and resolves again when the
+//! period rolls over; the kept spend always equals a recount from the raw
+//! events; stores recording for one key at once overshoot the budget by
+//! at most the requests they have in flight.
+
+use keytally::testing::{folder, store_on, TestStore};
+use keytally::{
+    Backend, Budget, BudgetPeriod, Cost, Error, EventFilter, KeyId, KeyUpdate, NewEvent, NewKey,
+    Price, PriceVersion, Rejection, Store, StoreOptions, Timestamp,
+};
+use rstest::rstest;
+
+use crate::support::binary::{json_of, keytally, path_arg, run};
+use crate::TestResult;
+
+/// What one test event costs: 1,000 prompt tokens at 1.00 a million.
+const EVENT_COST: i64 = 1_000_000;
+const DAY: i64 = 86_400_000;
+
+/// Prices `model` at 1.00 a million prompt tokens from the epoch on.
+fn price_model(store: &Store, model: &str) -> Result<(), Error> {
+    store.prices().set(&PriceVersion {
+        model: model.to_owned(),
+        effective_from: Timestamp::from_millis(0)?,
+        price: Price {
+            prompt: keytally::Micros(1_000_000),
+            ..Price::default()
+        },
+    })
+}
+
+/// An event of `key` at `ts` costing [`EVENT_COST`].
+fn event(key: KeyId, ts: Timestamp) -> NewEvent {
+    let mut event = NewEvent::new(ts, "gpt-4o");
+    event.key_id = Some(key);
+    event.prompt_tokens = 1_000;
+    event
+}
+
+fn budget(limit: i64, soft: Option<i64>, period: BudgetPeriod) -> Budget {
+    Budget {
+        limit: Cost(limit),
+        soft_limit: soft.map(Cost),
+        period,
+    }
+}
+
+/// A key with `budget`, and its secret.
+fn key_with(store: &Store, budget: Budget) -> Result<(KeyId, String), Error> {
+    let created = store.keys().create(&NewKey {
+        budget: Some(budget),
+        ..NewKey::client("budgeted")
+    })?;
+    Ok((created.key.id, created.secret.expose().to_owned()))
+}
+
+/// What the key's events recorded at or after `since` cost, by the test's
+/// own count over the raw events.
+fn recount(store: &Store, key: KeyId, since: Timestamp) -> Result<i64, Error> {
+    let mut total = 0;
+    let mut filter = EventFilter {
+        key: Some(key),
+        limit: Some(10_000),
+        ..EventFilter::default()
+    };
+    loop {
+        let page = store.events().list(&filter)?;
+        let Some(last) = page.last() else {
+            return Ok(total);
+        };
+        filter.before = Some(last.cursor());
+        total += page
+            .iter()
+            .filter(|event| event.event.ts >= since)
+            .filter_map(|event| event.cost.map(Cost::nanos))
+            .sum::<i64>();
+    }
+}
+
+/// A second store on the same database: another gateway process or
+/// replica, as far as the database can tell.
+fn another_store(test: &TestStore) -> Result<Store, Error> {
+    match test.database_url() {
+        Some(url) => StoreOptions::new(url).open(),
+        None => Store::open(test.folder().join("keytally.db")),
+    }
+}
+
+#[rstest]
+fn a_key_stops_resolving_when_its_spend_reaches_its_budget(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
+    price_model(&store, "gpt-4o")?;
+    let (key, secret) = key_with(
+        &store,
+        budget(10 * EVENT_COST, Some(5 * EVENT_COST), BudgetPeriod::Day),
+    )?;
+    let now = Timestamp::now();
+    for n in 1..=10 {
+        // Resolved (and so cached) before each event, as a gateway does.
+        assert!(
+            store.keys().resolve(&secret)?.is_ok(),
+            "refused before event {n}"
+        );
+        store.events().record(&event(key, now))?;
+        let status = store.keys().budget(key)?.ok_or("the budget is gone")?;
+        assert_eq!(status.spend, Cost(n * EVENT_COST));
+        assert_eq!(status.soft_limit_reached, n >= 5, "after {n} events");
+        assert_eq!(status.over_budget, n >= 10, "after {n} events");
+    }
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    // Another store that never resolved the key refuses it too, and so does
+    // this one from its cache.
+    let other = another_store(&store)?;
+    assert_eq!(other.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    let status = store.keys().budget(key)?.ok_or("the budget is gone")?;
+    assert_eq!(
+        status.period_start,
+        BudgetPeriod::Day.start_of(now).ok_or("no day")?
+    );
+    assert_eq!(status.resets_at, status.period_start.plus_millis(DAY));
+    assert_eq!(
+        status.spend.nanos(),
+        recount(&store, key, status.period_start)?
+    );
+    // A larger budget lets it in again; removing the budget too.
+    store.keys().update(
+        key,
+        &KeyUpdate {
+            budget: Some(Some(budget(11 * EVENT_COST, None, BudgetPeriod::Day))),
+            ..KeyUpdate::default()
+        },
+    )?;
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    store.events().record(&event(key, now))?;
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    assert_eq!(other.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    store.keys().update(
+        key,
+        &KeyUpdate {
+            budget: Some(None),
+            ..KeyUpdate::default()
+        },
+    )?;
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    assert!(other.keys().resolve(&secret)?.is_ok());
+    assert_eq!(store.keys().budget(key)?, None);
+    Ok(())
+}
+
+#[rstest]
+fn a_budget_set_on_a_key_counts_what_it_already_spent_in_the_period(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
+    price_model(&store, "gpt-4o")?;
+    let created = store.keys().create(&NewKey::client("spender"))?;
+    let (key, secret) = (created.key.id, created.secret.expose().to_owned());
+    let now = Timestamp::now();
+    let today = BudgetPeriod::Day.start_of(now).ok_or("no day")?;
+    // Three events yesterday, four today (one in the first millisecond).
+    let mut batch = vec![event(key, today.plus_millis(-1)); 3];
+    batch.push(event(key, today));
+    batch.extend(vec![event(key, now); 3]);
+    store.events().record_batch(&batch)?;
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    store.keys().update(
+        key,
+        &KeyUpdate {
+            budget: Some(Some(budget(4 * EVENT_COST, None, BudgetPeriod::Day))),
+            ..KeyUpdate::default()
+        },
+    )?;
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(4 * EVENT_COST));
+    assert_eq!(status.spend.nanos(), recount(&store, key, today)?);
+    assert!(status.over_budget);
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    // A monthly budget counts the whole month so far.
+    store.keys().update(
+        key,
+        &KeyUpdate {
+            budget: Some(Some(budget(100 * EVENT_COST, None, BudgetPeriod::Month))),
+            ..KeyUpdate::default()
+        },
+    )?;
+    let month = BudgetPeriod::Month.start_of(now).ok_or("no month")?;
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend.nanos(), recount(&store, key, month)?);
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    Ok(())
+}
+
+#[rstest]
+fn a_refused_key_resolves_again_when_its_period_rolls_over(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
+    price_model(&store, "gpt-4o")?;
+    // One-day periods whose current one ends two seconds from now.
+    let now = Timestamp::now();
+    let period = BudgetPeriod::Days {
+        days: 1,
+        from: now.plus_millis(2_000 - DAY),
+    };
+    let (key, secret) = key_with(&store, budget(2 * EVENT_COST, None, period))?;
+    store
+        .events()
+        .record_batch(&[event(key, now), event(key, now)])?;
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.resets_at, now.plus_millis(2_000));
+    while Timestamp::now() < status.resets_at {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Nothing was written: time alone ends the refusal.
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!((status.spend, status.over_budget), (Cost(0), false));
+    // In one batch: a late event of the old period, then two of the new one
+    // and another late one. Only the new period's count.
+    let later = Timestamp::now();
+    store.events().record_batch(&[
+        event(key, now),
+        event(key, later),
+        event(key, later),
+        event(key, now),
+    ])?;
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(2 * EVENT_COST));
+    assert_eq!(
+        status.spend.nanos(),
+        recount(&store, key, status.period_start)?
+    );
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    Ok(())
+}
+
+#[rstest]
+fn stores_recording_for_one_key_overshoot_by_at_most_their_requests_in_flight(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const STORES: usize = 4;
+    const ALLOWED: i64 = 200;
+    let test = store_on(backend);
+    price_model(&test, "gpt-4o")?;
+    let (key, secret) = key_with(
+        &test,
+        budget(ALLOWED * EVENT_COST, None, BudgetPeriod::Month),
+    )?;
+    let stores = (0..STORES)
+        .map(|_| another_store(&test))
+        .collect::<Result<Vec<_>, _>>()?;
+    let recorded = AtomicU64::new(0);
+    // Each store is a gateway replica serving one request at a time:
+    // resolve, then record the request's event.
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = stores
+            .iter()
+            .map(|store| {
+                scope.spawn(|| -> Result<(), Error> {
+                    loop {
+                        match store.keys().resolve(&secret)? {
+                            Ok(_) => {}
+                            Err(Rejection::OverBudget) => return Ok(()),
+                            Err(other) => {
+                                return Err(Error::InvalidInput {
+                                    field: "secret",
+                                    reason: format!("refused as {other}"),
+                                })
+                            }
+                        }
+                        store.events().record(&event(key, Timestamp::now()))?;
+                        recorded.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().map_err(|_| "a worker panicked")??;
+        }
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })?;
+    let recorded = i64::try_from(recorded.load(Ordering::SeqCst))?;
+    let overshoot = recorded - ALLOWED;
+    eprintln!(
+        "{backend:?}: {STORES} stores, budget {ALLOWED} events, {recorded} recorded, overshoot {overshoot}"
+    );
+    let status = test.keys().budget(key)?.ok_or("no budget")?;
+    // No addition was lost to a race: the kept spend is every event's.
+    assert_eq!(status.spend, Cost(recorded * EVENT_COST));
+    assert_eq!(
+        status.spend.nanos(),
+        recount(&test, key, status.period_start)?
+    );
+    // The event that reached the budget, plus at most one in flight in each
+    // other store.
+    assert!(
+        (0..STORES as i64).contains(&overshoot),
+        "overshoot {overshoot} with {STORES} stores"
+    );
+    Ok(())
+}
+
+#[rstest]
+fn the_binary_sets_shows_and_removes_a_budget(folder: tempfile::TempDir) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    let created = run(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--label",
+            "team",
+            "--budget",
+            "25.00/month",
+            "--soft-budget",
+            "20",
+        ],
+        "",
+    )?;
+    assert!(created.status.success(), "{created:?}");
+    let created = json_of(&created)?;
+    let id = created["key"]["id"].as_str().ok_or("no id")?.to_owned();
+    assert_eq!(created["budget"]["budget"]["limit"], "25.00");
+    assert_eq!(created["budget"]["budget"]["soft_limit"], "20.00");
+    assert_eq!(created["budget"]["budget"]["period"], "month");
+    let shown = keytally(&["--db", path_arg(&db)?, "keys", "show", &id])?;
+    let text = String::from_utf8(shown.stdout)?;
+    assert!(text.contains("budget:         25.00 per month"), "{text}");
+    assert!(text.contains("spend:          0.00 since"), "{text}");
+    // A soft limit above the budget is refused, and nothing changes.
+    let refused = run(&db, &["keys", "update", &id, "--soft-budget", "30"], "")?;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8(refused.stderr)?.contains("soft"));
+    for bad in ["25/week", "25", "0/day", "5/0d", "1.0000000001/day"] {
+        let refused = run(&db, &["keys", "update", &id, "--budget", bad], "")?;
+        assert_eq!(refused.status.code(), Some(1), "{bad}: {refused:?}");
+        assert!(
+            String::from_utf8(refused.stderr)?.contains("budget"),
+            "{bad}"
+        );
+    }
+    let shown = json_of(&run(&db, &["keys", "show", &id], "")?)?;
+    assert_eq!(shown["budget"]["budget"]["limit"], "25.00");
+    let updated = json_of(&run(
+        &db,
+        &[
+            "keys",
+            "update",
+            &id,
+            "--budget",
+            "5/7d",
+            "--budget-from",
+            "2026-11-01T00:00:00Z",
+        ],
+        "",
+    )?)?;
+    assert_eq!(
+        updated["budget"]["budget"]["period"],
+        "7d from 2026-11-01T00:00:00.000Z"
+    );
+    // The soft limit was kept only where the budget was not given anew.
+    assert_eq!(
+        updated["budget"]["budget"]["soft_limit"],
+        serde_json::Value::Null
+    );
+    let removed = json_of(&run(&db, &["keys", "update", &id, "--no-budget"], "")?)?;
+    assert_eq!(removed["budget"], serde_json::Value::Null);
+    Ok(())
+}
