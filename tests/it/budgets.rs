@@ -12,6 +12,7 @@ use keytally::{
 use rstest::rstest;
 
 use crate::support::binary::{json_of, keytally, path_arg, run};
+use crate::support::crash_writer::example;
 use crate::TestResult;
 
 /// What one test event costs: 1,000 prompt tokens at 1.00 a million.
@@ -374,5 +375,71 @@ fn the_binary_sets_shows_and_removes_a_budget(folder: tempfile::TempDir) -> Test
     );
     let removed = json_of(&run(&db, &["keys", "update", &id, "--no-budget"], "")?)?;
     assert_eq!(removed["budget"], serde_json::Value::Null);
+    Ok(())
+}
+
+#[rstest]
+fn processes_recording_for_one_key_overshoot_by_at_most_their_requests_in_flight(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    const PROCESSES: usize = 4;
+    const ALLOWED: i64 = 300;
+    let test = store_on(backend);
+    price_model(&test, "gpt-4o")?;
+    let (key, secret) = key_with(
+        &test,
+        budget(ALLOWED * EVENT_COST, None, BudgetPeriod::Month),
+    )?;
+    let location = match test.database_url() {
+        Some(url) => url.to_owned(),
+        None => path_arg(&test.folder().join("keytally.db"))?.to_owned(),
+    };
+    let program = example("budget_spender")?;
+    let limit = (2 * ALLOWED).to_string();
+    let mut children = (0..PROCESSES)
+        .map(|_| {
+            let mut child = Command::new(&program)
+                .args([location.as_str(), &key.to_string(), "gpt-4o", &limit])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            writeln!(child.stdin.as_mut().ok_or("no stdin")?, "{secret}")?;
+            Ok(child)
+        })
+        .collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
+    // Every process has its secret and its store open (or opening): go.
+    for child in &mut children {
+        writeln!(child.stdin.take().ok_or("no stdin")?, "go")?;
+    }
+    let mut recorded = 0i64;
+    for child in children {
+        let output = child.wait_with_output()?;
+        let stdout = String::from_utf8(output.stdout)?;
+        assert!(output.status.success(), "{stdout}");
+        let mut lines = stdout.lines();
+        recorded += lines
+            .next()
+            .and_then(|line| line.strip_prefix("recorded "))
+            .ok_or("no count")?
+            .parse::<i64>()?;
+        assert_eq!(lines.next(), Some("refused over_budget"), "{stdout}");
+    }
+    let overshoot = recorded - ALLOWED;
+    eprintln!(
+        "{backend:?}: {PROCESSES} processes, budget {ALLOWED} events, {recorded} recorded, \
+         overshoot {overshoot}"
+    );
+    let status = test.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(recorded * EVENT_COST));
+    assert_eq!(
+        status.spend.nanos(),
+        recount(&test, key, status.period_start)?
+    );
+    assert!(
+        (0..PROCESSES as i64).contains(&overshoot),
+        "overshoot {overshoot} with {PROCESSES} processes"
+    );
     Ok(())
 }
