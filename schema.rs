@@ -1,6 +1,17 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    budget_reports (id) {
+        id -> BigInt,
+        key_row_id -> BigInt,
+        period_start -> BigInt,
+        spend_nanos -> BigInt,
+        budget_nanos -> BigInt,
+        soft_nanos -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
     events (id, ts) {
         id -> BigInt,
         ts -> BigInt,
@@ -127,6 +138,7 @@ diesel::joinable!(key_secrets -> keys (key_row_id));
 diesel::joinable!(prices -> models (model_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    budget_reports,
     events,
     key_budgets,
     key_secrets,

@@ -8,6 +8,11 @@
 //! database; `benches/postgres-pair.sh` starts a throwaway cluster and runs
 //! it beside the hand-written PostgreSQL reference.
 //!
+//! `--prices` prices every model before the load, so events carry a cost;
+//! `--budgets` does that too and gives every key a budget (one period from
+//! the first event on, never reached), so every event with a key adds to
+//! its key's spend and every resolve reads a budget.
+//!
 //! The load goes through `record_batch`, 10,000 events per call (`--batch`
 //! to change it): a transaction that large dirties each page of the random
 //! indexes once for many events instead of once or twice per event.
@@ -18,7 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keytally::{
-    Backend, KeyId, NewEvent, NewKey, ResolveMode, StoreOptions, Timestamp, UsageFilter,
+    Backend, Budget, BudgetPeriod, Cost, KeyId, Micros, NewEvent, NewKey, Price, PriceVersion,
+    ResolveMode, StoreOptions, Timestamp, UsageFilter, MAX_PERIOD_DAYS,
 };
 
 const MODELS: [&str; 8] = [
@@ -116,12 +122,47 @@ fn main() -> BenchResult<()> {
     let store = Arc::new(options.open()?);
     let postgres = store.backend() == Backend::Postgres;
     let mut rng = Rng(7);
+    let budgets = args.iter().any(|a| a == "--budgets");
+    let prices = budgets || args.iter().any(|a| a == "--prices");
+    if prices {
+        let versions: Vec<PriceVersion> = MODELS
+            .iter()
+            .map(|model| -> BenchResult<PriceVersion> {
+                Ok(PriceVersion {
+                    model: (*model).to_owned(),
+                    effective_from: Timestamp::from_millis(0)?,
+                    price: Price {
+                        prompt: Micros(2_500_000),
+                        completion: Micros(10_000_000),
+                        ..Price::default()
+                    },
+                })
+            })
+            .collect::<BenchResult<_>>()?;
+        store.prices().set_all(&versions)?;
+    }
+    // One period from the first event on, as long as a period can be, and
+    // a limit no key reaches.
+    let budget = budgets
+        .then(|| -> BenchResult<Budget> {
+            Ok(Budget::new(
+                Cost(i64::MAX / 4),
+                BudgetPeriod::Days {
+                    days: MAX_PERIOD_DAYS,
+                    from: Timestamp::from_millis(T0)?,
+                },
+            ))
+        })
+        .transpose()?;
 
     // Keys: real secrets, 1 % revoked (not timed).
     let mut keys = Vec::with_capacity(n_keys as usize);
     let mut secrets = Vec::with_capacity(n_keys as usize);
     for i in 0..n_keys {
-        let created = store.keys().create(&NewKey::client(format!("key {i}")))?;
+        let created = store.keys().create(&NewKey {
+            budget,
+            ..NewKey::client(format!("key {i}"))
+        })?;
         if i % 100 == 99 {
             store.keys().revoke(created.key.id)?;
         }
@@ -253,10 +294,11 @@ fn main() -> BenchResult<()> {
          \"usage_key_window_per_s\":{usage_key_window_per_s:.0},\
          \"mixed_resolve_per_s\":{mixed_resolve_per_s:.0},\"mixed_record_per_s\":{mixed_record_per_s:.0},\
          \"mixed_errors\":{},\"bytes_per_event\":{bytes_per_event:.1}}}",
-        if mode == ResolveMode::Notified {
-            " (notified)"
-        } else {
-            ""
+        match (mode == ResolveMode::Notified, budgets, prices) {
+            (true, _, _) => " (notified)",
+            (false, true, _) => " (budgets)",
+            (false, false, true) => " (prices)",
+            (false, false, false) => "",
         },
         errors.load(Ordering::Relaxed)
     );

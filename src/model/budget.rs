@@ -214,25 +214,6 @@ impl Budget {
     pub(crate) fn refused_until(self, period_start: Timestamp, spend: Cost) -> Option<Timestamp> {
         (spend >= self.limit).then(|| self.period.end_after(period_start))
     }
-
-    /// What adding `cost` to a period's spend, which became `spend_after`,
-    /// crossed: the soft limit, the limit, both or neither. Each is crossed
-    /// once in a period, as the spend only grows within it.
-    pub(crate) fn crossed(self, cost: Cost, spend_after: Cost) -> Crossed {
-        let before = spend_after.nanos() - cost.nanos();
-        let reaches = |limit: Cost| before < limit.nanos() && spend_after >= limit;
-        Crossed {
-            soft: self.soft_limit.is_some_and(reaches),
-            limit: reaches(self.limit),
-        }
-    }
-}
-
-/// Which limits one addition to a spend reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Crossed {
-    pub(crate) soft: bool,
-    pub(crate) limit: bool,
 }
 
 /// `AMOUNT/PERIOD`: `25.00/month`, `5/day`, or `100/30d` (30 days at a
@@ -347,20 +328,5 @@ mod tests {
             assert!(bad.parse::<Budget>().is_err(), "{bad} was accepted");
         }
         Ok(())
-    }
-
-    #[test]
-    fn a_crossing_is_seen_by_the_addition_that_makes_it() {
-        let budget = Budget {
-            limit: Cost(100),
-            soft_limit: Some(Cost(80)),
-            period: BudgetPeriod::Day,
-        };
-        assert_eq!(budget.crossed(Cost(10), Cost(79)), Crossed::default());
-        let soft = budget.crossed(Cost(10), Cost(85));
-        assert!(soft.soft && !soft.limit);
-        let both = budget.crossed(Cost(50), Cost(100));
-        assert!(both.soft && both.limit);
-        assert_eq!(budget.crossed(Cost(10), Cost(110)), Crossed::default());
     }
 }

@@ -10,14 +10,16 @@
 //!   (the budget row's lock orders the replicas). An event of a later
 //!   period starts the spend again; one of an earlier period leaves it.
 //! - The spend reaching the budget moves `key_changes` (a trigger), so
-//!   every cached resolve of the key is read again then; [`report`] logs
-//!   the soft limit and the budget being reached, once each a period.
+//!   every cached resolve of the key is read again then; reaching the soft
+//!   limit or the budget queues a row in `budget_reports` (a trigger), which
+//!   [`log_reports`] logs once, off the recording path.
+
+use std::collections::HashMap;
 
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Integer, Nullable};
 
-use crate::db::database::{on_backend, Backend, Conn};
-use crate::db::schema::key_budgets;
+use crate::db::database::{on_backend, Backend, Conn, Database};
+use crate::db::schema::{budget_reports, key_budgets, keys};
 use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
 use crate::model::budget::{Budget, BudgetPeriod, BudgetStatus};
@@ -167,152 +169,148 @@ fn period_start_sql(backend: Backend, budget: &str, ts: &str) -> String {
     )
 }
 
-/// The new spend and period of a budget row that an event (or a group of
-/// events, alias `e`, columns `s`: their period's start, `c`: their cost)
-/// is added to, as the `SET` list of an `UPDATE` of `budget`.
-fn spend_assignments(budget: &str) -> String {
+/// The marks of [`add_spend_template`]'s values: the event's time, its
+/// cost, and its key's row id.
+const TIME: char = '\u{1}';
+const COST: char = '\u{2}';
+const KEY: char = '\u{3}';
+
+/// [`AddSpend`] with its values marked where they go (the period's start
+/// uses the time in several places).
+fn add_spend_template() -> String {
     format!(
-        "spend_nanos = CASE WHEN e.s > {budget}.period_start THEN e.c \
-           ELSE {budget}.spend_nanos + e.c END, \
-         period_start = CASE WHEN e.s > {budget}.period_start THEN e.s \
-           ELSE {budget}.period_start END"
+        "UPDATE key_budgets SET \
+           spend_nanos = CASE WHEN {start} > period_start THEN {COST} \
+             ELSE spend_nanos + {COST} END, \
+           period_start = CASE WHEN {start} > period_start THEN {start} ELSE period_start END \
+         WHERE key_row_id = {KEY} AND {TIME} >= anchor AND {start} >= period_start",
+        start = period_start_sql(Backend::Sqlite, "key_budgets", &TIME.to_string()),
     )
 }
 
 sql_text!(
-    /// Adds one event's cost (key row id, time, cost) to its key's budget,
-    /// if it has one and the event is not of an earlier period; returns the
-    /// budget and the spend after.
-    AddSpend = format!(
-        "UPDATE key_budgets SET {assignments} \
-         FROM (SELECT v.k, v.c, {start} AS s FROM (SELECT ? AS k, ? AS t, ? AS c) AS v \
-           JOIN key_budgets AS b ON b.key_row_id = v.k WHERE v.t >= b.anchor) AS e \
-         WHERE key_budgets.key_row_id = e.k AND e.s >= key_budgets.period_start \
-         RETURNING spend_nanos, budget_nanos, soft_nanos, period_days, anchor",
-        assignments = spend_assignments("key_budgets"),
-        start = period_start_sql(Backend::Sqlite, "b", "v.t"),
-    )
+    /// Adds one event's cost to its key's budget, if the key has one and
+    /// the event is not of an earlier period or before the first.
+    AddSpend = add_spend_template().replace([TIME, COST, KEY], "?")
 );
 
-/// A budget after events were added to its spend.
-#[derive(Debug, QueryableByName)]
-pub(crate) struct Spent {
-    #[diesel(sql_type = BigInt)]
-    spend_nanos: i64,
-    #[diesel(sql_type = BigInt)]
-    budget_nanos: i64,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    soft_nanos: Option<i64>,
-    #[diesel(sql_type = Nullable<Integer>)]
-    period_days: Option<i32>,
-    #[diesel(sql_type = BigInt)]
-    anchor: i64,
-}
-
 /// Adds one recorded event's cost to its key's spend, inside SQLite's write
-/// transaction; logs a limit it reaches.
+/// transaction. A plain `UPDATE` by row id: no `RETURNING`, no `FROM`
+/// (each made it several times slower); reaching a limit is seen by the
+/// table's triggers.
 pub(crate) fn add_spend(
     conn: &mut diesel::SqliteConnection,
-    key: Option<KeyId>,
     key_row_id: i64,
     ts: Timestamp,
     cost: Cost,
 ) -> Result<()> {
-    let spent: Option<Spent> = FixedSql::<AddSpend>::new(vec![
-        Value::Int(key_row_id),
-        Value::Int(ts.as_millis()),
-        Value::Int(cost.nanos()),
-    ])
-    .get_result(conn)
-    .optional()?;
-    if let Some(spent) = spent {
-        report(key, &spent, cost);
-    }
+    static MARKS: std::sync::OnceLock<Vec<char>> = std::sync::OnceLock::new();
+    let marks = MARKS.get_or_init(|| {
+        add_spend_template()
+            .chars()
+            .filter(|c| [TIME, COST, KEY].contains(c))
+            .collect()
+    });
+    let values = marks
+        .iter()
+        .map(|&mark| match mark {
+            TIME => Value::Int(ts.as_millis()),
+            COST => Value::Int(cost.nanos()),
+            _ => Value::Int(key_row_id),
+        })
+        .collect();
+    FixedSql::<AddSpend>::new(values).execute(conn)?;
     Ok(())
 }
 
 /// The part of PostgreSQL's recording statement that adds the events of
-/// `rows` (which has `position`, `key_row_id`, `ts` and `cost_nanos`) to
-/// their keys' spend: a `spent` CTE returning, per key, the position of its
-/// last event, the cost added (`added`) and the budget after.
+/// `rows` (which has `key_row_id`, `ts` and `cost_nanos`) to their keys'
+/// spend: a `spent` CTE, one row update per key, with the events of the
+/// key's latest period among them.
 #[cfg(feature = "postgres")]
 pub(crate) fn spend_cte(rows: &str) -> String {
     format!(
-        "spent AS (UPDATE key_budgets AS b SET {assignments} \
-         FROM (SELECT DISTINCT ON (k) k, s, c, position FROM (\
-             SELECT n.key_row_id AS k, {start} AS s, CAST(sum(n.cost_nanos) AS BIGINT) AS c, \
-               max(n.position) AS position \
+        "spent AS (UPDATE key_budgets AS b SET \
+           spend_nanos = CASE WHEN e.s > b.period_start THEN e.c ELSE b.spend_nanos + e.c END, \
+           period_start = CASE WHEN e.s > b.period_start THEN e.s ELSE b.period_start END \
+         FROM (SELECT DISTINCT ON (k) k, s, c FROM (\
+             SELECT n.key_row_id AS k, {start} AS s, CAST(sum(n.cost_nanos) AS BIGINT) AS c \
              FROM {rows} AS n JOIN key_budgets AS kb ON kb.key_row_id = n.key_row_id \
              WHERE n.cost_nanos IS NOT NULL AND n.ts >= kb.anchor GROUP BY 1, 2) AS g \
            ORDER BY k, s DESC) AS e \
-         WHERE b.key_row_id = e.k AND e.s >= b.period_start \
-         RETURNING e.position, e.c AS added, b.spend_nanos, b.budget_nanos, \
-           b.soft_nanos, b.period_days, b.anchor)",
-        assignments = spend_assignments("b"),
+         WHERE b.key_row_id = e.k AND e.s >= b.period_start)",
         start = period_start_sql(Backend::Postgres, "kb", "n.ts"),
     )
 }
 
-/// The columns of `spent` that the recording statement returns beside
-/// each id (NULL for an event that was not the last of its key's).
-#[cfg(feature = "postgres")]
-pub(crate) const SPENT_COLUMNS: &str = "spent.added, spent.spend_nanos, spent.budget_nanos, \
-    spent.soft_nanos, spent.period_days, spent.anchor";
-
-/// What PostgreSQL's recording statement returns of `spent` for an event.
-#[cfg(feature = "postgres")]
-#[derive(Debug, QueryableByName)]
-pub(crate) struct SpentColumns {
-    #[diesel(sql_type = Nullable<BigInt>)]
-    added: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    spend_nanos: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    budget_nanos: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
+/// A limit reached, as the table's trigger queued it.
+#[derive(Debug, Queryable)]
+struct Report {
+    id: i64,
+    key_row_id: i64,
+    period_start: i64,
+    spend_nanos: i64,
+    budget_nanos: i64,
     soft_nanos: Option<i64>,
-    #[diesel(sql_type = Nullable<Integer>)]
-    period_days: Option<i32>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    anchor: Option<i64>,
 }
 
-#[cfg(feature = "postgres")]
-impl SpentColumns {
-    /// Logs a limit the key of this event reached.
-    pub(crate) fn report(&self, key: Option<KeyId>) {
-        if let (Some(added), Some(spend_nanos), Some(budget_nanos), Some(anchor)) =
-            (self.added, self.spend_nanos, self.budget_nanos, self.anchor)
-        {
-            let spent = Spent {
-                spend_nanos,
-                budget_nanos,
-                soft_nanos: self.soft_nanos,
-                period_days: self.period_days,
-                anchor,
-            };
-            report(key, &spent, Cost(added));
+/// Takes the queued reports of keys reaching their soft limit or their
+/// budget out of the database and logs each once (the maintenance thread,
+/// every second). Returns how many it logged.
+pub(crate) fn log_reports(db: &Database) -> Result<usize> {
+    let queued = db.read(|conn| {
+        Ok(on_backend!(conn, |c| diesel::select(diesel::dsl::exists(
+            budget_reports::table.select(budget_reports::id)
+        ))
+        .get_result::<bool>(c))?)
+    })?;
+    if !queued {
+        return Ok(0);
+    }
+    let reports = db.write(|conn| {
+        let reports: Vec<Report> = match conn {
+            Conn::Sqlite(c) => budget_reports::table
+                .order(budget_reports::id)
+                .limit(1_000)
+                .load(*c)?,
+            // Replicas drain the queue at once: each takes the rows no
+            // other holds.
+            #[cfg(feature = "postgres")]
+            Conn::Postgres(c) => budget_reports::table
+                .order(budget_reports::id)
+                .limit(1_000)
+                .for_update()
+                .skip_locked()
+                .load(*c)?,
+        };
+        let ids: Vec<i64> = reports.iter().map(|report| report.id).collect();
+        on_backend!(conn, |c| diesel::delete(
+            budget_reports::table.filter(budget_reports::id.eq_any(&ids))
+        )
+        .execute(c))?;
+        let rows: Vec<i64> = reports.iter().map(|report| report.key_row_id).collect();
+        let keys: HashMap<i64, KeyId> = on_backend!(conn, |c| keys::table
+            .filter(keys::row_id.eq_any(&rows))
+            .select((keys::row_id, keys::id))
+            .load::<(i64, KeyId)>(c))?
+        .into_iter()
+        .collect();
+        Ok(reports
+            .into_iter()
+            .map(|report| (keys.get(&report.key_row_id).copied(), report))
+            .collect::<Vec<_>>())
+    })?;
+    for (key, report) in &reports {
+        let key = key.map(|key| key.to_string()).unwrap_or_default();
+        let spend = Cost(report.spend_nanos);
+        let since = Timestamp::from_stored(report.period_start);
+        if report.spend_nanos >= report.budget_nanos {
+            tracing::warn!(%key, %spend, budget = %Cost(report.budget_nanos), %since,
+                "key reached its budget: it does not resolve until its period ends");
+        } else {
+            let soft_budget = Cost(report.soft_nanos.unwrap_or_default());
+            tracing::warn!(%key, %spend, %soft_budget, %since, "key reached its soft budget");
         }
     }
-}
-
-/// Logs the soft limit or the budget that adding `added` made the spend
-/// reach: once a period for each, as the spend only grows within one.
-fn report(key: Option<KeyId>, spent: &Spent, added: Cost) {
-    let budget = budget_of(
-        spent.budget_nanos,
-        spent.soft_nanos,
-        spent.period_days,
-        spent.anchor,
-    );
-    let spend = Cost(spent.spend_nanos);
-    let crossed = budget.crossed(added, spend);
-    let key = key.map(|key| key.to_string()).unwrap_or_default();
-    if crossed.limit {
-        tracing::warn!(%key, %spend, limit = %budget.limit, period = %budget.period,
-            "key reached its budget: it does not resolve until the next period");
-    } else if crossed.soft {
-        tracing::warn!(%key, %spend, soft_limit = ?budget.soft_limit.map(|c| c.to_string()),
-            period = %budget.period, "key reached its soft budget");
-    }
+    Ok(reports.len())
 }

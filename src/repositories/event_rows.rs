@@ -148,8 +148,7 @@ pub(crate) fn insert(
         // after the earlier period's events were added.
         for &offset in &order {
             if let (Some(key_row_id), Some(cost)) = (valid[offset].key_row_id, costs[offset]) {
-                let event = &valid[offset].event;
-                budgets::add_spend(conn, event.key_id, key_row_id, event.ts, cost)?;
+                budgets::add_spend(conn, key_row_id, valid[offset].event.ts, cost)?;
             }
         }
     }

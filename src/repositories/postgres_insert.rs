@@ -63,10 +63,8 @@ fn statement_from(rows: &str) -> String {
          by_key AS ({by_key}), \
          by_model AS ({by_model}), \
          {spent} \
-         SELECT new.id AS value, {spent_columns} FROM new \
-         LEFT JOIN spent ON spent.position = new.position ORDER BY new.position",
+         SELECT id AS value FROM new ORDER BY position",
         spent = budgets::spend_cte("new"),
-        spent_columns = budgets::SPENT_COLUMNS,
         cost = price::cost_sql("u", "p"),
         by_key = rollups::upsert_totals_of(
             "usage_key_hourly",
@@ -188,7 +186,7 @@ pub(crate) fn insert_copied(
         .from_insertable(&rows)
         .execute(conn)?;
     let rows = FixedSql::<RecordStaged>::new(Vec::new()).load::<IdRow>(conn)?;
-    Ok(ids_of(rows, valid))
+    Ok(ids_of(rows))
 }
 sql_text!(
     /// Records one event with its rollups: the same statement as
@@ -206,26 +204,15 @@ sql_text!(
     )
 );
 
-/// An event's id, and its key's budget if the spend added for its key
-/// was last added with it.
 #[derive(QueryableByName)]
 struct IdRow {
     #[diesel(sql_type = BigInt)]
     value: i64,
-    #[diesel(embed)]
-    spent: budgets::SpentColumns,
 }
 
-/// The ids of the recorded events, in their order; logs the budget limits
-/// their keys reached.
-fn ids_of(rows: Vec<IdRow>, valid: &[ValidEvent<'_>]) -> Vec<EventId> {
-    rows.into_iter()
-        .zip(valid)
-        .map(|(row, valid)| {
-            row.spent.report(valid.event.key_id);
-            EventId(row.value)
-        })
-        .collect()
+/// The ids of the recorded events, in their order.
+fn ids_of(rows: Vec<IdRow>) -> Vec<EventId> {
+    rows.into_iter().map(|row| EventId(row.value)).collect()
 }
 
 /// The batch's columns, one vector each.
@@ -285,13 +272,13 @@ pub(crate) fn insert(conn: &mut PgConnection, valid: &[ValidEvent<'_>]) -> Resul
         Value::NullableTextArray(&columns.thinking_level),
     ]);
     let rows = FixedSql::<RecordBatch>::new(values).load::<IdRow>(conn)?;
-    Ok(ids_of(rows, valid))
+    Ok(ids_of(rows))
 }
 
 /// [`insert`] for one event.
 fn insert_one(conn: &mut PgConnection, valid: &ValidEvent<'_>) -> Result<Vec<EventId>> {
     let rows = FixedSql::<RecordOne>::new(valid.column_values().to_vec()).load::<IdRow>(conn)?;
-    Ok(ids_of(rows, std::slice::from_ref(valid)))
+    Ok(ids_of(rows))
 }
 
 /// Whether a batch whose commit was cut off by a lost connection is stored:

@@ -1,5 +1,6 @@
 //! The store's maintenance thread: a passive checkpoint every second, the
-//! `last_used_at` flush, and the retention sweep.
+//! `last_used_at` flush, the log lines of keys reaching their budgets, and
+//! the retention sweep.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -11,6 +12,7 @@ use crate::db::sqlite::checkpoint;
 use crate::error::{Error, Result};
 use crate::model::event::DEFAULT_PRUNE_BATCH;
 use crate::model::time::{Timestamp, HOUR_MS};
+use crate::repositories::budgets;
 use crate::repositories::events;
 use crate::repositories::keys::KeyMemory;
 use crate::repositories::rollups;
@@ -111,6 +113,9 @@ fn run(
             if let Err(error) = keys.last_used.flush(db) {
                 tracing::warn!(error = %error.report(), "could not write last_used_at; will retry");
             }
+        }
+        if let Err(error) = budgets::log_reports(db) {
+            tracing::warn!(error = %error.report(), "could not read the budget reports; will retry");
         }
         if stopping {
             break;

@@ -4,7 +4,7 @@
 //! events; stores recording for one key at once overshoot the budget by
 //! at most the requests they have in flight.
 
-use keytally::testing::{folder, store_on, TestStore};
+use keytally::testing::{folder, postgres, store_on, TestStore};
 use keytally::{
     Backend, Budget, BudgetPeriod, Cost, Error, EventFilter, KeyId, KeyUpdate, NewEvent, NewKey,
     Price, PriceVersion, Rejection, Store, StoreOptions, Timestamp,
@@ -441,5 +441,76 @@ fn processes_recording_for_one_key_overshoot_by_at_most_their_requests_in_flight
         (0..PROCESSES as i64).contains(&overshoot),
         "overshoot {overshoot} with {PROCESSES} processes"
     );
+    Ok(())
+}
+
+#[rstest]
+fn reaching_the_soft_limit_and_the_budget_is_logged_once_each(
+    folder: tempfile::TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let db = match backend {
+        Backend::Sqlite => folder.path().join("keytally.db"),
+        Backend::Postgres => std::path::PathBuf::from(postgres::server()?.fresh_database()?),
+    };
+    let priced = run(
+        &db,
+        &[
+            "prices",
+            "set",
+            "--model",
+            "gpt-4o",
+            "--prompt",
+            "1",
+            "--from",
+            "2020-01-01T00:00:00Z",
+        ],
+        "",
+    )?;
+    assert!(priced.status.success(), "{priced:?}");
+    let created = run(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--label",
+            "l",
+            "--budget",
+            "0.003/month",
+            "--soft-budget",
+            "0.0015",
+        ],
+        "",
+    )?;
+    let key = json_of(&created)?["key"]["id"]
+        .as_str()
+        .ok_or("no id")?
+        .to_owned();
+    // Each ingest is a process of its own; its store logs what the
+    // triggers queued, at the latest when it closes.
+    let ingest = |events: usize| -> Result<String, Box<dyn std::error::Error>> {
+        let line = format!(
+            "{{\"ts\":{},\"key_id\":\"{key}\",\"model\":\"gpt-4o\",\"status\":200,\"latency_ms\":10,\"prompt_tokens\":1000}}\n",
+            Timestamp::now().as_millis()
+        );
+        let output = run(&db, &["events", "ingest"], &line.repeat(events))?;
+        assert!(output.status.success(), "{output:?}");
+        Ok(String::from_utf8(output.stderr)?)
+    };
+    let soft = "key reached its soft budget";
+    let reached = "key reached its budget";
+    let logged = ingest(2)?;
+    assert_eq!(logged.matches(soft).count(), 1, "{logged}");
+    assert_eq!(logged.matches(reached).count(), 0, "{logged}");
+    assert!(logged.contains(&key), "{logged}");
+    let logged = ingest(2)?;
+    assert_eq!(logged.matches(soft).count(), 0, "{logged}");
+    assert_eq!(logged.matches(reached).count(), 1, "{logged}");
+    let logged = ingest(1)?;
+    assert!(!logged.contains("budget"), "{logged}");
+    let shown = json_of(&run(&db, &["keys", "show", &key], "")?)?;
+    assert_eq!(shown["budget"]["spend"], "0.005");
+    assert_eq!(shown["budget"]["soft_limit_reached"], true);
+    assert_eq!(shown["budget"]["over_budget"], true);
     Ok(())
 }

@@ -1,1 +1,3 @@
+DROP TABLE budget_reports;
 DROP TABLE key_budgets;
+DROP FUNCTION keytally_report_budget();

@@ -40,3 +40,32 @@ FOR EACH ROW
 WHEN (NEW.spend_nanos >= NEW.budget_nanos
     AND (OLD.spend_nanos < OLD.budget_nanos OR NEW.period_start <> OLD.period_start))
 EXECUTE FUNCTION keytally_count_key_change();
+
+-- The spend reaching the soft limit or the budget, once each a period, to be
+-- logged: a store's maintenance thread takes the rows out and logs them, so
+-- the recording statement never returns the spend.
+CREATE TABLE budget_reports (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key_row_id BIGINT NOT NULL,
+    period_start BIGINT NOT NULL,
+    spend_nanos BIGINT NOT NULL,
+    budget_nanos BIGINT NOT NULL,
+    soft_nanos BIGINT
+);
+
+CREATE FUNCTION keytally_report_budget() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO budget_reports (key_row_id, period_start, spend_nanos, budget_nanos, soft_nanos)
+    VALUES (NEW.key_row_id, NEW.period_start, NEW.spend_nanos, NEW.budget_nanos, NEW.soft_nanos);
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER key_budgets_reached_is_reported
+AFTER UPDATE OF spend_nanos ON key_budgets
+FOR EACH ROW
+WHEN ((NEW.spend_nanos >= NEW.budget_nanos
+        AND (OLD.spend_nanos < OLD.budget_nanos OR NEW.period_start <> OLD.period_start))
+    OR (NEW.spend_nanos >= NEW.soft_nanos
+        AND (OLD.spend_nanos < OLD.soft_nanos OR NEW.period_start <> OLD.period_start)))
+EXECUTE FUNCTION keytally_report_budget();

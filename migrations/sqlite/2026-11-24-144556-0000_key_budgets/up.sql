@@ -45,3 +45,26 @@ WHEN NEW.spend_nanos >= NEW.budget_nanos
 BEGIN
     UPDATE sequences SET next = next + 1 WHERE name = 'key_changes';
 END;
+
+-- The spend reaching the soft limit or the budget, once each a period, to be
+-- logged: a store's maintenance thread takes the rows out and logs them, so
+-- the recording path never reads the spend back.
+CREATE TABLE budget_reports (
+    id INTEGER PRIMARY KEY NOT NULL,
+    key_row_id BIGINT NOT NULL,
+    period_start BIGINT NOT NULL,
+    spend_nanos BIGINT NOT NULL,
+    budget_nanos BIGINT NOT NULL,
+    soft_nanos BIGINT
+);
+
+CREATE TRIGGER key_budgets_reached_is_reported
+AFTER UPDATE OF spend_nanos ON key_budgets
+WHEN (NEW.spend_nanos >= NEW.budget_nanos
+        AND (OLD.spend_nanos < OLD.budget_nanos OR NEW.period_start <> OLD.period_start))
+    OR (NEW.spend_nanos >= NEW.soft_nanos
+        AND (OLD.spend_nanos < OLD.soft_nanos OR NEW.period_start <> OLD.period_start))
+BEGIN
+    INSERT INTO budget_reports (key_row_id, period_start, spend_nanos, budget_nanos, soft_nanos)
+    VALUES (NEW.key_row_id, NEW.period_start, NEW.spend_nanos, NEW.budget_nanos, NEW.soft_nanos);
+END;
