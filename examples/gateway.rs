@@ -282,6 +282,11 @@ fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Option<ActiveK
             "invalid_api_key",
             format!("the key is {rejection}"),
         )),
+        Ok(Err(Rejection::OverBudget)) => Err(refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "budget_exceeded",
+            "the key has spent its budget for this period",
+        )),
         Ok(Err(rejection)) => Err(refuse(
             StatusCode::FORBIDDEN,
             "key_not_active",

@@ -26,6 +26,7 @@
 //!     Ok(key) => key,
 //!     Err(Rejection::Malformed | Rejection::Unknown) => return Err("401".into()),
 //!     Err(Rejection::Revoked | Rejection::Expired) => return Err("403".into()),
+//!     Err(Rejection::OverBudget) => return Err("429".into()),
 //! };
 //! assert!(key.may_use("gpt-4o"));
 //!
