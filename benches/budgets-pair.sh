@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# What budgets cost the workload: the benchmark with every model priced
+# (`--prices`) and the same with a budget on every key as well (`--budgets`),
+# alternating, RUNS pairs, each run on a fresh database. On PostgreSQL each
+# run gets a database of its own on one throwaway cluster (the settings of
+# benches/postgres-pair.sh). Prints each run's JSON line, then per pair the
+# ratio budgets / prices of each figure, then the median ratios.
+#
+# Usage: benches/budgets-pair.sh [sqlite|postgres] [KEYS] [EVENTS] [RUNS]
+set -euo pipefail
+BACKEND=${1:-sqlite} KEYS=${2:-100000} EVENTS=${3:-1000000} RUNS=${4:-3}
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+cargo bench --no-run --quiet --bench workload >&2
+bench=$(ls -t target/release/deps/workload-* | grep -v '\.d$' | head -n 1)
+db_args=()
+if [ "$BACKEND" = postgres ]; then
+    PG=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+    dir=$(mktemp -d /tmp/ktpg.XXXXXX)
+    [ "$(id -u)" = 0 ] && chown postgres: "$dir"
+    trap 'as_pg "$PG/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
+    as_pg "$PG/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+    as_pg "$PG/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+        -o "-c listen_addresses='' -c unix_socket_directories='$dir'" start >/dev/null
+fi
+out=$(mktemp)
+for run in $(seq 1 "$RUNS"); do
+    for flag in --prices --budgets; do
+        if [ "$BACKEND" = postgres ]; then
+            name="keytally_${run}_${flag#--}"
+            as_pg "$PG/psql" -h "$dir" -U postgres -q -c "CREATE DATABASE $name" postgres
+            db_args=(--db "postgres://postgres@/$name?host=$dir")
+        fi
+        "$bench" --keys "$KEYS" --events "$EVENTS" "${db_args[@]}" "$flag" 2>/dev/null | tee -a "$out"
+    done
+done
+python3 - "$out" <<'PY'
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+figures = ["resolve_per_s", "resolve_p99_us", "record_single_per_s", "record_batch_per_s",
+           "usage_key_window_per_s", "mixed_resolve_per_s", "mixed_record_per_s", "bytes_per_event"]
+ratios = {figure: [] for figure in figures}
+for prices, budgets in zip(rows[0::2], rows[1::2]):
+    for figure in figures:
+        ratios[figure].append(budgets[figure] / prices[figure])
+    print("pair:", " ".join(f"{f}={ratios[f][-1]:.2f}" for f in figures))
+print("median:", " ".join(f"{f}={statistics.median(r):.2f}" for f, r in ratios.items()))
+PY
+rm -f "$out"
