@@ -2,9 +2,9 @@
 # What budgets cost the workload: the benchmark with every model priced
 # (`--prices`) and the same with a budget on every key as well (`--budgets`),
 # alternating, RUNS pairs, each run on a fresh database. On PostgreSQL each
-# run gets a database of its own on one throwaway cluster (the settings of
-# benches/postgres-pair.sh). Prints each run's JSON line, then per pair the
-# ratio budgets / prices of each figure, then the median ratios.
+# run gets a database of its own on one throwaway cluster
+# (benches/postgres-cluster.sh). Prints each run's JSON line, then per pair
+# the ratio budgets / prices of each figure, then the median ratios.
 #
 # Usage: benches/budgets-pair.sh [sqlite|postgres] [KEYS] [EVENTS] [RUNS]
 set -euo pipefail
@@ -15,14 +15,8 @@ cargo bench --no-run --quiet --bench workload >&2
 bench=$(ls -t target/release/deps/workload-* | grep -v '\.d$' | head -n 1)
 db_args=()
 if [ "$BACKEND" = postgres ]; then
-    PG=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
-    as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-    dir=$(mktemp -d /tmp/ktpg.XXXXXX)
-    [ "$(id -u)" = 0 ] && chown postgres: "$dir"
-    trap 'as_pg "$PG/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
-    as_pg "$PG/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
-    as_pg "$PG/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
-        -o "-c listen_addresses='' -c unix_socket_directories='$dir'" start >/dev/null
+    # shellcheck source=benches/postgres-cluster.sh
+    source "$root/benches/postgres-cluster.sh"
 fi
 out=$(mktemp)
 for run in $(seq 1 "$RUNS"); do

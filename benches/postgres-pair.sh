@@ -19,15 +19,8 @@ nice -n 19 env CARGO_TARGET_DIR=$CARGO_TARGET_DIR_REFERENCE \
     cargo build --release --quiet --manifest-path "$copy/Cargo.toml" >&2
 (cd "$root" && cargo bench --no-run --quiet --bench workload >&2)
 
-pgbin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
-PG=$(pgbin)
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-dir=$(mktemp -d /tmp/ktpg.XXXXXX)
-[ "$(id -u)" = 0 ] && chown postgres: "$dir"
-trap 'as_pg "$PG/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
-as_pg "$PG/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
-as_pg "$PG/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
-    -o "-c listen_addresses='' -c unix_socket_directories='$dir'" start >/dev/null
+# shellcheck source=benches/postgres-cluster.sh
+source "$root/benches/postgres-cluster.sh"
 "$CARGO_TARGET_DIR_REFERENCE/release/rawpg-anchor" "host=$dir user=postgres dbname=postgres" "$KEYS" "$EVENTS"
 cd "$root"
 # keytally twice: resolves confirmed by a read (strict, the default), then

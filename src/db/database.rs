@@ -29,6 +29,27 @@ pub(crate) enum Conn<'a> {
     Postgres(&'a mut diesel::PgConnection),
 }
 
+impl Conn<'_> {
+    /// Inside a write transaction: makes every recorder wait until it ends,
+    /// after waiting for those under way, so what the transaction reads of
+    /// `events` is every event there is until it commits. On PostgreSQL
+    /// `events` is locked in `SHARE` mode; SQLite's write transaction
+    /// already excludes every other writer.
+    pub(crate) fn hold_off_recorders(&mut self) -> Result<()> {
+        match self {
+            Conn::Sqlite(_) => Ok(()),
+            #[cfg(feature = "postgres")]
+            Conn::Postgres(c) => {
+                diesel::connection::SimpleConnection::batch_execute(
+                    &mut **c,
+                    "LOCK TABLE events IN SHARE MODE",
+                )?;
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Runs `$body` with `$c` bound to the connection of whichever backend
 /// `$conn` (a `&mut Conn`) is on: the body is compiled once per backend,
 /// so each runs its own prepared, native statement.

@@ -98,16 +98,9 @@ pub(crate) fn set(
         .execute(c))?;
         return Ok(());
     };
-    #[cfg(feature = "postgres")]
-    if let Conn::Postgres(c) = conn {
-        // Recorders wait until this commits, and this waits for those under
-        // way: the spend read below counts every event of the period, and
-        // every event after it finds the budget.
-        diesel::connection::SimpleConnection::batch_execute(
-            &mut **c,
-            "LOCK TABLE events IN SHARE MODE",
-        )?;
-    }
+    // The spend read below counts every event of the period, and every
+    // event after it finds the budget.
+    conn.hold_off_recorders()?;
     let (period_days, anchor) = budget.period.stored();
     // Before a fixed-days budget's first period, it waits at its start.
     let start = budget
@@ -226,20 +219,31 @@ pub(crate) fn add_spend(
 /// The part of PostgreSQL's recording statement that adds the events of
 /// `rows` (which has `key_row_id`, `ts` and `cost_nanos`) to their keys'
 /// spend: a `spent` CTE, one row update per key, with the events of the
-/// key's latest period among them.
+/// key's latest period among them. `one`: `rows` holds a single event, so
+/// there is nothing to group.
 #[cfg(feature = "postgres")]
-pub(crate) fn spend_cte(rows: &str) -> String {
+pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
+    let start = period_start_sql(Backend::Postgres, "kb", "n.ts");
+    let of_events = format!(
+        "FROM {rows} AS n JOIN key_budgets AS kb ON kb.key_row_id = n.key_row_id \
+         WHERE n.cost_nanos IS NOT NULL AND n.ts >= kb.anchor"
+    );
+    let added = if one {
+        format!("(SELECT n.key_row_id AS k, {start} AS s, n.cost_nanos AS c {of_events})")
+    } else {
+        format!(
+            "(SELECT DISTINCT ON (k) k, s, c FROM (\
+               SELECT n.key_row_id AS k, {start} AS s, CAST(sum(n.cost_nanos) AS BIGINT) AS c \
+               {of_events} GROUP BY 1, 2) AS g \
+             ORDER BY k, s DESC)"
+        )
+    };
     format!(
         "spent AS (UPDATE key_budgets AS b SET \
            spend_nanos = CASE WHEN e.s > b.period_start THEN e.c ELSE b.spend_nanos + e.c END, \
            period_start = CASE WHEN e.s > b.period_start THEN e.s ELSE b.period_start END \
-         FROM (SELECT DISTINCT ON (k) k, s, c FROM (\
-             SELECT n.key_row_id AS k, {start} AS s, CAST(sum(n.cost_nanos) AS BIGINT) AS c \
-             FROM {rows} AS n JOIN key_budgets AS kb ON kb.key_row_id = n.key_row_id \
-             WHERE n.cost_nanos IS NOT NULL AND n.ts >= kb.anchor GROUP BY 1, 2) AS g \
-           ORDER BY k, s DESC) AS e \
-         WHERE b.key_row_id = e.k AND e.s >= b.period_start)",
-        start = period_start_sql(Backend::Postgres, "kb", "n.ts"),
+         FROM {added} AS e \
+         WHERE b.key_row_id = e.k AND e.s >= b.period_start)"
     )
 }
 

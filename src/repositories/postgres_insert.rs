@@ -42,16 +42,19 @@ const INSERTED: &str = "ts, key_row_id, model_id, upstream_model_id, request_id,
 /// batch's order. Timestamps are never negative, so `ts / 3600000` is the
 /// hour as `Timestamp::hour` computes it.
 fn statement() -> String {
-    statement_from(&format!(
-        "(SELECT * FROM unnest(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+    statement_from(
+        &format!(
+            "(SELECT * FROM unnest(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          WITH ORDINALITY AS u({COLUMNS}, position))"
-    ))
+        ),
+        false,
+    )
 }
 
 /// The statement reading the batch from `rows`: rows of [`COLUMNS`] and
-/// `position`. Each event is costed with the price of its model in force
+/// `position` (`one`: a single row). Each event is costed with the price of its model in force
 /// at its time, read in the statement itself (see `prices`).
-fn statement_from(rows: &str) -> String {
+fn statement_from(rows: &str, one: bool) -> String {
     format!(
         "WITH new AS MATERIALIZED (\
            SELECT nextval('event_ids') AS id, u.*, \
@@ -64,7 +67,7 @@ fn statement_from(rows: &str) -> String {
          by_model AS ({by_model}), \
          {spent} \
          SELECT id AS value FROM new ORDER BY position",
-        spent = budgets::spend_cte("new"),
+        spent = budgets::spend_cte("new", one),
         cost = price::cost_sql("u", "p"),
         by_key = rollups::upsert_totals_of(
             "usage_key_hourly",
@@ -94,7 +97,7 @@ pub(crate) const COPY_FROM: usize = 1_000;
 
 sql_text!(
     /// The same, from the rows copied into `keytally_staging`.
-    RecordStaged = statement_from("keytally_staging")
+    RecordStaged = statement_from("keytally_staging", false)
 );
 
 diesel::table! {
@@ -200,7 +203,8 @@ sql_text!(
           CAST(? AS BIGINT) AS cache_creation_tokens, CAST(? AS BIGINT) AS reasoning_tokens, \
           CAST(? AS BIGINT) AS status, CAST(? AS BIGINT) AS latency_ms, \
           CAST(? AS TEXT) AS error, CAST(? AS BOOLEAN) AS usage_unknown, \
-          CAST(? AS TEXT) AS thinking_level, CAST(1 AS BIGINT) AS position)"
+          CAST(? AS TEXT) AS thinking_level, CAST(1 AS BIGINT) AS position)",
+        true
     )
 );
 

@@ -70,15 +70,8 @@ impl<'a> Prices<'a> {
             rows.push((model_id, version));
         }
         self.db.write(|conn| {
-            #[cfg(feature = "postgres")]
-            if let Conn::Postgres(c) = conn {
-                // Recorders wait until this commits, and this waits for
-                // those under way: the check below sees every event.
-                diesel::connection::SimpleConnection::batch_execute(
-                    &mut **c,
-                    "LOCK TABLE events IN SHARE MODE",
-                )?;
-            }
+            // The check below sees every event.
+            conn.hold_off_recorders()?;
             for &(model_id, version) in &rows {
                 let from = version.effective_from.as_millis();
                 if recorded_since(conn, model_id, from)? {

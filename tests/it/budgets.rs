@@ -290,22 +290,41 @@ fn stores_recording_for_one_key_overshoot_by_at_most_their_requests_in_flight(
         Ok::<_, Box<dyn std::error::Error>>(())
     })?;
     let recorded = i64::try_from(recorded.load(Ordering::SeqCst))?;
-    let overshoot = recorded - ALLOWED;
+    check_overshoot(
+        &test,
+        key,
+        recorded,
+        ALLOWED,
+        STORES,
+        &format!("{backend:?}: stores"),
+    )
+}
+
+/// Checks what `writers` stores or processes (`what`), each with one
+/// request in flight, recorded for `key`, whose budget is `allowed` events: no
+/// addition to the spend was lost to a race, and the overshoot is the event
+/// that reached the budget plus at most one in flight in each other writer.
+fn check_overshoot(
+    test: &TestStore,
+    key: KeyId,
+    recorded: i64,
+    allowed: i64,
+    writers: usize,
+    what: &str,
+) -> TestResult {
+    let overshoot = recorded - allowed;
     eprintln!(
-        "{backend:?}: {STORES} stores, budget {ALLOWED} events, {recorded} recorded, overshoot {overshoot}"
+        "{what}: {writers}, budget {allowed} events, {recorded} recorded, overshoot {overshoot}"
     );
     let status = test.keys().budget(key)?.ok_or("no budget")?;
-    // No addition was lost to a race: the kept spend is every event's.
     assert_eq!(status.spend, Cost(recorded * EVENT_COST));
     assert_eq!(
         status.spend.nanos(),
-        recount(&test, key, status.period_start)?
+        recount(test, key, status.period_start)?
     );
-    // The event that reached the budget, plus at most one in flight in each
-    // other store.
     assert!(
-        (0..STORES as i64).contains(&overshoot),
-        "overshoot {overshoot} with {STORES} stores"
+        (0..i64::try_from(writers)?).contains(&overshoot),
+        "overshoot {overshoot} with {writers} {what}"
     );
     Ok(())
 }
@@ -426,22 +445,14 @@ fn processes_recording_for_one_key_overshoot_by_at_most_their_requests_in_flight
             .parse::<i64>()?;
         assert_eq!(lines.next(), Some("refused over_budget"), "{stdout}");
     }
-    let overshoot = recorded - ALLOWED;
-    eprintln!(
-        "{backend:?}: {PROCESSES} processes, budget {ALLOWED} events, {recorded} recorded, \
-         overshoot {overshoot}"
-    );
-    let status = test.keys().budget(key)?.ok_or("no budget")?;
-    assert_eq!(status.spend, Cost(recorded * EVENT_COST));
-    assert_eq!(
-        status.spend.nanos(),
-        recount(&test, key, status.period_start)?
-    );
-    assert!(
-        (0..PROCESSES as i64).contains(&overshoot),
-        "overshoot {overshoot} with {PROCESSES} processes"
-    );
-    Ok(())
+    check_overshoot(
+        &test,
+        key,
+        recorded,
+        ALLOWED,
+        PROCESSES,
+        &format!("{backend:?}: processes"),
+    )
 }
 
 #[rstest]

@@ -42,20 +42,27 @@ pub(crate) fn key_changes(conn: &mut Conn<'_>) -> Result<i64> {
     )
 }
 
-/// What resolving a secret reads: the key's row id, id, tier, allowed
-/// models, rate limit, expiry and revocation, the secret's end of grace,
-/// and until when the key is over its budget.
-pub(crate) type Resolved = (
-    i64,
-    KeyId,
-    Tier,
-    AllowedModels,
-    Option<i64>,
-    Option<Timestamp>,
-    Option<Timestamp>,
-    Option<Timestamp>,
-    Option<Timestamp>,
-);
+/// What resolving a secret reads of its key, and the secret's end of
+/// grace.
+#[derive(Debug, Clone, Queryable)]
+pub(crate) struct KeyOfSecret {
+    pub(crate) row_id: i64,
+    pub(crate) id: KeyId,
+    pub(crate) tier: Tier,
+    pub(crate) allowed_models: AllowedModels,
+    pub(crate) rate_limit_override: Option<i64>,
+    pub(crate) expires_at: Option<Timestamp>,
+    pub(crate) revoked_at: Option<Timestamp>,
+    pub(crate) valid_until: Option<Timestamp>,
+}
+
+/// What resolving a secret reads: its key, and until when the key is over
+/// its budget.
+#[derive(Debug, Clone)]
+pub(crate) struct Resolved {
+    pub(crate) key: KeyOfSecret,
+    pub(crate) over_budget_until: Option<Timestamp>,
+}
 
 /// Reads what resolving the secret with this hash returns, with the count
 /// of key changes in the same statement, and keeps it in `cache`.
@@ -64,58 +71,36 @@ pub(crate) fn look_up(
     cache: &KeyCache<Resolved>,
     hash: &[u8; 32],
 ) -> Result<Option<Resolved>> {
-    type Found = (
-        Option<i64>,
-        (
-            i64,
-            KeyId,
-            Tier,
-            AllowedModels,
-            Option<i64>,
-            Option<Timestamp>,
-            Option<Timestamp>,
-            Option<Timestamp>,
-        ),
-        Option<BudgetRow>,
-    );
-    let found: Option<Found> = on_backend!(conn, |c| key_secrets::table
-        .inner_join(keys::table.left_join(key_budgets::table))
-        .left_join(sequences::table.on(sequences::name.eq(KEY_CHANGES)))
-        .filter(key_secrets::secret_hash.eq(&hash[..]))
-        .select((
-            sequences::next.nullable(),
-            (
-                keys::row_id,
-                keys::id,
-                keys::tier,
-                keys::allowed_models,
-                keys::rate_limit_override,
-                keys::expires_at,
-                keys::revoked_at,
-                key_secrets::valid_until,
-            ),
-            key_budgets::all_columns.nullable(),
-        ))
-        // `get_result`, not `first`: `first` binds LIMIT as a parameter,
-        // which makes SQLite re-prepare the statement on every call.
-        .get_result(c)
-        .optional())?;
-    let Some((changes, (row_id, id, tier, models, rate, expires, revoked, until), budget)) = found
-    else {
+    let found: Option<(Option<i64>, KeyOfSecret, Option<BudgetRow>)> =
+        on_backend!(conn, |c| key_secrets::table
+            .inner_join(keys::table.left_join(key_budgets::table))
+            .left_join(sequences::table.on(sequences::name.eq(KEY_CHANGES)))
+            .filter(key_secrets::secret_hash.eq(&hash[..]))
+            .select((
+                sequences::next.nullable(),
+                (
+                    keys::row_id,
+                    keys::id,
+                    keys::tier,
+                    keys::allowed_models,
+                    keys::rate_limit_override,
+                    keys::expires_at,
+                    keys::revoked_at,
+                    key_secrets::valid_until,
+                ),
+                key_budgets::all_columns.nullable(),
+            ))
+            // `get_result`, not `first`: `first` binds LIMIT as a parameter,
+            // which makes SQLite re-prepare the statement on every call.
+            .get_result(c)
+            .optional())?;
+    let Some((changes, key, budget)) = found else {
         return Ok(None);
     };
-    let over_budget_until = budget.and_then(|budget| budget.refused_until());
-    let row = (
-        row_id,
-        id,
-        tier,
-        models,
-        rate,
-        expires,
-        revoked,
-        until,
-        over_budget_until,
-    );
+    let row = Resolved {
+        key,
+        over_budget_until: budget.and_then(|budget| budget.refused_until()),
+    };
     if let Some(changes) = changes {
         cache.put(changes, *hash, row.clone());
     }

@@ -30,8 +30,7 @@ use crate::repositories::budgets;
 use crate::repositories::fast_hash::BuildFastHasher;
 use crate::repositories::keys::cache::KeyCache;
 use crate::repositories::keys::last_used::LastUsed;
-pub(crate) use crate::repositories::keys::look_up::Resolved;
-use crate::repositories::keys::look_up::{key_changes, look_up};
+use crate::repositories::keys::look_up::{key_changes, look_up, KeyOfSecret, Resolved};
 
 #[derive(Insertable)]
 #[diesel(table_name = keys)]
@@ -223,17 +222,20 @@ impl<'a> Keys<'a> {
                 }
             }
         };
-        let Some((
-            row_id,
-            id,
-            tier,
-            allowed_models,
-            rate_limit,
-            expires_at,
-            revoked_at,
-            valid_until,
+        let Some(Resolved {
+            key:
+                KeyOfSecret {
+                    row_id,
+                    id,
+                    tier,
+                    allowed_models,
+                    rate_limit_override: rate_limit,
+                    expires_at,
+                    revoked_at,
+                    valid_until,
+                },
             over_budget_until,
-        )) = row
+        }) = row
         else {
             return Ok(Err(Rejection::Unknown));
         };
