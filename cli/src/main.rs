@@ -232,10 +232,10 @@ struct UpdateKey {
     /// Go back to the gateway's default rate limit.
     #[arg(long)]
     default_rate_limit: bool,
-    /// What the key may spend per period: AMOUNT/PERIOD, the period day, month or N days (30d).
+    /// A new budget (replacing the old one, soft limit included): AMOUNT/PERIOD, the period day, month or N days (30d).
     #[arg(long, value_name = "AMOUNT/PERIOD", conflicts_with = "no_budget")]
     budget: Option<String>,
-    /// Report (once a period) when the spend reaches this amount.
+    /// Report (once a period) when the spend reaches this amount; alone, it changes only the soft limit.
     #[arg(long, value_name = "AMOUNT")]
     soft_budget: Option<String>,
     /// When the first period of an N-days budget starts (default: today, 00:00 UTC).

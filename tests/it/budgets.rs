@@ -525,3 +525,41 @@ fn reaching_the_soft_limit_and_the_budget_is_logged_once_each(
     assert_eq!(shown["budget"]["over_budget"], true);
     Ok(())
 }
+
+#[rstest]
+fn a_budget_reached_in_another_store_reaches_a_notified_store(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let test = store_on(backend);
+    price_model(&test, "gpt-4o")?;
+    let (key, secret) = key_with(&test, budget(3 * EVENT_COST, None, BudgetPeriod::Day))?;
+    let location = match test.database_url() {
+        Some(url) => url.to_owned(),
+        None => path_arg(&test.folder().join("keytally.db"))?.to_owned(),
+    };
+    let replica = StoreOptions::new(location.as_str())
+        .resolve_mode(keytally::ResolveMode::Notified)
+        .open()?;
+    // Read once, then answered from memory while the watched count stands.
+    assert!(replica.keys().resolve(&secret)?.is_ok());
+    assert!(replica.keys().resolve(&secret)?.is_ok());
+    let now = Timestamp::now();
+    test.events()
+        .record_batch(&[event(key, now), event(key, now), event(key, now)])?;
+    let reached = std::time::Instant::now();
+    loop {
+        match replica.keys().resolve(&secret)? {
+            Err(Rejection::OverBudget) => break,
+            Ok(_) => assert!(
+                reached.elapsed() < std::time::Duration::from_secs(2),
+                "still accepted 2 s after the budget was reached"
+            ),
+            Err(other) => return Err(format!("{other:?}").into()),
+        }
+    }
+    eprintln!(
+        "{backend:?}: refused {:?} after the budget was reached",
+        reached.elapsed()
+    );
+    Ok(())
+}
