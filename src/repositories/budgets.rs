@@ -3,7 +3,8 @@
 //! never reads events or rollups.
 //!
 //! - [`set`] writes or removes a budget inside the caller's key change, its
-//!   spend counted once from the key's events already in the period.
+//!   spend counted once from the key's events already in the period
+//!   ([`set_for_new_key`]: a key created in the same transaction has none).
 //! - Recording adds each event's cost to its key's spend in the same
 //!   transaction: [`add_spend`] per event on SQLite (the write lock orders
 //!   the writers), [`spend_cte`] inside PostgreSQL's recording statement
@@ -101,15 +102,43 @@ pub(crate) fn set(
     // The spend read below counts every event of the period, and every
     // event after it finds the budget.
     conn.hold_off_recorders()?;
-    let (period_days, anchor) = budget.period.stored();
-    // Before a fixed-days budget's first period, it waits at its start.
-    let start = budget
-        .period
-        .start_of(now)
-        .unwrap_or(Timestamp::from_stored(anchor));
-    let end = budget.period.end_after(start);
+    let (start, end) = current_period(budget, now);
     let spend =
         rollups::key_totals(conn, key_row_id, start.as_millis(), end.as_millis())?.cost_nanos;
+    write(conn, key_row_id, budget, start, spend)
+}
+
+/// Gives a key created in the caller's transaction its budget: it has no
+/// events, so nothing is counted and no recorder is held off.
+pub(crate) fn set_for_new_key(
+    conn: &mut Conn<'_>,
+    key_row_id: i64,
+    budget: &Budget,
+    now: Timestamp,
+) -> Result<()> {
+    write(conn, key_row_id, budget, current_period(budget, now).0, 0)
+}
+
+/// The start and end of the budget's period at `now`; before a fixed-days
+/// budget's first period, that first period.
+fn current_period(budget: &Budget, now: Timestamp) -> (Timestamp, Timestamp) {
+    let start = budget.period.start_of(now).unwrap_or(match budget.period {
+        BudgetPeriod::Days { from, .. } => from,
+        BudgetPeriod::Day | BudgetPeriod::Month => now,
+    });
+    (start, budget.period.end_after(start))
+}
+
+/// Writes the key's budget row, its period starting at `start` with
+/// `spend` spent.
+fn write(
+    conn: &mut Conn<'_>,
+    key_row_id: i64,
+    budget: &Budget,
+    start: Timestamp,
+    spend: i64,
+) -> Result<()> {
+    let (period_days, anchor) = budget.period.stored();
     let row = BudgetRow {
         key_row_id,
         budget_nanos: budget.limit.nanos(),

@@ -178,7 +178,7 @@ impl<'a> Keys<'a> {
             }
             .insert(conn)?;
             if let Some(budget) = &new.budget {
-                budgets::set(conn, key.row_id, Some(budget), now)?;
+                budgets::set_for_new_key(conn, key.row_id, budget, now)?;
             }
             Ok(key)
         })?;
