@@ -79,6 +79,29 @@ fn recount(store: &Store, key: KeyId, since: Timestamp) -> Result<i64, Error> {
     }
 }
 
+/// A store with every event priced at [`EVENT_COST`], and a key allowed
+/// `events` such events a month, with its secret.
+fn monthly_budget_of(
+    backend: Backend,
+    events: i64,
+) -> Result<(TestStore, KeyId, String), Box<dyn std::error::Error>> {
+    let test = store_on(backend);
+    price_model(&test, "gpt-4o")?;
+    let (key, secret) = key_with(
+        &test,
+        budget(events * EVENT_COST, None, BudgetPeriod::Month),
+    )?;
+    Ok((test, key, secret))
+}
+
+/// Where the test store's database is, for another process to open.
+fn location_of(test: &TestStore) -> Result<String, Box<dyn std::error::Error>> {
+    Ok(match test.database_url() {
+        Some(url) => url.to_owned(),
+        None => path_arg(&test.folder().join("keytally.db"))?.to_owned(),
+    })
+}
+
 /// A second store on the same database: another gateway process or
 /// replica, as far as the database can tell.
 fn another_store(test: &TestStore) -> Result<Store, Error> {
@@ -247,12 +270,7 @@ fn stores_recording_for_one_key_overshoot_by_at_most_their_requests_in_flight(
     use std::sync::atomic::{AtomicU64, Ordering};
     const STORES: usize = 4;
     const ALLOWED: i64 = 200;
-    let test = store_on(backend);
-    price_model(&test, "gpt-4o")?;
-    let (key, secret) = key_with(
-        &test,
-        budget(ALLOWED * EVENT_COST, None, BudgetPeriod::Month),
-    )?;
+    let (test, key, secret) = monthly_budget_of(backend, ALLOWED)?;
     let stores = (0..STORES)
         .map(|_| another_store(&test))
         .collect::<Result<Vec<_>, _>>()?;
@@ -405,16 +423,8 @@ fn processes_recording_for_one_key_overshoot_by_at_most_their_requests_in_flight
     use std::process::{Command, Stdio};
     const PROCESSES: usize = 4;
     const ALLOWED: i64 = 300;
-    let test = store_on(backend);
-    price_model(&test, "gpt-4o")?;
-    let (key, secret) = key_with(
-        &test,
-        budget(ALLOWED * EVENT_COST, None, BudgetPeriod::Month),
-    )?;
-    let location = match test.database_url() {
-        Some(url) => url.to_owned(),
-        None => path_arg(&test.folder().join("keytally.db"))?.to_owned(),
-    };
+    let (test, key, secret) = monthly_budget_of(backend, ALLOWED)?;
+    let location = location_of(&test)?;
     let program = example("budget_spender")?;
     let limit = (2 * ALLOWED).to_string();
     let mut children = (0..PROCESSES)
@@ -533,10 +543,7 @@ fn a_budget_reached_in_another_store_reaches_a_notified_store(
     let test = store_on(backend);
     price_model(&test, "gpt-4o")?;
     let (key, secret) = key_with(&test, budget(3 * EVENT_COST, None, BudgetPeriod::Day))?;
-    let location = match test.database_url() {
-        Some(url) => url.to_owned(),
-        None => path_arg(&test.folder().join("keytally.db"))?.to_owned(),
-    };
+    let location = location_of(&test)?;
     let replica = StoreOptions::new(location.as_str())
         .resolve_mode(keytally::ResolveMode::Notified)
         .open()?;
