@@ -1,7 +1,7 @@
 //! Event rows as they are written: [`ValidEvent`], an event checked and
 //! with its key and models resolved to row ids, and its insert with its
-//! rollups and its key's spend on SQLite, ids taken from the `events` counter. PostgreSQL's
-//! insert is in `postgres_insert`.
+//! rollups and its key's spend on SQLite, ids taken from the `events`
+//! counter. PostgreSQL's insert is in `postgres_insert`.
 
 use std::borrow::Cow;
 

@@ -52,8 +52,9 @@ fn statement() -> String {
 }
 
 /// The statement reading the batch from `rows`: rows of [`COLUMNS`] and
-/// `position` (`one`: a single row). Each event is costed with the price of its model in force
-/// at its time, read in the statement itself (see `prices`).
+/// `position` (`one`: a single row). Each event is costed with the price
+/// of its model in force at its time, read in the statement itself (see
+/// `prices`).
 fn statement_from(rows: &str, one: bool) -> String {
     format!(
         "WITH new AS MATERIALIZED (\
