@@ -10,17 +10,18 @@
 //!   the writers), [`spend_cte`] inside PostgreSQL's recording statement
 //!   (the budget row's lock orders the replicas). An event of a later
 //!   period starts the spend again; one of an earlier period leaves it.
-//! - The spend reaching the budget moves `key_changes` (a trigger), so
-//!   every cached resolve of the key is read again then; reaching the soft
-//!   limit or the budget queues a row in `budget_reports` (a trigger), which
-//!   [`log_reports`] logs once, off the recording path.
+//! - The spend reaching the budget moves `key_changes` in that transaction,
+//!   so every cached resolve of the key is read again then; reaching the
+//!   soft limit or the budget queues a row in `budget_reports`, which
+//!   [`log_reports`] logs once, off the recording path. On PostgreSQL
+//!   triggers on `key_budgets` do both; on SQLite [`add_spend`] does.
 
 use std::collections::HashMap;
 
 use diesel::prelude::*;
 
 use crate::db::database::{on_backend, Backend, Conn, Database};
-use crate::db::schema::{budget_reports, key_budgets, keys};
+use crate::db::schema::{budget_reports, key_budgets, keys, sequences};
 use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
 use crate::model::budget::{Budget, BudgetPeriod, BudgetStatus};
@@ -198,28 +199,33 @@ const COST: char = '\u{2}';
 const KEY: char = '\u{3}';
 
 /// [`AddSpend`] with its values marked where they go (the period's start
-/// uses the time in several places).
+/// uses the time, the limits the cost, more than once).
 fn add_spend_template() -> String {
     format!(
-        "UPDATE key_budgets SET \
-           spend_nanos = CASE WHEN {start} > period_start THEN {COST} \
-             ELSE spend_nanos + {COST} END, \
-           period_start = CASE WHEN {start} > period_start THEN {start} ELSE period_start END \
-         WHERE key_row_id = {KEY} AND {TIME} >= anchor AND {start} >= period_start",
+        "UPDATE key_budgets SET spend_nanos = spend_nanos + {COST} \
+         WHERE key_row_id = {KEY} AND {TIME} >= anchor AND {start} = period_start \
+           AND spend_nanos + {COST} < budget_nanos \
+           AND (soft_nanos IS NULL OR spend_nanos + {COST} < soft_nanos \
+             OR spend_nanos >= soft_nanos)",
         start = period_start_sql(Backend::Sqlite, "key_budgets", &TIME.to_string()),
     )
 }
 
 sql_text!(
-    /// Adds one event's cost to its key's budget, if the key has one and
-    /// the event is not of an earlier period or before the first.
+    /// Adds one event's cost to its key's spend when that is all there is
+    /// to do: the key has a budget, the event is of the period the spend
+    /// counts, and the spend reaches neither limit. Everything else is the
+    /// rare path of [`add_spend`].
     AddSpend = add_spend_template().replace([TIME, COST, KEY], "?")
 );
 
 /// Adds one recorded event's cost to its key's spend, inside SQLite's write
-/// transaction. A plain `UPDATE` by row id: no `RETURNING`, no `FROM`
-/// (each made it several times slower); reaching a limit is seen by the
-/// table's triggers.
+/// transaction. Nearly always one plain `UPDATE` by row id ([`AddSpend`]):
+/// no trigger fires on it (the spend triggers, which cost as much as the
+/// update itself, are PostgreSQL's only), and no `RETURNING` or `FROM`
+/// (each made it several times slower). Otherwise the row is read, and the
+/// spend starts a new period, or reaches a limit: then `key_changes` moves
+/// (the budget) and a report is queued, as PostgreSQL's triggers do.
 pub(crate) fn add_spend(
     conn: &mut diesel::SqliteConnection,
     key_row_id: i64,
@@ -241,7 +247,56 @@ pub(crate) fn add_spend(
             _ => Value::Int(key_row_id),
         })
         .collect();
-    FixedSql::<AddSpend>::new(values).execute(conn)?;
+    if FixedSql::<AddSpend>::new(values).execute(conn)? == 1 {
+        return Ok(());
+    }
+    let row: Option<BudgetRow> = key_budgets::table
+        .filter(key_budgets::key_row_id.eq(key_row_id))
+        .select(BudgetRow::as_select())
+        .get_result(conn)
+        .optional()?;
+    let Some(row) = row else {
+        return Ok(());
+    };
+    let budget = row.budget();
+    let Some(start) = budget.period.start_of(ts).map(Timestamp::as_millis) else {
+        // Before the first period.
+        return Ok(());
+    };
+    if start < row.period_start {
+        // An earlier period: its usage counts, not against this budget.
+        return Ok(());
+    }
+    let before = if start > row.period_start {
+        0
+    } else {
+        row.spend_nanos
+    };
+    let after = before.saturating_add(cost.nanos());
+    diesel::update(key_budgets::table.filter(key_budgets::key_row_id.eq(key_row_id)))
+        .set((
+            key_budgets::spend_nanos.eq(after),
+            key_budgets::period_start.eq(start),
+        ))
+        .execute(conn)?;
+    let reaches = |limit: i64| before < limit && after >= limit;
+    let limit = reaches(row.budget_nanos);
+    if limit {
+        diesel::update(sequences::table.filter(sequences::name.eq("key_changes")))
+            .set(sequences::next.eq(sequences::next + 1))
+            .execute(conn)?;
+    }
+    if limit || row.soft_nanos.is_some_and(reaches) {
+        diesel::insert_into(budget_reports::table)
+            .values((
+                budget_reports::key_row_id.eq(key_row_id),
+                budget_reports::period_start.eq(start),
+                budget_reports::spend_nanos.eq(after),
+                budget_reports::budget_nanos.eq(row.budget_nanos),
+                budget_reports::soft_nanos.eq(row.soft_nanos),
+            ))
+            .execute(conn)?;
+    }
     Ok(())
 }
 

@@ -1,6 +1,4 @@
-DROP TRIGGER key_budgets_reached_is_reported;
 DROP TABLE budget_reports;
-DROP TRIGGER key_budgets_reached_counts_as_a_key_change;
 DROP TRIGGER key_budgets_delete_counts_as_a_key_change;
 DROP TRIGGER key_budgets_update_counts_as_a_key_change;
 DROP TRIGGER key_budgets_insert_counts_as_a_key_change;
