@@ -115,7 +115,7 @@ fn run(
             }
         }
         if let Err(error) = budgets::log_reports(db) {
-            tracing::warn!(error = %error.report(), "could not read the budget reports; will retry");
+            tracing::warn!(error = %error.report(), "could not log the budget reports; will retry");
         }
         if stopping {
             break;
