@@ -67,6 +67,7 @@ diesel::table! {
         expires_at -> Nullable<BigInt>,
         revoked_at -> Nullable<BigInt>,
         last_used_at -> Nullable<BigInt>,
+        over_budget_until -> Nullable<BigInt>,
     }
 }
 

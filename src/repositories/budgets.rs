@@ -10,11 +10,14 @@
 //!   the writers), [`spend_cte`] inside PostgreSQL's recording statement
 //!   (the budget row's lock orders the replicas). An event of a later
 //!   period starts the spend again; one of an earlier period leaves it.
-//! - The spend reaching the budget moves `key_changes` in that transaction,
-//!   so every cached resolve of the key is read again then; reaching the
+//! - The spend reaching the budget writes the key's `over_budget_until`
+//!   (the period's end: a resolve reads it with the key, and nothing of
+//!   this table) and moves `key_changes` in that transaction, so every
+//!   cached resolve of the key is read again then; reaching the
 //!   soft limit or the budget queues a row in `budget_reports`, which
 //!   [`log_reports`] logs once, off the recording path. On PostgreSQL
-//!   triggers on `key_budgets` do both; on SQLite [`add_spend`] does.
+//!   triggers on `key_budgets` do all of it; on SQLite [`add_spend`] does.
+//!   [`set`] writes `over_budget_until` as the budget it sets stands.
 
 use std::collections::HashMap;
 
@@ -98,7 +101,7 @@ pub(crate) fn set(
             key_budgets::table.filter(key_budgets::key_row_id.eq(key_row_id))
         )
         .execute(c))?;
-        return Ok(());
+        return refuse_until(conn, key_row_id, None);
     };
     // The spend read below counts every event of the period, and every
     // event after it finds the budget.
@@ -155,6 +158,17 @@ fn write(
         .do_update()
         .set(&row)
         .execute(c))?;
+    refuse_until(conn, key_row_id, row.refused_until())
+}
+
+/// Writes until when resolving the key is refused for its budget
+/// (`keys.over_budget_until`, which a resolve reads with the key).
+fn refuse_until(conn: &mut Conn<'_>, key_row_id: i64, until: Option<Timestamp>) -> Result<()> {
+    on_backend!(conn, |c| diesel::update(
+        keys::table.filter(keys::row_id.eq(key_row_id))
+    )
+    .set(keys::over_budget_until.eq(until))
+    .execute(c))?;
     Ok(())
 }
 
@@ -224,8 +238,9 @@ sql_text!(
 /// no trigger fires on it (the spend triggers, which cost as much as the
 /// update itself, are PostgreSQL's only), and no `RETURNING` or `FROM`
 /// (each made it several times slower). Otherwise the row is read, and the
-/// spend starts a new period, or reaches a limit: then `key_changes` moves
-/// (the budget) and a report is queued, as PostgreSQL's triggers do.
+/// spend starts a new period, or reaches a limit: then the key is refused
+/// until the period's end and `key_changes` moves (the budget), and a report
+/// is queued, as PostgreSQL's triggers do.
 pub(crate) fn add_spend(
     conn: &mut diesel::SqliteConnection,
     key_row_id: i64,
@@ -282,6 +297,9 @@ pub(crate) fn add_spend(
     let reaches = |limit: i64| before < limit && after >= limit;
     let limit = reaches(row.budget_nanos);
     if limit {
+        diesel::update(keys::table.filter(keys::row_id.eq(key_row_id)))
+            .set(keys::over_budget_until.eq(budget.period.end_after(Timestamp::from_stored(start))))
+            .execute(conn)?;
         diesel::update(sequences::table.filter(sequences::name.eq("key_changes")))
             .set(sequences::next.eq(sequences::next + 1))
             .execute(conn)?;

@@ -263,6 +263,40 @@ fn a_refused_key_resolves_again_when_its_period_rolls_over(
     Ok(())
 }
 
+/// The refusal is kept on the key's row, written by the recording
+/// transaction (on PostgreSQL by a trigger, which computes the period's end
+/// itself): it ends with the calendar month, across a year's end too.
+#[rstest]
+fn a_monthly_budget_refuses_the_key_until_the_end_of_its_month(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let (store, key, secret) = monthly_budget_of(backend, 2)?;
+    let refused_until = |store: &TestStore| -> Result<i64, Box<dyn std::error::Error>> {
+        Ok(crate::support::sql::raw(store)?.number(
+            "SELECT over_budget_until AS n FROM keys WHERE over_budget_until IS NOT NULL",
+        )?)
+    };
+    let now = Timestamp::now();
+    store
+        .events()
+        .record_batch(&[event(key, now), event(key, now)])?;
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(
+        status.resets_at,
+        BudgetPeriod::Month.end_after(status.period_start)
+    );
+    assert_eq!(refused_until(&store)?, status.resets_at.as_millis());
+    // Events of a December (2099-12-15) start that month's period.
+    let december = Timestamp::from_millis(4_100_976_000_000)?;
+    for _ in 0..2 {
+        store.events().record(&event(key, december))?;
+    }
+    let january = Timestamp::from_millis(4_102_444_800_000)?; // 2100-01-01
+    assert_eq!(refused_until(&store)?, january.as_millis());
+    Ok(())
+}
+
 #[rstest]
 fn stores_recording_for_one_key_overshoot_by_at_most_their_requests_in_flight(
     #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,

@@ -1,16 +1,15 @@
-//! What resolving a secret reads from the database: the key, its secret,
-//! its budget's standing ([`look_up`]), and the count of key changes that
-//! the cache is trusted under ([`key_changes`]).
+//! What resolving a secret reads from the database: the key and its secret
+//! ([`look_up`]), and the count of key changes that the cache is trusted
+//! under ([`key_changes`]).
 
 use diesel::prelude::*;
 
 use crate::db::database::{on_backend, Conn};
-use crate::db::schema::{key_budgets, key_secrets, keys, sequences};
+use crate::db::schema::{key_secrets, keys, sequences};
 use crate::db::sql::{sql_text, FixedSql};
 use crate::error::{Error, Result};
 use crate::model::key::{AllowedModels, KeyId, Tier};
 use crate::model::time::Timestamp;
-use crate::repositories::budgets::BudgetRow;
 use crate::repositories::keys::cache::KeyCache;
 
 /// The name of the count of key changes in `sequences`; see
@@ -54,13 +53,8 @@ pub(crate) struct KeyOfSecret {
     pub(crate) expires_at: Option<Timestamp>,
     pub(crate) revoked_at: Option<Timestamp>,
     pub(crate) valid_until: Option<Timestamp>,
-}
-
-/// What resolving a secret reads: its key, and until when the key is over
-/// its budget.
-#[derive(Debug, Clone)]
-pub(crate) struct Resolved {
-    pub(crate) key: KeyOfSecret,
+    /// The end of the budget period in which the key's spend reached its
+    /// budget (see [`crate::repositories::budgets`]).
     pub(crate) over_budget_until: Option<Timestamp>,
 }
 
@@ -68,41 +62,36 @@ pub(crate) struct Resolved {
 /// of key changes in the same statement, and keeps it in `cache`.
 pub(crate) fn look_up(
     conn: &mut Conn<'_>,
-    cache: &KeyCache<Resolved>,
+    cache: &KeyCache<KeyOfSecret>,
     hash: &[u8; 32],
-) -> Result<Option<Resolved>> {
-    let found: Option<(Option<i64>, KeyOfSecret, Option<BudgetRow>)> =
-        on_backend!(conn, |c| key_secrets::table
-            .inner_join(keys::table.left_join(key_budgets::table))
-            .left_join(sequences::table.on(sequences::name.eq(KEY_CHANGES)))
-            .filter(key_secrets::secret_hash.eq(&hash[..]))
-            .select((
-                sequences::next.nullable(),
-                (
-                    keys::row_id,
-                    keys::id,
-                    keys::tier,
-                    keys::allowed_models,
-                    keys::rate_limit_override,
-                    keys::expires_at,
-                    keys::revoked_at,
-                    key_secrets::valid_until,
-                ),
-                key_budgets::all_columns.nullable(),
-            ))
-            // `get_result`, not `first`: `first` binds LIMIT as a parameter,
-            // which makes SQLite re-prepare the statement on every call.
-            .get_result(c)
-            .optional())?;
-    let Some((changes, key, budget)) = found else {
+) -> Result<Option<KeyOfSecret>> {
+    let found: Option<(Option<i64>, KeyOfSecret)> = on_backend!(conn, |c| key_secrets::table
+        .inner_join(keys::table)
+        .left_join(sequences::table.on(sequences::name.eq(KEY_CHANGES)))
+        .filter(key_secrets::secret_hash.eq(&hash[..]))
+        .select((
+            sequences::next.nullable(),
+            (
+                keys::row_id,
+                keys::id,
+                keys::tier,
+                keys::allowed_models,
+                keys::rate_limit_override,
+                keys::expires_at,
+                keys::revoked_at,
+                key_secrets::valid_until,
+                keys::over_budget_until,
+            ),
+        ))
+        // `get_result`, not `first`: `first` binds LIMIT as a parameter,
+        // which makes SQLite re-prepare the statement on every call.
+        .get_result(c)
+        .optional())?;
+    let Some((changes, key)) = found else {
         return Ok(None);
     };
-    let row = Resolved {
-        key,
-        over_budget_until: budget.and_then(|budget| budget.refused_until()),
-    };
     if let Some(changes) = changes {
-        cache.put(changes, *hash, row.clone());
+        cache.put(changes, *hash, key.clone());
     }
-    Ok(Some(row))
+    Ok(Some(key))
 }

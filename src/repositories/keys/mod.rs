@@ -30,7 +30,7 @@ use crate::repositories::budgets;
 use crate::repositories::fast_hash::BuildFastHasher;
 use crate::repositories::keys::cache::KeyCache;
 use crate::repositories::keys::last_used::LastUsed;
-use crate::repositories::keys::look_up::{key_changes, look_up, KeyOfSecret, Resolved};
+use crate::repositories::keys::look_up::{key_changes, look_up, KeyOfSecret};
 
 #[derive(Insertable)]
 #[diesel(table_name = keys)]
@@ -78,7 +78,7 @@ pub(crate) struct KeyMemory {
     /// The prefix of the store's secrets.
     secret_prefix: String,
     /// Recently resolved secrets; see [`cache`].
-    cache: KeyCache<Resolved>,
+    cache: KeyCache<KeyOfSecret>,
     /// `last_used_at` times not written yet; see [`last_used`].
     pub(crate) last_used: LastUsed,
     /// Key ids to their row ids. Keys are never deleted (a trigger refuses
@@ -169,7 +169,7 @@ impl<'a> Keys<'a> {
         let key = self.db.write(|conn| {
             let key: Key = on_backend!(conn, |c| diesel::insert_into(keys::table)
                 .values(&row)
-                .returning(keys::all_columns)
+                .returning(Key::as_returning())
                 .get_result(c))?;
             NewSecretRow {
                 secret_hash: &hash.0,
@@ -222,18 +222,15 @@ impl<'a> Keys<'a> {
                 }
             }
         };
-        let Some(Resolved {
-            key:
-                KeyOfSecret {
-                    row_id,
-                    id,
-                    tier,
-                    allowed_models,
-                    rate_limit_override: rate_limit,
-                    expires_at,
-                    revoked_at,
-                    valid_until,
-                },
+        let Some(KeyOfSecret {
+            row_id,
+            id,
+            tier,
+            allowed_models,
+            rate_limit_override: rate_limit,
+            expires_at,
+            revoked_at,
+            valid_until,
             over_budget_until,
         }) = row
         else {
@@ -285,7 +282,7 @@ impl<'a> Keys<'a> {
         let mut pooled = self.db.connection()?;
         Ok(on_backend!(&mut pooled.conn(), |c| {
             let mut query = keys::table
-                .select(keys::all_columns)
+                .select(Key::as_select())
                 .order(keys::id.asc())
                 .limit(i64::from(limit))
                 .into_boxed();
@@ -502,7 +499,7 @@ impl<'a> Keys<'a> {
 fn find(conn: &mut Conn<'_>, id: KeyId) -> Result<Key> {
     on_backend!(conn, |c| keys::table
         .filter(keys::id.eq(id))
-        .select(keys::all_columns)
+        .select(Key::as_select())
         .get_result(c)
         .optional())?
     .ok_or(Error::KeyNotFound { id })
@@ -519,7 +516,7 @@ fn find_for_update(conn: &mut Conn<'_>, id: KeyId) -> Result<Key> {
         #[cfg(feature = "postgres")]
         Conn::Postgres(c) => keys::table
             .filter(keys::id.eq(id))
-            .select(keys::all_columns)
+            .select(Key::as_select())
             .for_update()
             .get_result(*c)
             .optional()?
