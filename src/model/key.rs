@@ -8,7 +8,7 @@ use std::time::Duration;
 use diesel::deserialize::FromSqlRow;
 use diesel::expression::AsExpression;
 use diesel::sql_types::{Binary, Text};
-use diesel::{Queryable, Selectable};
+use diesel::Queryable;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
@@ -223,9 +223,9 @@ impl Serialize for AllowedModels {
 }
 
 /// A key as stored (never with its secret): the `keys` table's columns but
-/// `over_budget_until` (see [`crate::Keys::budget`] for the budget).
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Serialize)]
-#[diesel(table_name = crate::db::schema::keys)]
+/// `over_budget_until` (see [`crate::Keys::budget`] for the budget), in
+/// their order.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Serialize)]
 pub struct Key {
     #[serde(skip)]
     pub(crate) row_id: i64,
