@@ -321,31 +321,40 @@ pub(crate) fn add_spend(
 /// The part of PostgreSQL's recording statement that adds the events of
 /// `rows` (which has `key_row_id`, `ts` and `cost_nanos`) to their keys'
 /// spend: a `spent` CTE, one row update per key, with the events of the
-/// key's latest period among them. `one`: `rows` holds a single event, so
-/// there is nothing to group.
+/// key's latest period among them. The events are totalled per key alone,
+/// and the budget row is joined once: nearly always all of a key's events
+/// in a batch are of one period, and only a key whose first and last events
+/// are not sums its latest period's events again. `one`: `rows` holds a
+/// single event, so there is nothing to total.
 #[cfg(feature = "postgres")]
 pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
-    let start = period_start_sql(Backend::Postgres, "kb", "n.ts");
-    let of_events = format!(
-        "FROM {rows} AS n JOIN key_budgets AS kb ON kb.key_row_id = n.key_row_id \
-         WHERE n.cost_nanos IS NOT NULL AND n.ts >= kb.anchor"
-    );
-    let added = if one {
-        format!("(SELECT n.key_row_id AS k, {start} AS s, n.cost_nanos AS c {of_events})")
+    let first = period_start_sql(Backend::Postgres, "b", "e.first");
+    let last = period_start_sql(Backend::Postgres, "b", "e.last");
+    let of_events = format!("FROM {rows} AS n WHERE n.cost_nanos IS NOT NULL");
+    let (totals, added) = if one {
+        (
+            format!("(SELECT n.key_row_id AS k, n.ts AS first, n.ts AS last, n.cost_nanos AS c {of_events})"),
+            "e.c".to_owned(),
+        )
     } else {
-        format!(
-            "(SELECT DISTINCT ON (k) k, s, c FROM (\
-               SELECT n.key_row_id AS k, {start} AS s, CAST(sum(n.cost_nanos) AS BIGINT) AS c \
-               {of_events} GROUP BY 1, 2) AS g \
-             ORDER BY k, s DESC)"
+        (
+            format!(
+                "(SELECT n.key_row_id AS k, min(n.ts) AS first, max(n.ts) AS last,                    CAST(sum(n.cost_nanos) AS BIGINT) AS c                  {of_events} AND n.key_row_id IS NOT NULL GROUP BY n.key_row_id)"
+            ),
+            format!(
+                "(CASE WHEN e.first >= b.anchor AND {first} = {last} THEN e.c \
+                 ELSE (SELECT CAST(sum(n.cost_nanos) AS BIGINT) {of_events} \
+                   AND n.key_row_id = e.k AND n.ts >= {last}) END)"
+            ),
         )
     };
     format!(
         "spent AS (UPDATE key_budgets AS b SET \
-           spend_nanos = CASE WHEN e.s > b.period_start THEN e.c ELSE b.spend_nanos + e.c END, \
-           period_start = CASE WHEN e.s > b.period_start THEN e.s ELSE b.period_start END \
-         FROM {added} AS e \
-         WHERE b.key_row_id = e.k AND e.s >= b.period_start)"
+           spend_nanos = CASE WHEN {last} > b.period_start THEN {added} \
+             ELSE b.spend_nanos + {added} END, \
+           period_start = GREATEST({last}, b.period_start) \
+         FROM {totals} AS e \
+         WHERE b.key_row_id = e.k AND e.last >= b.anchor AND {last} >= b.period_start)"
     )
 }
 
