@@ -222,8 +222,7 @@ impl Serialize for AllowedModels {
     }
 }
 
-/// A key as stored (never with its secret): the `keys` table's columns but
-/// `over_budget_until` (see [`crate::Keys::budget`] for the budget), in
+/// A key as stored (never with its secret): the `keys` table's columns, in
 /// their order.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Serialize)]
 pub struct Key {
@@ -249,6 +248,10 @@ pub struct Key {
     pub revoked_at: Option<Timestamp>,
     /// When it was last resolved, to within the flush interval.
     pub last_used_at: Option<Timestamp>,
+    /// The end of the budget period in which its spend reached its budget
+    /// (see [`crate::Keys::budget`] for the budget's standing).
+    #[serde(skip)]
+    pub(crate) over_budget_until: Option<Timestamp>,
 }
 
 impl Key {

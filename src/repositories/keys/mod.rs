@@ -32,34 +32,6 @@ use crate::repositories::keys::cache::KeyCache;
 use crate::repositories::keys::last_used::LastUsed;
 use crate::repositories::keys::look_up::{key_changes, look_up, KeyOfSecret};
 
-/// The columns of [`Key`], in its fields' order: every column of `keys`
-/// but `over_budget_until`, which only a resolve reads.
-const KEY_COLUMNS: (
-    keys::row_id,
-    keys::id,
-    keys::display_prefix,
-    keys::tier,
-    keys::label,
-    keys::allowed_models,
-    keys::rate_limit_override,
-    keys::created_at,
-    keys::expires_at,
-    keys::revoked_at,
-    keys::last_used_at,
-) = (
-    keys::row_id,
-    keys::id,
-    keys::display_prefix,
-    keys::tier,
-    keys::label,
-    keys::allowed_models,
-    keys::rate_limit_override,
-    keys::created_at,
-    keys::expires_at,
-    keys::revoked_at,
-    keys::last_used_at,
-);
-
 #[derive(Insertable)]
 #[diesel(table_name = keys)]
 struct NewKeyRow<'a> {
@@ -197,7 +169,7 @@ impl<'a> Keys<'a> {
         let key = self.db.write(|conn| {
             let key: Key = on_backend!(conn, |c| diesel::insert_into(keys::table)
                 .values(&row)
-                .returning(KEY_COLUMNS)
+                .returning(keys::all_columns)
                 .get_result(c))?;
             NewSecretRow {
                 secret_hash: &hash.0,
@@ -310,7 +282,7 @@ impl<'a> Keys<'a> {
         let mut pooled = self.db.connection()?;
         Ok(on_backend!(&mut pooled.conn(), |c| {
             let mut query = keys::table
-                .select(KEY_COLUMNS)
+                .select(keys::all_columns)
                 .order(keys::id.asc())
                 .limit(i64::from(limit))
                 .into_boxed();
@@ -527,7 +499,7 @@ impl<'a> Keys<'a> {
 fn find(conn: &mut Conn<'_>, id: KeyId) -> Result<Key> {
     on_backend!(conn, |c| keys::table
         .filter(keys::id.eq(id))
-        .select(KEY_COLUMNS)
+        .select(keys::all_columns)
         .get_result(c)
         .optional())?
     .ok_or(Error::KeyNotFound { id })
@@ -544,7 +516,7 @@ fn find_for_update(conn: &mut Conn<'_>, id: KeyId) -> Result<Key> {
         #[cfg(feature = "postgres")]
         Conn::Postgres(c) => keys::table
             .filter(keys::id.eq(id))
-            .select(KEY_COLUMNS)
+            .select(keys::all_columns)
             .for_update()
             .get_result(*c)
             .optional()?
