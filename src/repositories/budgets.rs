@@ -332,21 +332,23 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     let last = period_start_sql(Backend::Postgres, "b", "e.last");
     let of_events = format!("FROM {rows} AS n WHERE n.cost_nanos IS NOT NULL");
     let (totals, added) = if one {
-        (
-            format!("(SELECT n.key_row_id AS k, n.ts AS first, n.ts AS last, n.cost_nanos AS c {of_events})"),
-            "e.c".to_owned(),
-        )
+        let totals = format!(
+            "(SELECT n.key_row_id AS k, n.ts AS first, n.ts AS last, n.cost_nanos AS c \
+             {of_events})"
+        );
+        (totals, "e.c".to_owned())
     } else {
-        (
-            format!(
-                "(SELECT n.key_row_id AS k, min(n.ts) AS first, max(n.ts) AS last,                    CAST(sum(n.cost_nanos) AS BIGINT) AS c                  {of_events} AND n.key_row_id IS NOT NULL GROUP BY n.key_row_id)"
-            ),
-            format!(
-                "(CASE WHEN e.first >= b.anchor AND {first} = {last} THEN e.c \
-                 ELSE (SELECT CAST(sum(n.cost_nanos) AS BIGINT) {of_events} \
-                   AND n.key_row_id = e.k AND n.ts >= {last}) END)"
-            ),
-        )
+        let totals = format!(
+            "(SELECT n.key_row_id AS k, min(n.ts) AS first, max(n.ts) AS last, \
+               CAST(sum(n.cost_nanos) AS BIGINT) AS c \
+             {of_events} AND n.key_row_id IS NOT NULL GROUP BY n.key_row_id)"
+        );
+        let added = format!(
+            "(CASE WHEN e.first >= b.anchor AND {first} = {last} THEN e.c \
+             ELSE (SELECT CAST(sum(n.cost_nanos) AS BIGINT) {of_events} \
+               AND n.key_row_id = e.k AND n.ts >= {last}) END)"
+        );
+        (totals, added)
     };
     format!(
         "spent AS (UPDATE key_budgets AS b SET \
