@@ -150,7 +150,7 @@ impl CachedSql {
 /// Implements the statements' traits for each backend, with one body:
 /// the backend's query builder writes its own placeholders.
 macro_rules! for_backend {
-    ($backend:ty, $connection:ty) => {
+    ($backend:ty, $connection:ty, $mark:literal) => {
         impl QueryFragment<$backend> for CachedSql {
             fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, $backend>) -> QueryResult<()> {
                 walk_placeholders(&self.sql, &self.binds, &mut out, |value, out| {
@@ -163,19 +163,29 @@ macro_rules! for_backend {
 
         impl<S: SqlText> QueryFragment<$backend> for FixedSql<'_, S> {
             fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, $backend>) -> QueryResult<()> {
-                let (first, rest) = S::pieces().split_first().unwrap_or((&"", &[]));
-                if rest.len() != self.binds.len() {
-                    return Err(DieselError::QueryBuilderError(
-                        format!(
-                            "{} placeholders and {} values",
-                            rest.len(),
-                            self.binds.len()
-                        )
-                        .into(),
-                    ));
-                }
-                out.push_sql(first);
-                for (value, piece) in self.binds.iter().zip(rest) {
+                let cut = S::cut();
+                out.push_sql(cut.first);
+                let mut bound = 0;
+                for piece in &cut.pieces {
+                    match piece.number {
+                        // The placeholder of a value bound already.
+                        Some(number) if number <= bound => {
+                            out.push_sql($mark);
+                            out.push_sql(piece.digits);
+                            out.push_sql(piece.text);
+                            continue;
+                        }
+                        Some(number) if number != bound + 1 => {
+                            return Err(DieselError::QueryBuilderError(
+                                "numbered placeholders out of order".into(),
+                            ));
+                        }
+                        _ => {}
+                    }
+                    let value = self.binds.get(bound).ok_or_else(|| {
+                        DieselError::QueryBuilderError("more placeholders than values".into())
+                    })?;
+                    bound += 1;
                     match value {
                         Value::Int(int) => out.push_bind_param::<BigInt, i64>(int)?,
                         Value::NullableInt(int) => {
@@ -193,7 +203,12 @@ macro_rules! for_backend {
                             <$backend as ArrayBinds>::push_array(&mut out, value)?;
                         }
                     }
-                    out.push_sql(piece);
+                    out.push_sql(piece.text);
+                }
+                if bound != self.binds.len() {
+                    return Err(DieselError::QueryBuilderError(
+                        format!("{bound} placeholders and {} values", self.binds.len()).into(),
+                    ));
                 }
                 Ok(())
             }
@@ -203,9 +218,9 @@ macro_rules! for_backend {
     };
 }
 
-for_backend!(diesel::sqlite::Sqlite, diesel::SqliteConnection);
+for_backend!(diesel::sqlite::Sqlite, diesel::SqliteConnection, "?");
 #[cfg(feature = "postgres")]
-for_backend!(diesel::pg::Pg, diesel::PgConnection);
+for_backend!(diesel::pg::Pg, diesel::PgConnection, "$");
 
 impl QueryId for CachedSql {
     type QueryId = ();
@@ -217,12 +232,50 @@ impl Query for CachedSql {
     type SqlType = Untyped;
 }
 
+/// A statement's SQL cut at its placeholders, once per process: Diesel
+/// walks a query for its values on every call.
+pub(crate) struct CutSql {
+    /// The text before the first placeholder.
+    first: &'static str,
+    pieces: Vec<Piece>,
+}
+
+/// A placeholder and the text after it, up to the next one.
+struct Piece {
+    /// `Some(n)`: `?n`, the n-th value (its digits: `digits`); `None`: `?`,
+    /// the next value.
+    number: Option<usize>,
+    digits: &'static str,
+    text: &'static str,
+}
+
+impl CutSql {
+    /// Cuts `sql` at each `?`.
+    pub(crate) fn new(sql: &'static str) -> CutSql {
+        let mut pieces = sql.split('?');
+        let first = pieces.next().unwrap_or("");
+        let pieces = pieces
+            .map(|piece| {
+                let end = piece.bytes().take_while(u8::is_ascii_digit).count();
+                let (digits, text) = piece.split_at(end);
+                Piece {
+                    number: digits.parse().ok(),
+                    digits,
+                    text,
+                }
+            })
+            .collect();
+        CutSql { first, pieces }
+    }
+}
+
 /// A statement known at compile time: one type per statement text.
 pub(crate) trait SqlText: 'static {
-    /// The SQL (with `?` placeholders and no `?` anywhere else) cut at its
-    /// placeholders, once per process: Diesel walks a query for its values
-    /// on every call.
-    fn pieces() -> &'static [&'static str];
+    /// The SQL, with `?` placeholders and no `?` anywhere else, cut at its
+    /// placeholders. A placeholder is `?`, the next value, or numbered:
+    /// `?N`, the N-th value, each number first used in order (`?1` before
+    /// `?2`), so that a value used in several places is bound once.
+    fn cut() -> &'static CutSql;
 }
 
 /// Declares a [`SqlText`] type for a statement fixed for the process: `$sql`
@@ -234,11 +287,12 @@ macro_rules! sql_text {
         pub(crate) struct $name;
 
         impl $crate::db::sql::SqlText for $name {
-            fn pieces() -> &'static [&'static str] {
+            fn cut() -> &'static $crate::db::sql::CutSql {
                 static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-                static PIECES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
-                PIECES.get_or_init(|| {
-                    SQL.get_or_init(|| String::from($sql)).split('?').collect()
+                static CUT: std::sync::OnceLock<$crate::db::sql::CutSql> =
+                    std::sync::OnceLock::new();
+                CUT.get_or_init(|| {
+                    $crate::db::sql::CutSql::new(SQL.get_or_init(|| String::from($sql)))
                 })
             }
         }
@@ -269,4 +323,69 @@ impl<S: SqlText> QueryId for FixedSql<'_, S> {
 
 impl<S: SqlText> Query for FixedSql<'_, S> {
     type SqlType = Untyped;
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::sql_types::BigInt;
+    use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
+
+    use super::{FixedSql, Value};
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    sql_text!(
+        /// A value used twice, then a plain placeholder after the numbered ones.
+        Repeated = "SELECT ?1 * 100 + ?2 * 10 + ?1 AS n, ? AS m"
+    );
+
+    sql_text!(
+        /// Numbers first used out of order.
+        OutOfOrder = "SELECT ?2 + ?1 AS n"
+    );
+
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Row {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+        #[diesel(sql_type = BigInt)]
+        m: i64,
+    }
+
+    #[test]
+    fn a_numbered_placeholder_binds_its_value_once() -> TestResult {
+        let query = FixedSql::<Repeated>::new(vec![Value::Int(3), Value::Int(4), Value::Int(9)]);
+        let text = diesel::debug_query::<diesel::sqlite::Sqlite, _>(&query).to_string();
+        assert_eq!(
+            text,
+            "SELECT ? * 100 + ? * 10 + ?1 AS n, ? AS m -- binds: [3, 4, 9]"
+        );
+        let mut conn = SqliteConnection::establish(":memory:")?;
+        let row: Row = query.get_result(&mut conn)?;
+        assert_eq!(row, Row { n: 343, m: 9 });
+        Ok(())
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn postgres_numbers_the_repeated_placeholder_alike() {
+        let query = FixedSql::<Repeated>::new(vec![Value::Int(3), Value::Int(4), Value::Int(9)]);
+        let text = diesel::debug_query::<diesel::pg::Pg, _>(&query).to_string();
+        assert_eq!(
+            text,
+            "SELECT $1 * 100 + $2 * 10 + $1 AS n, $3 AS m -- binds: [3, 4, 9]"
+        );
+    }
+
+    #[test]
+    fn numbered_placeholders_out_of_order_and_missing_values_are_refused() -> TestResult {
+        let mut conn = SqliteConnection::establish(":memory:")?;
+        let out_of_order = FixedSql::<OutOfOrder>::new(vec![Value::Int(1), Value::Int(2)]);
+        assert!(out_of_order.execute(&mut conn).is_err());
+        let missing = FixedSql::<Repeated>::new(vec![Value::Int(1), Value::Int(2)]);
+        assert!(missing.execute(&mut conn).is_err());
+        let extra = FixedSql::<Repeated>::new(vec![Value::Int(1); 4]);
+        assert!(extra.execute(&mut conn).is_err());
+        Ok(())
+    }
 }

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 
 use diesel::prelude::*;
 
-use crate::db::database::{on_backend, Backend, Conn, Database};
+use crate::db::database::{on_backend, Conn, Database};
 use crate::db::schema::{budget_reports, key_budgets, keys, sequences};
 use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
@@ -187,18 +187,14 @@ pub(crate) fn status(
 }
 
 /// The start of the period that the event time `ts` falls in, for the
-/// budget row `budget`, in SQL: the same rule as `BudgetPeriod::start_of`
-/// (calendar months in UTC by the backend's own date functions).
-fn period_start_sql(backend: Backend, budget: &str, ts: &str) -> String {
-    let month = match backend {
-        Backend::Sqlite => format!(
-            "CAST(strftime('%s', {ts} / 1000, 'unixepoch', 'start of month') AS INTEGER) * 1000"
-        ),
-        Backend::Postgres => format!(
-            "CAST(extract(epoch FROM date_trunc('month', to_timestamp({ts} / 1000) \
-             AT TIME ZONE 'UTC')) AS BIGINT) * 1000"
-        ),
-    };
+/// budget row `budget`, in PostgreSQL's SQL: the same rule as
+/// `BudgetPeriod::start_of` (calendar months in UTC).
+#[cfg(feature = "postgres")]
+fn period_start_sql(budget: &str, ts: &str) -> String {
+    let month = format!(
+        "CAST(extract(epoch FROM date_trunc('month', to_timestamp({ts} / 1000) \
+         AT TIME ZONE 'UTC')) AS BIGINT) * 1000"
+    );
     let length = format!("(CAST({budget}.period_days AS BIGINT) * 86400000)");
     format!(
         "(CASE WHEN {budget}.period_days IS NULL THEN {month} \
@@ -206,31 +202,18 @@ fn period_start_sql(backend: Backend, budget: &str, ts: &str) -> String {
     )
 }
 
-/// The marks of [`add_spend_template`]'s values: the event's time, its
-/// cost, and its key's row id.
-const TIME: char = '\u{1}';
-const COST: char = '\u{2}';
-const KEY: char = '\u{3}';
-
-/// [`AddSpend`] with its values marked where they go (the period's start
-/// uses the time, the limits the cost, more than once).
-fn add_spend_template() -> String {
-    format!(
-        "UPDATE key_budgets SET spend_nanos = spend_nanos + {COST} \
-         WHERE key_row_id = {KEY} AND {TIME} >= anchor AND {start} = period_start \
-           AND spend_nanos + {COST} < budget_nanos \
-           AND (soft_nanos IS NULL OR spend_nanos + {COST} < soft_nanos \
-             OR spend_nanos >= soft_nanos)",
-        start = period_start_sql(Backend::Sqlite, "key_budgets", &TIME.to_string()),
-    )
-}
-
 sql_text!(
-    /// Adds one event's cost to its key's spend when that is all there is
-    /// to do: the key has a budget, the event is of the period the spend
-    /// counts, and the spend reaches neither limit. Everything else is the
-    /// rare path of [`add_spend`].
-    AddSpend = add_spend_template().replace([TIME, COST, KEY], "?")
+    /// Adds one event's cost (`?1`) to its key's (`?2`) spend when that is
+    /// all there is to do: the key has a budget, the event (at `?3`, in the
+    /// calendar month starting at `?4`) is of the period the spend counts,
+    /// and the spend reaches neither limit. Everything else is the rare path
+    /// of [`add_spend`]. Each value is bound once, however often it is used.
+    AddSpend = "UPDATE key_budgets SET spend_nanos = spend_nanos + ?1 \
+         WHERE key_row_id = ?2 AND ?3 >= anchor \
+           AND period_start = (CASE WHEN period_days IS NULL THEN ?4 \
+             ELSE anchor + (?3 - anchor) / (period_days * 86400000) * (period_days * 86400000) END) \
+           AND spend_nanos + ?1 < budget_nanos \
+           AND (soft_nanos IS NULL OR spend_nanos + ?1 < soft_nanos OR spend_nanos >= soft_nanos)"
 );
 
 /// Adds one recorded event's cost to its key's spend, inside SQLite's write
@@ -247,21 +230,15 @@ pub(crate) fn add_spend(
     ts: Timestamp,
     cost: Cost,
 ) -> Result<()> {
-    static MARKS: std::sync::OnceLock<Vec<char>> = std::sync::OnceLock::new();
-    let marks = MARKS.get_or_init(|| {
-        add_spend_template()
-            .chars()
-            .filter(|c| [TIME, COST, KEY].contains(c))
-            .collect()
-    });
-    let values = marks
-        .iter()
-        .map(|&mark| match mark {
-            TIME => Value::Int(ts.as_millis()),
-            COST => Value::Int(cost.nanos()),
-            _ => Value::Int(key_row_id),
-        })
-        .collect();
+    let month = BudgetPeriod::Month
+        .start_of(ts)
+        .map_or(i64::MIN, Timestamp::as_millis);
+    let values = vec![
+        Value::Int(cost.nanos()),
+        Value::Int(key_row_id),
+        Value::Int(ts.as_millis()),
+        Value::Int(month),
+    ];
     if FixedSql::<AddSpend>::new(values).execute(conn)? == 1 {
         return Ok(());
     }
@@ -328,8 +305,8 @@ pub(crate) fn add_spend(
 /// single event, so there is nothing to total.
 #[cfg(feature = "postgres")]
 pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
-    let first = period_start_sql(Backend::Postgres, "b", "e.first");
-    let last = period_start_sql(Backend::Postgres, "b", "e.last");
+    let first = period_start_sql("b", "e.first");
+    let last = period_start_sql("b", "e.last");
     let of_events = format!("FROM {rows} AS n WHERE n.cost_nanos IS NOT NULL");
     let (totals, added) = if one {
         let totals = format!(
