@@ -13,6 +13,7 @@ use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::{Error, Result};
 use crate::model::event::{EventId, NewEvent};
 use crate::model::price::Cost;
+use crate::model::time::Timestamp;
 use crate::repositories::budgets;
 use crate::repositories::price_memory::PriceMemory;
 use crate::repositories::rollups::{self, Counted};
@@ -144,12 +145,20 @@ pub(crate) fn insert(
         row.execute(conn)?;
     }
     if budgets {
-        // In time order, so that a later period's event starts its spend
-        // after the earlier period's events were added.
-        for &offset in &order {
-            if let (Some(key_row_id), Some(cost)) = (valid[offset].key_row_id, costs[offset]) {
-                budgets::add_spend(conn, key_row_id, valid[offset].event.ts, cost)?;
-            }
+        // Key by key, each key's events in time order (so that a later
+        // period's event starts its spend after the earlier period's were
+        // added): consecutive updates then mostly find their row on the
+        // page the one before read.
+        let mut spends: Vec<(i64, Timestamp, Cost)> = order
+            .iter()
+            .filter_map(|&offset| {
+                let valid = &valid[offset];
+                Some((valid.key_row_id?, valid.event.ts, costs[offset]?))
+            })
+            .collect();
+        spends.sort_by_key(|&(key_row_id, ts, _)| (key_row_id, ts));
+        for (key_row_id, ts, cost) in spends {
+            budgets::add_spend(conn, key_row_id, ts, cost)?;
         }
     }
     rollups::add(
