@@ -202,13 +202,9 @@ impl ConnectionSetup {
         // reaches 40,000 pages (about 160 MiB), instead of SQLite's default
         // of 1,000. A large batch alone can write over 10,000 pages.
         conn.batch_execute("PRAGMA wal_autocheckpoint = 40000")?;
-        // A 64 MiB page cache: a batch of 10,000 events over 100,000 keys
-        // touches pages all over its keys' rollups, index entries and
-        // budgets; with 8 MiB it spilled pages to the log before its commit
-        // and read evicted pages back. Pages are allocated as they are read, and
-        // dropped whenever another connection commits, so only a connection
-        // that keeps writing holds this much.
-        conn.batch_execute("PRAGMA cache_size = -65536")?;
+        // An 8 MiB page cache, so a large batch does not spill pages to the
+        // log before its commit.
+        conn.batch_execute("PRAGMA cache_size = -8192")?;
         // Switching to WAL may have created the sidecar files just now.
         files::tighten_modes(&self.path)?;
         Ok(())
