@@ -71,7 +71,7 @@ pub use db::schema;
 pub use db::sqlite::backup::BackupReport;
 pub use db::sqlite::check::CheckReport;
 pub use db::sqlite::checkpoint::CheckpointReport;
-pub use db::sqlite::connection::{Synchronous, DEFAULT_BUSY_TIMEOUT, DEFAULT_MEMORY_MAP};
+pub use db::sqlite::connection::{Synchronous, DEFAULT_BUSY_TIMEOUT};
 pub use db::sqlite::files::{FileInfo, TightenedFile, APPLICATION_ID, DIR_MODE, FILE_MODE};
 pub use db::sqlite::location::{default_database_path, DB_FILE_NAME, DB_PATH_ENV};
 pub use db::sqlite::migrations::{known_versions, pending_for, MIGRATIONS};

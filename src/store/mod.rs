@@ -245,7 +245,6 @@ fn open_sqlite(
         synchronous: options.synchronous,
         busy_timeout: options.busy_timeout,
         access: Access::ReadWrite,
-        memory_map: options.memory_map,
     };
     let mut first = setup
         .establish()
@@ -279,7 +278,6 @@ fn open_sqlite_read_only(
         synchronous: options.synchronous,
         busy_timeout: options.busy_timeout,
         access: Access::ReadOnly { tidy: no_sidecars },
-        memory_map: options.memory_map,
     };
     // The first read opens the log's index (`-shm`), creating it if need
     // be; where that fails (the folder cannot take it, or what a failed

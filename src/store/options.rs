@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::db::sqlite::connection::{Synchronous, DEFAULT_BUSY_TIMEOUT, DEFAULT_MEMORY_MAP};
+use crate::db::sqlite::connection::{Synchronous, DEFAULT_BUSY_TIMEOUT};
 use crate::model::event::DEFAULT_RAW_RETENTION;
 use crate::model::location::Location;
 use crate::model::secret::DEFAULT_SECRET_PREFIX;
@@ -27,7 +27,6 @@ pub struct StoreOptions {
     pub(crate) key_cache_size: usize,
     pub(crate) resolve_mode: ResolveMode,
     pub(crate) read_only: bool,
-    pub(crate) memory_map: u64,
 }
 
 /// How a resolve answered from memory makes sure that no key or secret has
@@ -102,7 +101,6 @@ impl StoreOptions {
             key_cache_size: DEFAULT_KEY_CACHE_SIZE,
             resolve_mode: ResolveMode::Strict,
             read_only: false,
-            memory_map: DEFAULT_MEMORY_MAP,
         }
     }
 
@@ -180,20 +178,6 @@ impl StoreOptions {
     #[must_use]
     pub fn busy_timeout(mut self, busy_timeout: Duration) -> Self {
         self.busy_timeout = busy_timeout;
-        self
-    }
-
-    /// Sets how many bytes of the database file each connection maps into
-    /// memory for reading (`PRAGMA mmap_size`; default 1 GiB, and SQLite
-    /// maps at most 2 GiB). A read then takes a page that the page cache
-    /// does not hold straight from the operating system's cache instead of
-    /// copying it with a system call; writes are unchanged. The trade: an
-    /// I/O error while reading a mapped page (a failing disk, or the file
-    /// cut short by something other than SQLite) ends the process with
-    /// `SIGBUS` instead of returning an error. 0 maps nothing. SQLite only.
-    #[must_use]
-    pub fn memory_map(mut self, bytes: u64) -> Self {
-        self.memory_map = bytes;
         self
     }
 

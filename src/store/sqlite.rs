@@ -13,7 +13,7 @@ use crate::db::database::Conn;
 use crate::db::sqlite::backup::{self, BackupReport};
 use crate::db::sqlite::check::{self, CheckReport};
 use crate::db::sqlite::checkpoint::{self, CheckpointReport};
-use crate::db::sqlite::connection::{mmap_size, pragma_integer, Synchronous};
+use crate::db::sqlite::connection::{pragma_integer, Synchronous};
 use crate::db::sqlite::files::{self, FileInfo};
 use crate::db::sqlite::migrations;
 use crate::db::sqlite::restore::{self as restoring, RestoreReport};
@@ -38,9 +38,6 @@ pub struct Status {
     pub synchronous: String,
     /// `PRAGMA foreign_keys`.
     pub foreign_keys: bool,
-    /// `PRAGMA mmap_size`: the bytes of the file mapped for reading (see
-    /// [`crate::StoreOptions::memory_map`]).
-    pub mmap_size: i64,
     /// `PRAGMA application_id`, keytally's mark.
     pub application_id: u32,
     /// `PRAGMA user_version`: the number of applied migrations.
@@ -79,7 +76,6 @@ impl Store {
                 .value;
         let synchronous = Synchronous::name_of(pragma_integer(conn, "synchronous")?).to_owned();
         let foreign_keys = pragma_integer(conn, "foreign_keys")? == 1;
-        let mmap_size = mmap_size(conn)?;
         let application_id = pragma_integer(conn, "application_id")? as u32;
         let user_version = pragma_integer(conn, "user_version")?;
         let schema = migrations::inspect_read_only(conn, self.path())?;
@@ -89,7 +85,6 @@ impl Store {
             journal_mode,
             synchronous,
             foreign_keys,
-            mmap_size,
             application_id,
             user_version,
             schema_version: schema.applied.last().cloned(),

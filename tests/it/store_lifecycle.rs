@@ -25,16 +25,6 @@ struct TextValue {
 }
 
 fn pragma_int(conn: &mut diesel::SqliteConnection, name: &str) -> diesel::QueryResult<i64> {
-    if name == "mmap_size" {
-        // No table-valued form.
-        #[derive(QueryableByName)]
-        struct MmapSize {
-            #[diesel(sql_type = BigInt)]
-            mmap_size: i64,
-        }
-        let row: MmapSize = diesel::sql_query("PRAGMA mmap_size").get_result(conn)?;
-        return Ok(row.mmap_size);
-    }
     // Each pragma names its result column after itself, but for busy_timeout.
     let column = if name == "busy_timeout" {
         "timeout"
@@ -102,7 +92,6 @@ fn every_pooled_connection_has_the_pragmas(folder: TempDir) -> TestResult {
         .pool_size(4)
         .busy_timeout(std::time::Duration::from_millis(1234))
         .synchronous(Synchronous::Full)
-        .memory_map(1 << 20)
         .open()?;
     // Hold every connection at once so each one is a distinct connection.
     let mut held = Vec::new();
@@ -113,7 +102,6 @@ fn every_pooled_connection_has_the_pragmas(folder: TempDir) -> TestResult {
         let conn = &mut **conn;
         assert_eq!(pragma_int(conn, "busy_timeout")?, 1234);
         assert_eq!(pragma_int(conn, "synchronous")?, 2, "FULL is 2");
-        assert_eq!(pragma_int(conn, "mmap_size")?, 1 << 20);
         assert_eq!(pragma_int(conn, "foreign_keys")?, 1);
         let mode: TextValue =
             diesel::sql_query("SELECT journal_mode AS value FROM pragma_journal_mode")
@@ -130,31 +118,6 @@ fn default_synchronous_is_normal(store: TestStore) -> TestResult {
     let mut conn = store.sqlite_connection()?;
     assert_eq!(pragma_int(&mut conn, "synchronous")?, 1, "NORMAL is 1");
     assert_eq!(store.status()?.synchronous, "normal");
-    Ok(())
-}
-
-#[rstest]
-fn reads_map_the_file_by_default_and_zero_maps_nothing(folder: TempDir) -> TestResult {
-    let path = folder.path().join("keytally.db");
-    let store = Store::open(&path)?;
-    let mut conn = store.sqlite_connection()?;
-    let default = i64::try_from(keytally::DEFAULT_MEMORY_MAP)?;
-    assert_eq!(pragma_int(&mut conn, "mmap_size")?, default);
-    assert_eq!(store.status()?.mmap_size, default);
-    drop(conn);
-    assert!(store.close()?.checkpoint_complete);
-    for read_only in [false, true] {
-        let store = StoreOptions::new(&path)
-            .read_only(read_only)
-            .memory_map(0)
-            .open()?;
-        assert_eq!(
-            pragma_int(&mut *store.sqlite_connection()?, "mmap_size")?,
-            0
-        );
-        assert_eq!(store.status()?.mmap_size, 0, "read-only {read_only}");
-        let _ = store.close()?;
-    }
     Ok(())
 }
 

@@ -30,13 +30,12 @@ pub fn status(store: &Store, out: &Output) -> CliResult {
     value["migrated_now"] = json!(migrated);
     out.print(&value, || {
         let mut text = format!(
-            "path:               {}\nsqlite_version:     {}\njournal_mode:       {}\nsynchronous:        {}\nforeign_keys:       {}\nmmap_size:          {}\napplication_id:     {:#010x}\nuser_version:       {}\nschema_version:     {}\nmigrated now:       {}\npending_migrations: {}\nfiles:\n",
+            "path:               {}\nsqlite_version:     {}\njournal_mode:       {}\nsynchronous:        {}\nforeign_keys:       {}\napplication_id:     {:#010x}\nuser_version:       {}\nschema_version:     {}\nmigrated now:       {}\npending_migrations: {}\nfiles:\n",
             status.path.display(),
             status.sqlite_version,
             status.journal_mode,
             status.synchronous,
             status.foreign_keys,
-            status.mmap_size,
             status.application_id,
             status.user_version,
             status.schema_version.as_deref().unwrap_or("(none)"),

@@ -19,10 +19,6 @@ use crate::error::{Error, Result};
 /// giving up with [`Error::Busy`].
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The default for how much of the database file each connection maps
-/// into memory for reading (`PRAGMA mmap_size`): 1 GiB.
-pub const DEFAULT_MEMORY_MAP: u64 = 1 << 30;
-
 /// How hard SQLite works to make a commit durable (`PRAGMA synchronous`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Synchronous {
@@ -62,8 +58,6 @@ pub(crate) struct ConnectionSetup {
     pub(crate) synchronous: Synchronous,
     pub(crate) busy_timeout: Duration,
     pub(crate) access: Access,
-    /// `PRAGMA mmap_size`: how much of the file reads map rather than copy.
-    pub(crate) memory_map: u64,
 }
 
 /// How a store's connections open the database file.
@@ -105,18 +99,6 @@ pub(crate) fn pragma_integer(conn: &mut SqliteConnection, name: &str) -> Result<
     let row: PragmaInteger =
         diesel::sql_query(format!("SELECT {name} AS value FROM pragma_{name}")).get_result(conn)?;
     Ok(row.value)
-}
-
-#[derive(QueryableByName)]
-struct MmapSize {
-    #[diesel(sql_type = BigInt)]
-    mmap_size: i64,
-}
-
-/// Reads `PRAGMA mmap_size`, which has no table-valued form.
-pub(crate) fn mmap_size(conn: &mut SqliteConnection) -> Result<i64> {
-    let row: MmapSize = diesel::sql_query("PRAGMA mmap_size").get_result(conn)?;
-    Ok(row.mmap_size)
 }
 
 impl ConnectionSetup {
@@ -199,7 +181,6 @@ impl ConnectionSetup {
                 "PRAGMA busy_timeout = {busy_ms}; PRAGMA foreign_keys = ON; \
                  PRAGMA cache_size = -8192"
             ))?;
-            self.map_memory(conn)?;
             return Ok(());
         }
         files::tighten_modes(&self.path)?;
@@ -224,19 +205,8 @@ impl ConnectionSetup {
         // An 8 MiB page cache, so a large batch does not spill pages to the
         // log before its commit.
         conn.batch_execute("PRAGMA cache_size = -8192")?;
-        self.map_memory(conn)?;
         // Switching to WAL may have created the sidecar files just now.
         files::tighten_modes(&self.path)?;
-        Ok(())
-    }
-
-    /// Sets `PRAGMA mmap_size`: a page of the database file that a read
-    /// needs and the page cache does not hold is then read from the mapped
-    /// file, not copied in by a `pread`. Pages in the log are still read
-    /// from it, and writes still go through `write`.
-    fn map_memory(&self, conn: &mut SqliteConnection) -> Result<()> {
-        let bytes = self.memory_map.min(i64::MAX as u64);
-        conn.batch_execute(&format!("PRAGMA mmap_size = {bytes}"))?;
         Ok(())
     }
 

@@ -220,8 +220,6 @@ pub fn pending_for(path: &Path) -> Result<Vec<String>> {
                 .iter()
                 .any(|suffix| files::sidecar(path, suffix).exists()),
         },
-        // One small read: nothing worth mapping.
-        memory_map: 0,
     };
     let mut conn = setup.establish()?;
     let pending = inspect_read_only(&mut conn, path)?.pending;
