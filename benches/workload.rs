@@ -13,6 +13,12 @@
 //! the first event on, never reached), so every event with a key adds to
 //! its key's spend and every resolve reads a budget.
 //!
+//! `--phases` prints a line on stderr at the start and end of each timed
+//! phase: `phase NAME start|end SECONDS WRITTEN`, SECONDS since the Unix
+//! epoch (the clock `perf record -k realtime` stamps samples with) and
+//! WRITTEN the bytes the machine's disks have written so far
+//! (`/sys/block/*/stat`; 0 where unreadable). `benches/profile` uses them.
+//!
 //! The load goes through `record_batch`, 10,000 events per call (`--batch`
 //! to change it): a transaction that large dirties each page of the random
 //! indexes once for many events instead of once or twice per event.
@@ -20,7 +26,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keytally::{
     Backend, Budget, BudgetPeriod, Cost, KeyId, Micros, NewEvent, NewKey, Price, PriceVersion,
@@ -83,6 +89,41 @@ fn arg(args: &[String], name: &str, default: u64) -> BenchResult<u64> {
 }
 
 /// The `p` quantile of the samples (0 when there are none).
+/// Marks the edges of the timed phases on stderr, if asked (`--phases`).
+struct Phases(bool);
+
+impl Phases {
+    fn mark(&self, name: &str, edge: &str) {
+        if !self.0 {
+            return;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |since| since.as_secs_f64());
+        eprintln!("phase {name} {edge} {now:.6} {}", disk_bytes_written());
+    }
+}
+
+/// Bytes written by the machine's disks since boot: sectors written
+/// (`/sys/block/DEV/stat`, seventh field, 512 bytes each) summed over the
+/// block devices that are not loop or RAM devices.
+fn disk_bytes_written() -> u64 {
+    let Ok(devices) = std::fs::read_dir("/sys/block") else {
+        return 0;
+    };
+    devices
+        .flatten()
+        .filter(|device| {
+            let name = device.file_name();
+            let name = name.to_string_lossy();
+            !name.starts_with("loop") && !name.starts_with("ram")
+        })
+        .filter_map(|device| std::fs::read_to_string(device.path().join("stat")).ok())
+        .filter_map(|stat| stat.split_whitespace().nth(6)?.parse::<u64>().ok())
+        .sum::<u64>()
+        * 512
+}
+
 fn percentile(samples: &mut [u64], p: f64) -> u64 {
     samples.sort_unstable();
     let last = samples.len().saturating_sub(1);
@@ -102,6 +143,7 @@ fn main() -> BenchResult<()> {
     let n_usage = arg(&args, "--usage-queries", 20_000)?;
     // At least one second: the figures are per second of the mixed run.
     let mixed_seconds = arg(&args, "--mixed-seconds", 5)?.max(1);
+    let phases = Phases(args.iter().any(|a| a == "--phases"));
 
     let folder = tempfile::tempdir()?;
     let path = folder.path().join("keytally.db");
@@ -171,6 +213,7 @@ fn main() -> BenchResult<()> {
     }
 
     // record_batch: the event load, 1,000 events per committed batch.
+    phases.mark("record_batch", "start");
     let started = Instant::now();
     let mut ts = T0;
     let mut batch = Vec::with_capacity(batch_len);
@@ -184,6 +227,7 @@ fn main() -> BenchResult<()> {
     }
     let loaded = (n_events / batch_len as u64) * batch_len as u64;
     let record_batch_per_s = loaded as f64 / started.elapsed().as_secs_f64();
+    phases.mark("record_batch", "end");
     let bytes = if postgres {
         store.postgres_status()?.tables_bytes as f64
     } else {
@@ -194,6 +238,7 @@ fn main() -> BenchResult<()> {
 
     // resolve: from the presented secret to the key, one at a time.
     let mut latencies = Vec::with_capacity(n_resolve as usize);
+    phases.mark("resolve", "start");
     let started = Instant::now();
     for _ in 0..n_resolve {
         let mut i = rng.below(n_keys) as usize;
@@ -208,18 +253,22 @@ fn main() -> BenchResult<()> {
         }
     }
     let resolve_per_s = n_resolve as f64 / started.elapsed().as_secs_f64();
+    phases.mark("resolve", "end");
     let resolve_p99_us = percentile(&mut latencies, 0.99) as f64 / 1000.0;
 
     // record_single: each event committed on its own.
+    phases.mark("record_single", "start");
     let started = Instant::now();
     for _ in 0..n_single {
         ts += 50;
         store.events().record(&event(&mut rng, &keys, ts)?)?;
     }
     let record_single_per_s = n_single as f64 / started.elapsed().as_secs_f64();
+    phases.mark("record_single", "end");
 
     // usage_key_window: one key's totals over a random 24-hour window.
     let span = loaded as i64 * 50;
+    phases.mark("usage", "start");
     let started = Instant::now();
     let mut checksum = 0i64;
     for _ in 0..n_usage {
@@ -235,6 +284,7 @@ fn main() -> BenchResult<()> {
         checksum = checksum.wrapping_add(totals.requests + totals.prompt_tokens);
     }
     let usage_key_window_per_s = n_usage as f64 / started.elapsed().as_secs_f64();
+    phases.mark("usage", "end");
 
     // mixed: 2 resolving threads and 1 recording thread for a few seconds.
     let stop = Arc::new(AtomicBool::new(false));
@@ -242,6 +292,7 @@ fn main() -> BenchResult<()> {
     let secrets = Arc::new(secrets);
     let keys = Arc::new(keys);
     let mut threads = Vec::new();
+    phases.mark("mixed", "start");
     for thread in 0..3u64 {
         let (store, stop, errors) = (Arc::clone(&store), Arc::clone(&stop), Arc::clone(&errors));
         let (secrets, keys) = (Arc::clone(&secrets), Arc::clone(&keys));
@@ -270,6 +321,7 @@ fn main() -> BenchResult<()> {
     }
     std::thread::sleep(Duration::from_secs(mixed_seconds));
     stop.store(true, Ordering::Relaxed);
+    phases.mark("mixed", "end");
     let counts: Vec<u64> = threads
         .into_iter()
         .map(|t| t.join().map_err(|_| "mixed thread panicked"))
