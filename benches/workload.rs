@@ -88,7 +88,6 @@ fn arg(args: &[String], name: &str, default: u64) -> BenchResult<u64> {
     }
 }
 
-/// The `p` quantile of the samples (0 when there are none).
 /// Marks the edges of the timed phases on stderr, if asked (`--phases`).
 struct Phases(bool);
 
@@ -124,6 +123,7 @@ fn disk_bytes_written() -> u64 {
         * 512
 }
 
+/// The `p` quantile of the samples (0 when there are none).
 fn percentile(samples: &mut [u64], p: f64) -> u64 {
     samples.sort_unstable();
     let last = samples.len().saturating_sub(1);
