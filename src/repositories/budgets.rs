@@ -296,41 +296,52 @@ pub(crate) fn add_spend(
 }
 
 /// The part of PostgreSQL's recording statement that adds the events of
-/// `rows` (which has `key_row_id`, `ts` and `cost_nanos`) to their keys'
-/// spend: a `spent` CTE, one row update per key, with the events of the
-/// key's latest period among them. The events are totalled per key alone,
-/// and the budget row is joined once: nearly always all of a key's events
-/// in a batch are of one period, and only a key whose first and last events
-/// are not sums its latest period's events again. `one`: `rows` holds a
-/// single event, so there is nothing to total.
+/// `rows` (which has `key_row_id`, `ts`, `cost_nanos` and `position`) to
+/// their keys' spend: a `spent` CTE, one row update per key. The events are
+/// totalled per key alone, and the budget row is joined once: nearly always
+/// all of a key's events in a batch are of one period. A key whose first and
+/// last events are not goes through `keytally_spend_across_periods`, which
+/// walks its events in time order as [`add_spend`] does on SQLite: each
+/// period but the last reaching a limit is reported there, the last by the
+/// row's triggers. `one`: `rows` holds a single event, so there is nothing
+/// to total.
 #[cfg(feature = "postgres")]
 pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     let first = period_start_sql("b", "e.first");
     let last = period_start_sql("b", "e.last");
     let of_events = format!("FROM {rows} AS n WHERE n.cost_nanos IS NOT NULL");
-    let (totals, added) = if one {
+    let in_period =
+        format!("CASE WHEN {last} > b.period_start THEN e.c ELSE b.spend_nanos + e.c END");
+    let (totals, spend) = if one {
         let totals = format!(
             "(SELECT n.key_row_id AS k, n.ts AS first, n.ts AS last, n.cost_nanos AS c \
              {of_events})"
         );
-        (totals, "e.c".to_owned())
+        (totals, in_period)
     } else {
         let totals = format!(
             "(SELECT n.key_row_id AS k, min(n.ts) AS first, max(n.ts) AS last, \
                CAST(sum(n.cost_nanos) AS BIGINT) AS c \
              {of_events} AND n.key_row_id IS NOT NULL GROUP BY n.key_row_id)"
         );
-        let added = format!(
-            "(CASE WHEN e.first >= b.anchor AND {first} = {last} THEN e.c \
-             ELSE (SELECT CAST(sum(n.cost_nanos) AS BIGINT) {of_events} \
-               AND n.key_row_id = e.k AND n.ts >= {last}) END)"
+        let of_key = |column: &str| {
+            format!(
+                "ARRAY(SELECT n.{column} {of_events} AND n.key_row_id = e.k \
+                 ORDER BY n.ts, n.position)"
+            )
+        };
+        let spend = format!(
+            "CASE WHEN e.first >= b.anchor AND {first} = {last} THEN {in_period} \
+             ELSE keytally_spend_across_periods(b.key_row_id, b.budget_nanos, b.soft_nanos, \
+               b.period_days, b.anchor, b.period_start, b.spend_nanos, {times}, {costs}) END",
+            times = of_key("ts"),
+            costs = of_key("cost_nanos"),
         );
-        (totals, added)
+        (totals, spend)
     };
     format!(
         "spent AS (UPDATE key_budgets AS b SET \
-           spend_nanos = CASE WHEN {last} > b.period_start THEN {added} \
-             ELSE b.spend_nanos + {added} END, \
+           spend_nanos = {spend}, \
            period_start = GREATEST({last}, b.period_start) \
          FROM {totals} AS e \
          WHERE b.key_row_id = e.k AND e.last >= b.anchor AND {last} >= b.period_start)"

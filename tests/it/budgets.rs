@@ -4,6 +4,7 @@
 //! events; stores recording for one key at once overshoot the budget by
 //! at most the requests they have in flight.
 
+use diesel::{Connection, RunQueryDsl};
 use keytally::testing::{folder, postgres, store_on, TestStore};
 use keytally::{
     Backend, Budget, BudgetPeriod, Cost, Error, EventFilter, KeyId, KeyUpdate, NewEvent, NewKey,
@@ -567,6 +568,113 @@ fn reaching_the_soft_limit_and_the_budget_is_logged_once_each(
     assert_eq!(shown["budget"]["spend"], "0.005");
     assert_eq!(shown["budget"]["soft_limit_reached"], true);
     assert_eq!(shown["budget"]["over_budget"], true);
+    Ok(())
+}
+
+/// A batch holding a key's events of two periods counts them as recording
+/// them one by one would: the earlier period's spend reaching the soft limit
+/// and the budget is logged and refuses the key until that period's end, and
+/// the later period's spend starts from its own events.
+#[rstest]
+fn a_batch_across_a_period_boundary_counts_each_period(
+    folder: tempfile::TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let db = match backend {
+        Backend::Sqlite => folder.path().join("keytally.db"),
+        Backend::Postgres => std::path::PathBuf::from(postgres::server()?.fresh_database()?),
+    };
+    let priced = run(
+        &db,
+        &[
+            "prices",
+            "set",
+            "--model",
+            "gpt-4o",
+            "--prompt",
+            "1",
+            "--from",
+            "2020-01-01T00:00:00Z",
+        ],
+        "",
+    )?;
+    assert!(priced.status.success(), "{priced:?}");
+    let created = json_of(&run(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--label",
+            "l",
+            "--budget",
+            "0.003/month",
+            "--soft-budget",
+            "0.002",
+        ],
+        "",
+    )?)?;
+    let key = created["key"]["id"].as_str().ok_or("no id")?.to_owned();
+    let secret = created["secret"].as_str().ok_or("no secret")?.to_owned();
+    let december = 4_099_766_400_000_i64; // 2099-12-01T00:00:00Z
+    let november = december - 12 * 3_600_000;
+    let ingest = |times: &[i64]| -> Result<String, Box<dyn std::error::Error>> {
+        let lines: String = times
+            .iter()
+            .map(|ts| {
+                format!(
+                    "{{\"ts\":{ts},\"key_id\":\"{key}\",\"model\":\"gpt-4o\",\"status\":200,\"latency_ms\":10,\"prompt_tokens\":1000}}\n"
+                )
+            })
+            .collect();
+        let output = run(&db, &["events", "ingest"], &lines)?;
+        assert!(output.status.success(), "{output:?}");
+        Ok(String::from_utf8(output.stderr)?)
+    };
+    // November's period: 0.001 spent.
+    let logged = ingest(&[november])?;
+    assert!(!logged.contains("budget"), "{logged}");
+    // One batch: two more of November (0.003, both limits), one of December.
+    let logged = ingest(&[november, november + 1, december])?;
+    assert_eq!(
+        logged.matches("key reached its soft budget").count(),
+        1,
+        "{logged}"
+    );
+    assert_eq!(
+        logged.matches("key reached its budget").count(),
+        1,
+        "{logged}"
+    );
+    let store = match backend {
+        Backend::Sqlite => Store::open(&db)?,
+        Backend::Postgres => StoreOptions::new(path_arg(&db)?).open()?,
+    };
+    // Refused until November's period ends: 2099-12-01.
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    let status = store.keys().budget(key.parse()?)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(0), "this month's period has no events");
+    drop(store);
+    let stored = |column: &str| -> Result<i64, Box<dyn std::error::Error>> {
+        #[derive(diesel::QueryableByName)]
+        struct Number {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let query = diesel::sql_query(format!("SELECT {column} AS n FROM key_budgets"));
+        let location = path_arg(&db)?;
+        Ok(match backend {
+            Backend::Sqlite => {
+                let mut conn = diesel::SqliteConnection::establish(location)?;
+                query.get_result::<Number>(&mut conn)?.n
+            }
+            Backend::Postgres => {
+                let mut conn = diesel::PgConnection::establish(location)?;
+                query.get_result::<Number>(&mut conn)?.n
+            }
+        })
+    };
+    assert_eq!(stored("period_start")?, december);
+    assert_eq!(stored("spend_nanos")?, EVENT_COST);
     Ok(())
 }
 

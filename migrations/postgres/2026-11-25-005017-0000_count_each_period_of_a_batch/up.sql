@@ -1,0 +1,76 @@
+-- The start of the period that the event time `ts` falls in, for a budget
+-- of `period_days` days from `anchor` (NULL: calendar months in UTC), as
+-- `BudgetPeriod::start_of` computes it; `ts` is at or after `anchor`.
+CREATE FUNCTION keytally_period_start(ts BIGINT, period_days INTEGER, anchor BIGINT)
+RETURNS BIGINT LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN period_days IS NULL
+            THEN CAST(extract(epoch FROM date_trunc('month', to_timestamp(ts / 1000)
+                AT TIME ZONE 'UTC')) AS BIGINT) * 1000
+        ELSE anchor + (ts - anchor) / (CAST(period_days AS BIGINT) * 86400000)
+            * (CAST(period_days AS BIGINT) * 86400000)
+    END
+$$;
+
+-- The spend of a budget row after a batch's events of its key whose times
+-- and costs are `times` and `costs` (in time order), when they are not all
+-- of one period: an event before `anchor` or of an earlier period than the
+-- running one counts for nothing, one of a later period starts the spend
+-- again. Recorded one by one, every period but the last ends in an update
+-- of its own: here each of those periods' events reaching the soft limit or
+-- the budget is reported, and reaching the budget refuses the key until the
+-- period's end and counts as a key change, as the row's triggers do for the
+-- last period when the recording statement writes the returned spend.
+CREATE FUNCTION keytally_spend_across_periods(
+    key_row_id BIGINT,
+    budget_nanos BIGINT,
+    soft_nanos BIGINT,
+    period_days INTEGER,
+    anchor BIGINT,
+    period_start BIGINT,
+    spend_nanos BIGINT,
+    times BIGINT[],
+    costs BIGINT[]
+) RETURNS BIGINT LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    n INTEGER := coalesce(array_length(times, 1), 0);
+    last_start BIGINT;
+    period BIGINT := period_start;
+    spend BIGINT := spend_nanos;
+    started BIGINT;
+    before BIGINT;
+    budget_reached BOOLEAN;
+    changes BIGINT;
+BEGIN
+    IF n = 0 THEN
+        RETURN spend;
+    END IF;
+    last_start := keytally_period_start(times[n], period_days, anchor);
+    FOR i IN 1 .. n LOOP
+        CONTINUE WHEN times[i] < anchor;
+        started := keytally_period_start(times[i], period_days, anchor);
+        CONTINUE WHEN started < period;
+        IF started > period THEN
+            period := started;
+            spend := 0;
+        END IF;
+        before := spend;
+        spend := spend + costs[i];
+        CONTINUE WHEN period >= last_start;
+        budget_reached := before < budget_nanos AND spend >= budget_nanos;
+        IF budget_reached THEN
+            UPDATE keys SET over_budget_until = keytally_period_end(period, period_days)
+            WHERE row_id = key_row_id;
+            UPDATE sequences SET next = next + 1 WHERE name = 'key_changes'
+            RETURNING next INTO changes;
+            PERFORM pg_notify('keytally_key_changes', changes::text);
+        END IF;
+        IF budget_reached OR (before < soft_nanos AND spend >= soft_nanos) THEN
+            INSERT INTO budget_reports (key_row_id, period_start, spend_nanos, budget_nanos,
+                soft_nanos)
+            VALUES (key_row_id, period, spend, budget_nanos, soft_nanos);
+        END IF;
+    END LOOP;
+    RETURN spend;
+END;
+$$;
