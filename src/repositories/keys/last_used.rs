@@ -8,8 +8,10 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use crate::db::database::{on_backend, Conn, Database};
+use crate::db::database::{Conn, Database};
 use crate::db::sql::CachedSql;
+#[cfg(feature = "postgres")]
+use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
 use crate::repositories::fast_hash::BuildFastHasher;
 use diesel::RunQueryDsl;
@@ -65,14 +67,39 @@ impl LastUsed {
 
 /// Writes noted `last_used_at` times, never moving one backwards.
 fn write(conn: &mut Conn<'_>, noted: &[(i64, i64)]) -> Result<()> {
-    for &(row_id, millis) in noted {
-        // Diesel does not keep an UPDATE prepared; this runs once per key.
-        let update = CachedSql::new(
-            "UPDATE keys SET last_used_at = ? WHERE row_id = ? \
-             AND (last_used_at IS NULL OR last_used_at < ?)",
-            vec![millis, row_id, millis],
-        );
-        on_backend!(conn, |c| update.execute(c))?;
+    match conn {
+        Conn::Sqlite(c) => {
+            for &(row_id, millis) in noted {
+                // Diesel does not keep an UPDATE prepared; this runs once per key.
+                let update = CachedSql::new(
+                    "UPDATE keys SET last_used_at = ? WHERE row_id = ? \
+                     AND (last_used_at IS NULL OR last_used_at < ?)",
+                    vec![millis, row_id, millis],
+                );
+                update.execute(*c)?;
+            }
+        }
+        // One round trip for the chunk, where a statement per key was 500.
+        #[cfg(feature = "postgres")]
+        Conn::Postgres(c) => {
+            let (row_ids, times): (Vec<i64>, Vec<i64>) = noted.iter().copied().unzip();
+            FixedSql::<WriteLastUsed>::new(vec![
+                Value::IntArray(&row_ids),
+                Value::IntArray(&times),
+            ])
+            .execute(*c)?;
+        }
     }
     Ok(())
 }
+
+#[cfg(feature = "postgres")]
+sql_text!(
+    /// Writes the `last_used_at` times of a chunk of keys, their row ids and
+    /// times given as two arrays, never moving a time backwards. The plan is
+    /// a nested loop over `unnest`, so the rows are locked in the arrays'
+    /// (row-id) order.
+    WriteLastUsed = "UPDATE keys AS k SET last_used_at = u.millis \
+        FROM unnest(?, ?) AS u(row_id, millis) \
+        WHERE k.row_id = u.row_id AND (k.last_used_at IS NULL OR k.last_used_at < u.millis)"
+);
