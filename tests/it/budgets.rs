@@ -678,6 +678,76 @@ fn a_batch_across_a_period_boundary_counts_each_period(
     Ok(())
 }
 
+/// PostgreSQL computes the recording statement's new spend before it locks
+/// the budget row, and again from the row's latest version when another
+/// replica updated it meanwhile: what the batch's earlier period wrote from
+/// the older version must not undo the other replica's refusal.
+#[rstest]
+fn a_batch_across_a_period_boundary_behind_another_replica_keeps_its_refusal() -> TestResult {
+    let (store, key, secret) = monthly_budget_of(Backend::Postgres, 3)?;
+    let december = Timestamp::from_millis(4_099_766_400_000)?; // 2099-12-01
+    let january = 4_102_444_800_000_i64; // 2100-01-01
+    let november = december.plus_millis(-12 * 3_600_000);
+    store.events().record(&event(key, november))?;
+    let url = store.database_url().ok_or("no database url")?;
+    let mut other = diesel::PgConnection::establish(url)?;
+    let mut watcher = diesel::PgConnection::establish(url)?;
+    // The other replica: December's spend at the budget, in a transaction
+    // that holds the budget row (its trigger refuses the key until January).
+    diesel::sql_query("BEGIN").execute(&mut other)?;
+    diesel::sql_query(format!(
+        "UPDATE key_budgets SET period_start = {}, spend_nanos = {}",
+        december.as_millis(),
+        3 * EVENT_COST
+    ))
+    .execute(&mut other)?;
+    std::thread::scope(|scope| -> TestResult {
+        // This store's batch: two more of November (its budget reached, by
+        // the row as it was), one of December; it waits for the row.
+        let recording = scope.spawn(|| {
+            store.events().record_batch(&[
+                event(key, november),
+                event(key, november),
+                event(key, december),
+            ])
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        #[derive(diesel::QueryableByName)]
+        struct Waiting {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        while diesel::sql_query("SELECT count(*) AS n FROM pg_locks WHERE NOT granted")
+            .get_result::<Waiting>(&mut watcher)?
+            .n
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the batch never waited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        diesel::sql_query("COMMIT").execute(&mut other)?;
+        recording
+            .join()
+            .map_err(|_| "the recording thread panicked")??;
+        Ok(())
+    })?;
+    let refused_until =
+        crate::support::sql::raw(&store)?.number("SELECT over_budget_until AS n FROM keys")?;
+    assert_eq!(refused_until, january, "the refusal was shortened");
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    let spend =
+        crate::support::sql::raw(&store)?.number("SELECT spend_nanos AS n FROM key_budgets")?;
+    assert_eq!(
+        spend,
+        4 * EVENT_COST,
+        "December's spend and this batch's December event"
+    );
+    Ok(())
+}
+
 #[rstest]
 fn a_budget_reached_in_another_store_reaches_a_notified_store(
     #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,

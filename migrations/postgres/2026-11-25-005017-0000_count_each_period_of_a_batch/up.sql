@@ -21,6 +21,20 @@ $$;
 -- the budget is reported, and reaching the budget refuses the key until the
 -- period's end and counts as a key change, as the row's triggers do for the
 -- last period when the recording statement writes the returned spend.
+--
+-- It runs inside the recording statement's UPDATE, whose new values
+-- PostgreSQL computes before it locks the row, and computes again from the
+-- row's latest version when another transaction updated it meanwhile. So
+-- what it writes must hold however often it runs, and from an older version
+-- of the row too: a refusal only ever moves later (the other transaction's
+-- may end later than this one's), and a limit of the period already
+-- reported in a queued row (by the run before, or by another transaction)
+-- is not reported again. Two replicas whose batches carry one key over the
+-- same boundary at once may still each report the earlier period's limit
+-- when the first report was logged before the second was queued. Its
+-- writes to `keys` and `sequences` come before the statement's later row
+-- locks, so two such batches can deadlock: PostgreSQL ends one, which the
+-- store retries (as every write that meets a deadlock).
 CREATE FUNCTION keytally_spend_across_periods(
     key_row_id BIGINT,
     budget_nanos BIGINT,
@@ -59,13 +73,21 @@ BEGIN
         CONTINUE WHEN period >= last_start;
         budget_reached := before < budget_nanos AND spend >= budget_nanos;
         IF budget_reached THEN
-            UPDATE keys SET over_budget_until = keytally_period_end(period, period_days)
+            UPDATE keys
+            SET over_budget_until = GREATEST(over_budget_until,
+                keytally_period_end(period, period_days))
             WHERE row_id = key_row_id;
             UPDATE sequences SET next = next + 1 WHERE name = 'key_changes'
             RETURNING next INTO changes;
             PERFORM pg_notify('keytally_key_changes', changes::text);
         END IF;
-        IF budget_reached OR (before < soft_nanos AND spend >= soft_nanos) THEN
+        IF (budget_reached OR (before < soft_nanos AND spend >= soft_nanos))
+            AND NOT EXISTS (SELECT 1 FROM budget_reports AS r
+                WHERE r.key_row_id = keytally_spend_across_periods.key_row_id
+                    AND r.period_start = period
+                    AND r.spend_nanos >= CASE WHEN budget_reached
+                        THEN keytally_spend_across_periods.budget_nanos
+                        ELSE keytally_spend_across_periods.soft_nanos END) THEN
             INSERT INTO budget_reports (key_row_id, period_start, spend_nanos, budget_nanos,
                 soft_nanos)
             VALUES (key_row_id, period, spend, budget_nanos, soft_nanos);
