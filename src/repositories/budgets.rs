@@ -303,8 +303,10 @@ pub(crate) fn add_spend(
 /// last events are not goes through `keytally_spend_across_periods`, which
 /// walks its events in time order as [`add_spend`] does on SQLite: each
 /// period but the last reaching a limit is reported there, the last by the
-/// row's triggers. `one`: `rows` holds a single event, so there is nothing
-/// to total.
+/// row's triggers. The function finds the key's events in the whole batch
+/// sorted once (an uncorrelated subquery, run only if some key needs it),
+/// where a subquery per key would read the whole batch for each key.
+/// `one`: `rows` holds a single event, so there is nothing to total.
 #[cfg(feature = "postgres")]
 pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     let first = period_start_sql("b", "e.first");
@@ -324,18 +326,19 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
                CAST(sum(n.cost_nanos) AS BIGINT) AS c \
              {of_events} AND n.key_row_id IS NOT NULL GROUP BY n.key_row_id)"
         );
-        let of_key = |column: &str| {
-            format!(
-                "ARRAY(SELECT n.{column} {of_events} AND n.key_row_id = e.k \
-                 ORDER BY n.ts, n.position)"
-            )
-        };
+        // The batch's priced events of keys, sorted by key, time and
+        // position, as three rows (keys, times, costs): computed once, and
+        // only if a key needs it.
+        let sorted = "n.key_row_id, n.ts, n.position";
+        let events = format!(
+            "(SELECT ARRAY[array_agg(n.key_row_id ORDER BY {sorted}), \
+               array_agg(n.ts ORDER BY {sorted}), array_agg(n.cost_nanos ORDER BY {sorted})] \
+             {of_events} AND n.key_row_id IS NOT NULL)"
+        );
         let spend = format!(
             "CASE WHEN e.first >= b.anchor AND {first} = {last} THEN {in_period} \
              ELSE keytally_spend_across_periods(b.key_row_id, b.budget_nanos, b.soft_nanos, \
-               b.period_days, b.anchor, b.period_start, b.spend_nanos, {times}, {costs}) END",
-            times = of_key("ts"),
-            costs = of_key("cost_nanos"),
+               b.period_days, b.anchor, b.period_start, b.spend_nanos, {events}) END"
         );
         (totals, spend)
     };

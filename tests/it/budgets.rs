@@ -678,6 +678,49 @@ fn a_batch_across_a_period_boundary_counts_each_period(
     Ok(())
 }
 
+/// A large batch (copied, on PostgreSQL) with a key's events before its
+/// budget's start and in three of its periods, among another key's: the
+/// middle period reaching the budget refuses the key until that period's
+/// end, and the spend kept is the last period's, as a recount finds.
+#[rstest]
+fn a_large_batch_over_three_periods_counts_each_in_time_order(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
+    price_model(&store, "gpt-4o")?;
+    // Days from 06:00 on 2099-06-01, not a midnight.
+    let from = Timestamp::from_millis(4_083_976_800_000)?;
+    let period = BudgetPeriod::Days { days: 1, from };
+    let (key, secret) = key_with(&store, budget(3 * EVENT_COST, None, period))?;
+    let other = store.keys().create(&NewKey::client("other"))?.key.id;
+    let at = |millis: i64| from.plus_millis(millis);
+    let mut batch = Vec::new();
+    for i in 0..100 {
+        batch.push(event(key, at(-1_000 - i)));
+    }
+    batch.extend([event(key, at(1_000)), event(key, at(2_000))]);
+    batch.extend((0..3).map(|i| event(key, at(DAY + 1_000 * i))));
+    batch.push(event(key, at(2 * DAY + 5)));
+    batch.extend((0..1_000).map(|i| event(other, at(DAY + i))));
+    // Not in time order: the store orders each key's events itself.
+    batch.reverse();
+    store.events().record_batch(&batch)?;
+    let last_period = at(2 * DAY);
+    let spend =
+        crate::support::sql::raw(&store)?.number("SELECT spend_nanos AS n FROM key_budgets")?;
+    assert_eq!(spend, EVENT_COST);
+    assert_eq!(spend, recount(&store, key, last_period)?);
+    let refused_until = crate::support::sql::raw(&store)?
+        .number("SELECT over_budget_until AS n FROM keys WHERE over_budget_until IS NOT NULL")?;
+    assert_eq!(
+        refused_until,
+        last_period.as_millis(),
+        "refused until the middle period's end"
+    );
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    Ok(())
+}
+
 /// PostgreSQL computes the recording statement's new spend before it locks
 /// the budget row, and again from the row's latest version when another
 /// replica updated it meanwhile: what the batch's earlier period wrote from

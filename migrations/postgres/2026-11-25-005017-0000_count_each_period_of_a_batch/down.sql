@@ -1,3 +1,3 @@
 DROP FUNCTION keytally_spend_across_periods(BIGINT, BIGINT, BIGINT, INTEGER, BIGINT, BIGINT,
-    BIGINT, BIGINT[], BIGINT[]);
+    BIGINT, BIGINT[]);
 DROP FUNCTION keytally_period_start(BIGINT, INTEGER, BIGINT);

@@ -12,15 +12,18 @@ RETURNS BIGINT LANGUAGE sql IMMUTABLE AS $$
     END
 $$;
 
--- The spend of a budget row after a batch's events of its key whose times
--- and costs are `times` and `costs` (in time order), when they are not all
--- of one period: an event before `anchor` or of an earlier period than the
--- running one counts for nothing, one of a later period starts the spend
--- again. Recorded one by one, every period but the last ends in an update
--- of its own: here each of those periods' events reaching the soft limit or
--- the budget is reported, and reaching the budget refuses the key until the
--- period's end and counts as a key change, as the row's triggers do for the
--- last period when the recording statement writes the returned spend.
+-- The spend of a budget row after a batch's events of its key, when they
+-- are not all of one period. `events` holds the whole batch's priced events
+-- of keys, sorted by key, time and position: their keys, times and costs
+-- as its three rows; the key's events are found by binary search, so that
+-- the batch is sorted once for all its keys. Walked in time order, an event
+-- before `anchor` or of an earlier period than the running one counts for
+-- nothing, one of a later period starts the spend again. Recorded one by
+-- one, every period but the last ends in an update of its own: here each
+-- of those periods' events reaching the soft limit or the budget is
+-- reported, and reaching the budget refuses the key until the period's end
+-- and counts as a key change, as the row's triggers do for the last period
+-- when the recording statement writes the returned spend.
 --
 -- It runs inside the recording statement's UPDATE, whose new values
 -- PostgreSQL computes before it locks the row, and computes again from the
@@ -43,11 +46,13 @@ CREATE FUNCTION keytally_spend_across_periods(
     anchor BIGINT,
     period_start BIGINT,
     spend_nanos BIGINT,
-    times BIGINT[],
-    costs BIGINT[]
+    events BIGINT[]
 ) RETURNS BIGINT LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    n INTEGER := coalesce(array_length(times, 1), 0);
+    n INTEGER := coalesce(array_length(events, 2), 0);
+    first INTEGER := 1;
+    last INTEGER := n + 1;
+    middle INTEGER;
     last_start BIGINT;
     period BIGINT := period_start;
     spend BIGINT := spend_nanos;
@@ -56,20 +61,34 @@ DECLARE
     budget_reached BOOLEAN;
     changes BIGINT;
 BEGIN
-    IF n = 0 THEN
+    -- The key's first event: the first position whose key is not below it.
+    WHILE first < last LOOP
+        middle := (first + last) / 2;
+        IF events[1][middle] < key_row_id THEN
+            first := middle + 1;
+        ELSE
+            last := middle;
+        END IF;
+    END LOOP;
+    last := first;
+    WHILE last <= n AND events[1][last] = key_row_id LOOP
+        last := last + 1;
+    END LOOP;
+    last := last - 1;
+    IF last < first THEN
         RETURN spend;
     END IF;
-    last_start := keytally_period_start(times[n], period_days, anchor);
-    FOR i IN 1 .. n LOOP
-        CONTINUE WHEN times[i] < anchor;
-        started := keytally_period_start(times[i], period_days, anchor);
+    last_start := keytally_period_start(events[2][last], period_days, anchor);
+    FOR i IN first .. last LOOP
+        CONTINUE WHEN events[2][i] < anchor;
+        started := keytally_period_start(events[2][i], period_days, anchor);
         CONTINUE WHEN started < period;
         IF started > period THEN
             period := started;
             spend := 0;
         END IF;
         before := spend;
-        spend := spend + costs[i];
+        spend := spend + events[3][i];
         CONTINUE WHEN period >= last_start;
         budget_reached := before < budget_nanos AND spend >= budget_nanos;
         IF budget_reached THEN
