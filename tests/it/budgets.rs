@@ -500,11 +500,13 @@ fn processes_recording_for_one_key_overshoot_by_at_most_their_requests_in_flight
     )
 }
 
-#[rstest]
-fn reaching_the_soft_limit_and_the_budget_is_logged_once_each(
-    folder: tempfile::TempDir,
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) -> TestResult {
+/// A database for the binary on `backend` (a file in `folder`, or a fresh
+/// PostgreSQL database) with `gpt-4o` priced at 1.00 a million prompt
+/// tokens.
+fn priced_database(
+    folder: &tempfile::TempDir,
+    backend: Backend,
+) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
     let db = match backend {
         Backend::Sqlite => folder.path().join("keytally.db"),
         Backend::Postgres => std::path::PathBuf::from(postgres::server()?.fresh_database()?),
@@ -524,8 +526,17 @@ fn reaching_the_soft_limit_and_the_budget_is_logged_once_each(
         "",
     )?;
     assert!(priced.status.success(), "{priced:?}");
-    let created = run(
-        &db,
+    Ok(db)
+}
+
+/// Creates through the binary a key with a budget of 0.003 a month and
+/// the soft limit `soft`; returns its id and secret.
+fn key_through_the_binary(
+    db: &std::path::Path,
+    soft: &str,
+) -> Result<(String, String), Box<dyn std::error::Error>> {
+    let created = json_of(&run(
+        db,
         &[
             "keys",
             "create",
@@ -534,25 +545,47 @@ fn reaching_the_soft_limit_and_the_budget_is_logged_once_each(
             "--budget",
             "0.003/month",
             "--soft-budget",
-            "0.0015",
+            soft,
         ],
         "",
-    )?;
-    let key = json_of(&created)?["key"]["id"]
-        .as_str()
-        .ok_or("no id")?
-        .to_owned();
+    )?)?;
+    let key = created["key"]["id"].as_str().ok_or("no id")?.to_owned();
+    let secret = created["secret"].as_str().ok_or("no secret")?.to_owned();
+    Ok((key, secret))
+}
+
+/// Ingests through the binary, in one batch, an event of `key` (1,000
+/// prompt tokens of `gpt-4o`) at each of `times`; returns what the process
+/// logged (its store logs the queued budget reports, at the latest when it
+/// closes).
+fn ingest_at(
+    db: &std::path::Path,
+    key: &str,
+    times: &[i64],
+) -> Result<String, Box<dyn std::error::Error>> {
+    let lines: String = times
+        .iter()
+        .map(|ts| {
+            format!(
+                "{{\"ts\":{ts},\"key_id\":\"{key}\",\"model\":\"gpt-4o\",\"status\":200,\"latency_ms\":10,\"prompt_tokens\":1000}}\n"
+            )
+        })
+        .collect();
+    let output = run(db, &["events", "ingest"], &lines)?;
+    assert!(output.status.success(), "{output:?}");
+    Ok(String::from_utf8(output.stderr)?)
+}
+
+#[rstest]
+fn reaching_the_soft_limit_and_the_budget_is_logged_once_each(
+    folder: tempfile::TempDir,
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let db = priced_database(&folder, backend)?;
+    let (key, _) = key_through_the_binary(&db, "0.0015")?;
     // Each ingest is a process of its own; its store logs what the
     // triggers queued, at the latest when it closes.
-    let ingest = |events: usize| -> Result<String, Box<dyn std::error::Error>> {
-        let line = format!(
-            "{{\"ts\":{},\"key_id\":\"{key}\",\"model\":\"gpt-4o\",\"status\":200,\"latency_ms\":10,\"prompt_tokens\":1000}}\n",
-            Timestamp::now().as_millis()
-        );
-        let output = run(&db, &["events", "ingest"], &line.repeat(events))?;
-        assert!(output.status.success(), "{output:?}");
-        Ok(String::from_utf8(output.stderr)?)
-    };
+    let ingest = |events: usize| ingest_at(&db, &key, &vec![Timestamp::now().as_millis(); events]);
     let soft = "key reached its soft budget";
     let reached = "key reached its budget";
     let logged = ingest(2)?;
@@ -580,56 +613,11 @@ fn a_batch_across_a_period_boundary_counts_each_period(
     folder: tempfile::TempDir,
     #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
 ) -> TestResult {
-    let db = match backend {
-        Backend::Sqlite => folder.path().join("keytally.db"),
-        Backend::Postgres => std::path::PathBuf::from(postgres::server()?.fresh_database()?),
-    };
-    let priced = run(
-        &db,
-        &[
-            "prices",
-            "set",
-            "--model",
-            "gpt-4o",
-            "--prompt",
-            "1",
-            "--from",
-            "2020-01-01T00:00:00Z",
-        ],
-        "",
-    )?;
-    assert!(priced.status.success(), "{priced:?}");
-    let created = json_of(&run(
-        &db,
-        &[
-            "keys",
-            "create",
-            "--label",
-            "l",
-            "--budget",
-            "0.003/month",
-            "--soft-budget",
-            "0.002",
-        ],
-        "",
-    )?)?;
-    let key = created["key"]["id"].as_str().ok_or("no id")?.to_owned();
-    let secret = created["secret"].as_str().ok_or("no secret")?.to_owned();
+    let db = priced_database(&folder, backend)?;
+    let (key, secret) = key_through_the_binary(&db, "0.002")?;
     let december = 4_099_766_400_000_i64; // 2099-12-01T00:00:00Z
     let november = december - 12 * 3_600_000;
-    let ingest = |times: &[i64]| -> Result<String, Box<dyn std::error::Error>> {
-        let lines: String = times
-            .iter()
-            .map(|ts| {
-                format!(
-                    "{{\"ts\":{ts},\"key_id\":\"{key}\",\"model\":\"gpt-4o\",\"status\":200,\"latency_ms\":10,\"prompt_tokens\":1000}}\n"
-                )
-            })
-            .collect();
-        let output = run(&db, &["events", "ingest"], &lines)?;
-        assert!(output.status.success(), "{output:?}");
-        Ok(String::from_utf8(output.stderr)?)
-    };
+    let ingest = |times: &[i64]| ingest_at(&db, &key, times);
     // November's period: 0.001 spent.
     let logged = ingest(&[november])?;
     assert!(!logged.contains("budget"), "{logged}");
