@@ -20,6 +20,13 @@ use crate::model::time::{Timestamp, DAY_MS};
 /// The longest fixed period: 36,500 days.
 pub const MAX_PERIOD_DAYS: u32 = 36_500;
 
+/// How far past the store's clock (the database server's, on PostgreSQL)
+/// an event's time may be and still count against its key's budget, in
+/// milliseconds: clocks a little apart. An event from further ahead counts
+/// in usage but not against the budget, so that one wrong time cannot move
+/// a key's period forward and leave the current one unchecked.
+pub(crate) const FUTURE_SPEND_ALLOWANCE_MS: i64 = 5 * 60 * 1000;
+
 /// How long a budget's spend accumulates before it starts again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BudgetPeriod {

@@ -27,7 +27,7 @@ use crate::db::database::{on_backend, Conn, Database};
 use crate::db::schema::{budget_reports, key_budgets, keys, sequences};
 use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
-use crate::model::budget::{Budget, BudgetPeriod, BudgetStatus};
+use crate::model::budget::{Budget, BudgetPeriod, BudgetStatus, FUTURE_SPEND_ALLOWANCE_MS};
 use crate::model::key::KeyId;
 use crate::model::price::Cost;
 use crate::model::time::Timestamp;
@@ -107,8 +107,10 @@ pub(crate) fn set(
     // event after it finds the budget.
     conn.hold_off_recorders()?;
     let (start, end) = current_period(budget, now);
+    // What recording counts: nothing from too far ahead of the clock.
+    let until = end.min(now.plus_millis(FUTURE_SPEND_ALLOWANCE_MS));
     let spend =
-        rollups::key_totals(conn, key_row_id, start.as_millis(), end.as_millis())?.cost_nanos;
+        rollups::key_totals(conn, key_row_id, start.as_millis(), until.as_millis())?.cost_nanos;
     write(conn, key_row_id, budget, start, spend)
 }
 
@@ -311,7 +313,11 @@ pub(crate) fn add_spend(
 pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     let first = period_start_sql("b", "e.first");
     let last = period_start_sql("b", "e.last");
-    let of_events = format!("FROM {rows} AS n WHERE n.cost_nanos IS NOT NULL");
+    // Events from too far ahead of the server's clock spend nothing.
+    let of_events = format!(
+        "FROM {rows} AS n WHERE n.cost_nanos IS NOT NULL \
+         AND n.ts <= CAST(extract(epoch FROM now()) * 1000 AS BIGINT) + {FUTURE_SPEND_ALLOWANCE_MS}"
+    );
     let in_period =
         format!("CASE WHEN {last} > b.period_start THEN e.c ELSE b.spend_nanos + e.c END");
     let (totals, spend) = if one {

@@ -11,6 +11,7 @@ use diesel::{OptionalExtension, QueryableByName, RunQueryDsl, SqliteConnection};
 use crate::db::database::Conn;
 use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::{Error, Result};
+use crate::model::budget::FUTURE_SPEND_ALLOWANCE_MS;
 use crate::model::event::{EventId, NewEvent};
 use crate::model::price::Cost;
 use crate::model::time::Timestamp;
@@ -148,12 +149,15 @@ pub(crate) fn insert(
         // Key by key, each key's events in time order (so that a later
         // period's event starts its spend after the earlier period's were
         // added): consecutive updates then mostly find their row on the
-        // page the one before read.
+        // page the one before read. Events from too far ahead of the clock
+        // spend nothing.
+        let horizon = Timestamp::now().plus_millis(FUTURE_SPEND_ALLOWANCE_MS);
         let mut spends: Vec<(i64, Timestamp, Cost)> = order
             .iter()
             .filter_map(|&offset| {
                 let valid = &valid[offset];
-                Some((valid.key_row_id?, valid.event.ts, costs[offset]?))
+                let ts = valid.event.ts;
+                (ts <= horizon).then_some((valid.key_row_id?, ts, costs[offset]?))
             })
             .collect();
         spends.sort_by_key(|&(key_row_id, ts, _)| (key_row_id, ts));

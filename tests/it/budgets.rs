@@ -288,13 +288,19 @@ fn a_monthly_budget_refuses_the_key_until_the_end_of_its_month(
         BudgetPeriod::Month.end_after(status.period_start)
     );
     assert_eq!(refused_until(&store)?, status.resets_at.as_millis());
-    // Events of a December (2099-12-15) start that month's period.
-    let december = Timestamp::from_millis(4_100_976_000_000)?;
+    // Across a year's end: with the kept period moved back to December
+    // 2025 (as a key idle since then would have it), that month's events
+    // refuse the key until January.
+    let december = 1_764_547_200_000_i64; // 2025-12-01
+    crate::support::sql::raw(&store)?.execute(&format!(
+        "UPDATE key_budgets SET period_start = {december}, spend_nanos = 0"
+    ))?;
+    let mid_december = Timestamp::from_millis(december + 14 * DAY)?;
     for _ in 0..2 {
-        store.events().record(&event(key, december))?;
+        store.events().record(&event(key, mid_december))?;
     }
-    let january = Timestamp::from_millis(4_102_444_800_000)?; // 2100-01-01
-    assert_eq!(refused_until(&store)?, january.as_millis());
+    let january = 1_767_225_600_000_i64; // 2026-01-01
+    assert_eq!(refused_until(&store)?, january);
     Ok(())
 }
 
@@ -615,40 +621,20 @@ fn a_batch_across_a_period_boundary_counts_each_period(
 ) -> TestResult {
     let db = priced_database(&folder, backend)?;
     let (key, secret) = key_through_the_binary(&db, "0.002")?;
-    let december = 4_099_766_400_000_i64; // 2099-12-01T00:00:00Z
-    let november = december - 12 * 3_600_000;
-    let ingest = |times: &[i64]| ingest_at(&db, &key, times);
-    // November's period: 0.001 spent.
-    let logged = ingest(&[november])?;
-    assert!(!logged.contains("budget"), "{logged}");
-    // One batch: two more of November (0.003, both limits), one of December.
-    let logged = ingest(&[november, november + 1, december])?;
-    assert_eq!(
-        logged.matches("key reached its soft budget").count(),
-        1,
-        "{logged}"
-    );
-    assert_eq!(
-        logged.matches("key reached its budget").count(),
-        1,
-        "{logged}"
-    );
-    let store = match backend {
-        Backend::Sqlite => Store::open(&db)?,
-        Backend::Postgres => StoreOptions::new(path_arg(&db)?).open()?,
-    };
-    // Refused until November's period ends: 2099-12-01.
-    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
-    let status = store.keys().budget(key.parse()?)?.ok_or("no budget")?;
-    assert_eq!(status.spend, Cost(0), "this month's period has no events");
-    drop(store);
-    let stored = |column: &str| -> Result<i64, Box<dyn std::error::Error>> {
+    // The kept period moved back to last month, as a key last used then
+    // would have it: this month's start is the boundary.
+    let now = Timestamp::now();
+    let this_month = BudgetPeriod::Month.start_of(now).ok_or("no month")?;
+    let last_month = BudgetPeriod::Month
+        .start_of(this_month.plus_millis(-1))
+        .ok_or("no month")?;
+    let sql = |statement: &str| -> Result<i64, Box<dyn std::error::Error>> {
         #[derive(diesel::QueryableByName)]
         struct Number {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             n: i64,
         }
-        let query = diesel::sql_query(format!("SELECT {column} AS n FROM key_budgets"));
+        let query = diesel::sql_query(statement);
         let location = path_arg(&db)?;
         Ok(match backend {
             Backend::Sqlite => {
@@ -661,8 +647,42 @@ fn a_batch_across_a_period_boundary_counts_each_period(
             }
         })
     };
-    assert_eq!(stored("period_start")?, december);
-    assert_eq!(stored("spend_nanos")?, EVENT_COST);
+    sql(&format!(
+        "UPDATE key_budgets SET period_start = {}, spend_nanos = 0 RETURNING spend_nanos AS n",
+        last_month.as_millis()
+    ))?;
+    let boundary = this_month.as_millis();
+    let ingest = |times: &[i64]| ingest_at(&db, &key, times);
+    // Last month's period: 0.001 spent.
+    let logged = ingest(&[boundary - 3_000])?;
+    assert!(!logged.contains("budget"), "{logged}");
+    // One batch: two more of last month (0.003, both limits), one of this
+    // month.
+    let logged = ingest(&[boundary - 2_000, boundary - 1_000, now.as_millis()])?;
+    assert_eq!(
+        logged.matches("key reached its soft budget").count(),
+        1,
+        "{logged}"
+    );
+    assert_eq!(
+        logged.matches("key reached its budget").count(),
+        1,
+        "{logged}"
+    );
+    // Refused until last month's period ended: that is over.
+    assert_eq!(
+        sql("SELECT over_budget_until AS n FROM keys")?,
+        boundary,
+        "refused until last month's end"
+    );
+    let store = match backend {
+        Backend::Sqlite => Store::open(&db)?,
+        Backend::Postgres => StoreOptions::new(path_arg(&db)?).open()?,
+    };
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    let status = store.keys().budget(key.parse()?)?.ok_or("no budget")?;
+    assert_eq!(status.period_start, this_month);
+    assert_eq!(status.spend, Cost(EVENT_COST), "this month's one event");
     Ok(())
 }
 
@@ -676,24 +696,36 @@ fn a_large_batch_over_three_periods_counts_each_in_time_order(
 ) -> TestResult {
     let store = store_on(backend);
     price_model(&store, "gpt-4o")?;
-    // Days from 06:00 on 2099-06-01, not a midnight.
-    let from = Timestamp::from_millis(4_083_976_800_000)?;
+    // One-day periods from twelve days ago; the kept period moved back
+    // three days (a key idle since then), so that the batch's events of
+    // three periods are all in the past.
+    let today = BudgetPeriod::Day
+        .start_of(Timestamp::now())
+        .ok_or("no day")?;
+    let from = today.plus_millis(-12 * DAY);
     let period = BudgetPeriod::Days { days: 1, from };
     let (key, secret) = key_with(&store, budget(3 * EVENT_COST, None, period))?;
     let other = store.keys().create(&NewKey::client("other"))?.key.id;
-    let at = |millis: i64| from.plus_millis(millis);
+    let at = |millis: i64| today.plus_millis(millis);
+    crate::support::sql::raw(&store)?.execute(&format!(
+        "UPDATE key_budgets SET period_start = {}",
+        at(-3 * DAY).as_millis()
+    ))?;
     let mut batch = Vec::new();
     for i in 0..100 {
-        batch.push(event(key, at(-1_000 - i)));
+        batch.push(event(key, from.plus_millis(-1_000 - i)));
     }
-    batch.extend([event(key, at(1_000)), event(key, at(2_000))]);
-    batch.extend((0..3).map(|i| event(key, at(DAY + 1_000 * i))));
-    batch.push(event(key, at(2 * DAY + 5)));
-    batch.extend((0..1_000).map(|i| event(other, at(DAY + i))));
+    batch.extend([
+        event(key, at(-3 * DAY + 1_000)),
+        event(key, at(-3 * DAY + 2_000)),
+    ]);
+    batch.extend((0..3).map(|i| event(key, at(-2 * DAY + 1_000 * i))));
+    batch.push(event(key, at(-DAY + 5)));
+    batch.extend((0..1_000).map(|i| event(other, at(-2 * DAY + i))));
     // Not in time order: the store orders each key's events itself.
     batch.reverse();
     store.events().record_batch(&batch)?;
-    let last_period = at(2 * DAY);
+    let last_period = at(-DAY);
     let spend =
         crate::support::sql::raw(&store)?.number("SELECT spend_nanos AS n FROM key_budgets")?;
     assert_eq!(spend, EVENT_COST);
@@ -704,6 +736,34 @@ fn a_large_batch_over_three_periods_counts_each_in_time_order(
         refused_until,
         last_period.as_millis(),
         "refused until the middle period's end"
+    );
+    // That refusal is over.
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    Ok(())
+}
+
+/// An event from further ahead of the clock than the allowance counts in
+/// usage but spends nothing, alone or in a batch: one wrong time cannot move
+/// a key's period forward and leave the current one unchecked.
+#[rstest]
+fn an_event_from_far_ahead_does_not_move_the_budget_period(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let (store, key, secret) = monthly_budget_of(backend, 2)?;
+    let now = Timestamp::now();
+    let ahead = Timestamp::from_millis(4_102_444_800_000)?; // 2100-01-01
+    store.events().record(&event(key, ahead))?;
+    store.events().record(&event(key, now))?;
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    store
+        .events()
+        .record_batch(&[event(key, ahead), event(key, now)])?;
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(2 * EVENT_COST));
+    assert_eq!(
+        status.spend.nanos(),
+        recount(&store, key, status.period_start)? - 2 * EVENT_COST,
+        "the two events from ahead are recorded, and spend nothing"
     );
     assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
     Ok(())
@@ -716,30 +776,40 @@ fn a_large_batch_over_three_periods_counts_each_in_time_order(
 #[rstest]
 fn a_batch_across_a_period_boundary_behind_another_replica_keeps_its_refusal() -> TestResult {
     let (store, key, secret) = monthly_budget_of(Backend::Postgres, 3)?;
-    let december = Timestamp::from_millis(4_099_766_400_000)?; // 2099-12-01
-    let january = 4_102_444_800_000_i64; // 2100-01-01
-    let november = december.plus_millis(-12 * 3_600_000);
-    store.events().record(&event(key, november))?;
+    // Last month's period kept, with one event spent (a key last used
+    // then); the other replica carries it into this month.
+    let now = Timestamp::now();
+    let this_month = BudgetPeriod::Month.start_of(now).ok_or("no month")?;
+    let last_month = BudgetPeriod::Month
+        .start_of(this_month.plus_millis(-1))
+        .ok_or("no month")?;
+    let next_month = BudgetPeriod::Month.end_after(this_month).as_millis();
+    crate::support::sql::raw(&store)?.execute(&format!(
+        "UPDATE key_budgets SET period_start = {}, spend_nanos = {EVENT_COST}",
+        last_month.as_millis()
+    ))?;
+    let (earlier, later) = (this_month.plus_millis(-1_000), now);
     let url = store.database_url().ok_or("no database url")?;
     let mut other = diesel::PgConnection::establish(url)?;
     let mut watcher = diesel::PgConnection::establish(url)?;
-    // The other replica: December's spend at the budget, in a transaction
-    // that holds the budget row (its trigger refuses the key until January).
+    // The other replica: this month's spend at the budget, in a transaction
+    // that holds the budget row (its trigger refuses the key until next
+    // month).
     diesel::sql_query("BEGIN").execute(&mut other)?;
     diesel::sql_query(format!(
         "UPDATE key_budgets SET period_start = {}, spend_nanos = {}",
-        december.as_millis(),
+        this_month.as_millis(),
         3 * EVENT_COST
     ))
     .execute(&mut other)?;
     std::thread::scope(|scope| -> TestResult {
-        // This store's batch: two more of November (its budget reached, by
-        // the row as it was), one of December; it waits for the row.
+        // This store's batch: two more of last month (its budget reached,
+        // by the row as it was), one of this month; it waits for the row.
         let recording = scope.spawn(|| {
             store.events().record_batch(&[
-                event(key, november),
-                event(key, november),
-                event(key, december),
+                event(key, earlier),
+                event(key, earlier),
+                event(key, later),
             ])
         });
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -767,14 +837,14 @@ fn a_batch_across_a_period_boundary_behind_another_replica_keeps_its_refusal() -
     })?;
     let refused_until =
         crate::support::sql::raw(&store)?.number("SELECT over_budget_until AS n FROM keys")?;
-    assert_eq!(refused_until, january, "the refusal was shortened");
+    assert_eq!(refused_until, next_month, "the refusal was shortened");
     assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
     let spend =
         crate::support::sql::raw(&store)?.number("SELECT spend_nanos AS n FROM key_budgets")?;
     assert_eq!(
         spend,
         4 * EVENT_COST,
-        "December's spend and this batch's December event"
+        "this month's spend and the batch's event of this month"
     );
     Ok(())
 }
