@@ -42,6 +42,7 @@ diesel::table! {
         anchor -> BigInt,
         period_start -> BigInt,
         spend_nanos -> BigInt,
+        rollup_hour -> Nullable<BigInt>,
     }
 }
 

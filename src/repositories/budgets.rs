@@ -6,10 +6,20 @@
 //!   spend counted once from the key's events already in the period
 //!   ([`set_for_new_key`]: a key created in the same transaction has none).
 //! - Recording adds each event's cost to its key's spend in the same
-//!   transaction: [`add_spend`] per event on SQLite (the write lock orders
-//!   the writers), [`spend_cte`] inside PostgreSQL's recording statement
-//!   (the budget row's lock orders the replicas). An event of a later
-//!   period starts the spend again; one of an earlier period leaves it.
+//!   transaction: [`add_spend`] per key of a batch on SQLite (the write lock
+//!   orders the writers), [`spend_cte`] inside PostgreSQL's recording
+//!   statement (the budget row's lock orders the replicas). An event of a
+//!   later period starts the spend again; one of an earlier period leaves it.
+//! - On SQLite the spend is kept in two parts, so that an event does not
+//!   write the budget row's page as well as its rollup's: `spend_nanos`, and
+//!   the cost in the key's `usage_key_hourly` rows from `rollup_hour` on
+//!   (which recording writes anyway, and which sit together, in key order).
+//!   An event of the period in those rows changes nothing in `key_budgets`;
+//!   the row is written when a period starts, for a late event (an hour
+//!   before `rollup_hour`), for one whose cost does not count but is in
+//!   those rows, and when the rows to read grow past [`FOLD_ROWS`] (the
+//!   older hours are folded into `spend_nanos`). On PostgreSQL
+//!   `rollup_hour` is NULL and `spend_nanos` the whole spend.
 //! - The spend reaching the budget writes the key's `over_budget_until`
 //!   (the period's end: a resolve reads it with the key, and nothing of
 //!   this table) and moves `key_changes` in that transaction, so every
@@ -33,8 +43,10 @@ use crate::model::price::Cost;
 use crate::model::time::Timestamp;
 use crate::repositories::rollups;
 
-/// A budget row as stored.
-#[derive(Debug, Clone, Copy, Insertable, AsChangeset, Queryable, Selectable)]
+/// A budget row as stored. The spend of its period is `spend_nanos` plus,
+/// when `rollup_hour` is set, the cost in the key's rollups from that hour
+/// on ([`kept_spend`]).
+#[derive(Debug, Clone, Copy, Insertable, AsChangeset, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = key_budgets, treat_none_as_null = true)]
 pub(crate) struct BudgetRow {
     key_row_id: i64,
@@ -44,6 +56,7 @@ pub(crate) struct BudgetRow {
     anchor: i64,
     period_start: i64,
     spend_nanos: i64,
+    rollup_hour: Option<i64>,
 }
 
 impl BudgetRow {
@@ -57,20 +70,11 @@ impl BudgetRow {
         )
     }
 
-    /// Until when resolving the key is refused, as of this row.
-    pub(crate) fn refused_until(&self) -> Option<Timestamp> {
-        self.budget().refused_until(
-            Timestamp::from_stored(self.period_start),
-            Cost(self.spend_nanos),
-        )
-    }
-
-    fn status_at(&self, now: Timestamp) -> BudgetStatus {
-        self.budget().status_at(
-            now,
-            Timestamp::from_stored(self.period_start),
-            Cost(self.spend_nanos),
-        )
+    /// Until when resolving the key is refused, as of this row and the
+    /// spend of its period.
+    fn refused_until(&self, spend: i64) -> Option<Timestamp> {
+        self.budget()
+            .refused_until(Timestamp::from_stored(self.period_start), Cost(spend))
     }
 }
 
@@ -145,6 +149,18 @@ fn write(
     spend: i64,
 ) -> Result<()> {
     let (period_days, anchor) = budget.period.stored();
+    // On SQLite the rollups from the period's first hour on hold the rest.
+    let (spend_nanos, rollup_hour) = match conn {
+        Conn::Sqlite(c) => {
+            let hour = start.hour();
+            (
+                spend.saturating_sub(rolled_since(c, key_row_id, hour)?),
+                Some(hour),
+            )
+        }
+        #[cfg(feature = "postgres")]
+        Conn::Postgres(_) => (spend, None),
+    };
     let row = BudgetRow {
         key_row_id,
         budget_nanos: budget.limit.nanos(),
@@ -152,7 +168,8 @@ fn write(
         period_days,
         anchor,
         period_start: start.as_millis(),
-        spend_nanos: spend,
+        spend_nanos,
+        rollup_hour,
     };
     on_backend!(conn, |c| diesel::insert_into(key_budgets::table)
         .values(&row)
@@ -160,7 +177,36 @@ fn write(
         .do_update()
         .set(&row)
         .execute(c))?;
-    refuse_until(conn, key_row_id, row.refused_until())
+    refuse_until(conn, key_row_id, row.refused_until(spend))
+}
+
+sql_text!(
+    /// The cost in a key's (`?1`) rollups from an hour (`?2`) on.
+    RolledSince = "SELECT CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT) AS n \
+        FROM usage_key_hourly WHERE key_row_id = ?1 AND hour >= ?2"
+);
+
+#[derive(QueryableByName)]
+struct Rolled {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// What the key's rollups hold of its spend from `hour` on.
+fn rolled_since(conn: &mut diesel::SqliteConnection, key_row_id: i64, hour: i64) -> Result<i64> {
+    let query = FixedSql::<RolledSince>::new(vec![Value::Int(key_row_id), Value::Int(hour)]);
+    Ok(query.get_result::<Rolled>(conn)?.n)
+}
+
+/// The spend of the row's period: `spend_nanos`, and what the key's
+/// rollups hold of it from `rollup_hour` on.
+fn kept_spend(conn: &mut Conn<'_>, row: &BudgetRow) -> Result<i64> {
+    let Some(hour) = row.rollup_hour else {
+        return Ok(row.spend_nanos);
+    };
+    let query = FixedSql::<RolledSince>::new(vec![Value::Int(row.key_row_id), Value::Int(hour)]);
+    let rolled: Rolled = on_backend!(conn, |c| query.get_result(c))?;
+    Ok(row.spend_nanos.saturating_add(rolled.n))
 }
 
 /// Writes until when resolving the key is refused for its budget
@@ -185,7 +231,15 @@ pub(crate) fn status(
         .select(BudgetRow::as_select())
         .get_result(c)
         .optional())?;
-    Ok(row.map(|row| row.status_at(now)))
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let spend = kept_spend(conn, &row)?;
+    Ok(Some(row.budget().status_at(
+        now,
+        Timestamp::from_stored(row.period_start),
+        Cost(spend),
+    )))
 }
 
 /// The start of the period that the event time `ts` falls in, for the
@@ -204,80 +258,132 @@ fn period_start_sql(budget: &str, ts: &str) -> String {
     )
 }
 
+/// How many of a key's rollup rows from `rollup_hour` on, of hours before
+/// the last one recorded, [`add_spend`] reads before it folds them into
+/// `spend_nanos` (a write of the budget row, once per so many rows).
+const FOLD_ROWS: i64 = 64;
+
 sql_text!(
-    /// Adds one event's cost (`?1`) to its key's (`?2`) spend when that is
-    /// all there is to do: the key has a budget, the event (at `?3`, in the
-    /// calendar month starting at `?4`) is of the period the spend counts,
-    /// and the spend reaches neither limit. Everything else is the rare path
-    /// of [`add_spend`]. Each value is bound once, however often it is used.
-    AddSpend = "UPDATE key_budgets SET spend_nanos = spend_nanos + ?1 \
-         WHERE key_row_id = ?2 AND ?3 >= anchor \
-           AND period_start = (CASE WHEN period_days IS NULL THEN ?4 \
-             ELSE anchor + (?3 - anchor) / (period_days * 86400000) * (period_days * 86400000) END) \
-           AND spend_nanos + ?1 < budget_nanos \
-           AND (soft_nanos IS NULL OR spend_nanos + ?1 < soft_nanos OR spend_nanos >= soft_nanos)"
+    /// A key's (`?2`) budget row, the cost in its rollups from `rollup_hour`
+    /// on, and how many of those rows are of hours before `?1`. No row for a
+    /// key without a budget. The key's rollup rows sit together, on the
+    /// page its event just wrote.
+    KeptSpend = "SELECT b.key_row_id, b.budget_nanos, b.soft_nanos, b.period_days, b.anchor, \
+           b.period_start, b.spend_nanos, b.rollup_hour, \
+           COALESCE(SUM(u.cost_nanos), 0) AS rolled, \
+           COUNT(CASE WHEN u.hour < ?1 THEN 1 END) AS foldable \
+         FROM key_budgets AS b LEFT JOIN usage_key_hourly AS u \
+           ON u.key_row_id = b.key_row_id AND u.hour >= b.rollup_hour \
+         WHERE b.key_row_id = ?2 GROUP BY b.key_row_id"
 );
 
-/// Adds one recorded event's cost to its key's spend, inside SQLite's write
-/// transaction. Nearly always one plain `UPDATE` by row id ([`AddSpend`]):
-/// no trigger fires on it (the spend triggers, which cost as much as the
-/// update itself, are PostgreSQL's only), and no `RETURNING` or `FROM`
-/// (each made it several times slower). Otherwise the row is read, and the
-/// spend starts a new period, or reaches a limit: then the key is refused
-/// until the period's end and `key_changes` moves (the budget), and a report
-/// is queued, as PostgreSQL's triggers do.
+#[derive(QueryableByName)]
+struct Kept {
+    #[diesel(embed)]
+    stored: BudgetRow,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    rolled: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    foldable: i64,
+}
+
+/// Adds a batch's events of one key to its spend, inside SQLite's write
+/// transaction, after the rollups counted them: `events` are the key's
+/// events with a cost, in time order; those after `horizon` (too far ahead
+/// of the clock) spend nothing. The events are walked in memory as one
+/// spend: an event of a later period starts it again, one of an earlier
+/// period (or before the first) leaves it, and an event that makes it reach
+/// a limit refuses the key until the period's end and moves `key_changes`
+/// (the budget), and queues a report, as PostgreSQL's triggers do. The
+/// budget row is written only when what it stores changes (the module's
+/// notes): nearly always a read of the row and of the key's rollup rows.
 pub(crate) fn add_spend(
     conn: &mut diesel::SqliteConnection,
     key_row_id: i64,
-    ts: Timestamp,
-    cost: Cost,
+    events: &[(Timestamp, Cost)],
+    horizon: Timestamp,
 ) -> Result<()> {
-    let month = BudgetPeriod::Month
-        .start_of(ts)
-        .map_or(i64::MIN, Timestamp::as_millis);
-    let values = vec![
-        Value::Int(cost.nanos()),
-        Value::Int(key_row_id),
-        Value::Int(ts.as_millis()),
-        Value::Int(month),
-    ];
-    if FixedSql::<AddSpend>::new(values).execute(conn)? == 1 {
-        return Ok(());
-    }
-    let row: Option<BudgetRow> = key_budgets::table
-        .filter(key_budgets::key_row_id.eq(key_row_id))
-        .select(BudgetRow::as_select())
-        .get_result(conn)
-        .optional()?;
-    let Some(row) = row else {
+    let Some(&(last, _)) = events.last() else {
         return Ok(());
     };
+    // Hours that may be folded: before the last event's and the clock's.
+    let fold_to = last.hour().min(Timestamp::now().hour() - 1);
+    let query = FixedSql::<KeptSpend>::new(vec![Value::Int(fold_to), Value::Int(key_row_id)]);
+    let Some(kept) = query.get_result::<Kept>(conn).optional()? else {
+        return Ok(());
+    };
+    let row = kept.stored;
     let budget = row.budget();
-    let Some(start) = budget.period.start_of(ts).map(Timestamp::as_millis) else {
-        // Before the first period.
-        return Ok(());
-    };
-    if start < row.period_start {
-        // An earlier period: its usage counts, not against this budget.
-        return Ok(());
+    // The spend before the batch: the rollups already hold its events.
+    let in_rollups = events
+        .iter()
+        .filter(|(ts, _)| row.rollup_hour.is_some_and(|from| ts.hour() >= from))
+        .fold(0_i64, |sum, (_, cost)| sum.saturating_add(cost.nanos()));
+    let mut spend = row
+        .spend_nanos
+        .saturating_add(kept.rolled)
+        .saturating_sub(in_rollups);
+    let mut start = row.period_start;
+    for &(ts, cost) in events {
+        if ts > horizon {
+            continue;
+        }
+        let Some(period) = budget.period.start_of(ts).map(Timestamp::as_millis) else {
+            // Before the first period.
+            continue;
+        };
+        if period < start {
+            // An earlier period: its usage counts, not against this budget.
+            continue;
+        }
+        let before = if period > start { 0 } else { spend };
+        let after = before.saturating_add(cost.nanos());
+        (start, spend) = (period, after);
+        report_limits(conn, &row, period, before, after)?;
     }
-    let before = if start > row.period_start {
-        0
+    let rollup_hour = if start != row.period_start || row.rollup_hour.is_none() {
+        Timestamp::from_stored(start).hour()
+    } else if kept.foldable >= FOLD_ROWS {
+        fold_to
     } else {
-        row.spend_nanos
+        row.rollup_hour.unwrap_or(fold_to)
     };
-    let after = before.saturating_add(cost.nanos());
-    diesel::update(key_budgets::table.filter(key_budgets::key_row_id.eq(key_row_id)))
-        .set((
-            key_budgets::spend_nanos.eq(after),
-            key_budgets::period_start.eq(start),
-        ))
-        .execute(conn)?;
+    let rolled = if Some(rollup_hour) == row.rollup_hour {
+        kept.rolled
+    } else {
+        rolled_since(conn, key_row_id, rollup_hour)?
+    };
+    let spend_nanos = spend.saturating_sub(rolled);
+    if (start, spend_nanos, Some(rollup_hour))
+        != (row.period_start, row.spend_nanos, row.rollup_hour)
+    {
+        diesel::update(key_budgets::table.filter(key_budgets::key_row_id.eq(key_row_id)))
+            .set((
+                key_budgets::spend_nanos.eq(spend_nanos),
+                key_budgets::period_start.eq(start),
+                key_budgets::rollup_hour.eq(rollup_hour),
+            ))
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// What an event that took the spend of the period starting at `start`
+/// from `before` to `after` reached: the budget refuses the key until the
+/// period's end and moves `key_changes`; either limit queues a report.
+fn report_limits(
+    conn: &mut diesel::SqliteConnection,
+    row: &BudgetRow,
+    start: i64,
+    before: i64,
+    after: i64,
+) -> Result<()> {
     let reaches = |limit: i64| before < limit && after >= limit;
     let limit = reaches(row.budget_nanos);
     if limit {
-        diesel::update(keys::table.filter(keys::row_id.eq(key_row_id)))
-            .set(keys::over_budget_until.eq(budget.period.end_after(Timestamp::from_stored(start))))
+        let until = row.budget().period.end_after(Timestamp::from_stored(start));
+        diesel::update(keys::table.filter(keys::row_id.eq(row.key_row_id)))
+            .set(keys::over_budget_until.eq(until))
             .execute(conn)?;
         diesel::update(sequences::table.filter(sequences::name.eq("key_changes")))
             .set(sequences::next.eq(sequences::next + 1))
@@ -286,7 +392,7 @@ pub(crate) fn add_spend(
     if limit || row.soft_nanos.is_some_and(reaches) {
         diesel::insert_into(budget_reports::table)
             .values((
-                budget_reports::key_row_id.eq(key_row_id),
+                budget_reports::key_row_id.eq(row.key_row_id),
                 budget_reports::period_start.eq(start),
                 budget_reports::spend_nanos.eq(after),
                 budget_reports::budget_nanos.eq(row.budget_nanos),

@@ -1,6 +1,6 @@
 //! Event rows as they are written: [`ValidEvent`], an event checked and
 //! with its key and models resolved to row ids, and its insert with its
-//! rollups and its key's spend on SQLite, ids taken from the `events`
+//! rollups and then its key's spend on SQLite, ids taken from the `events`
 //! counter. PostgreSQL's insert is in `postgres_insert`.
 
 use std::borrow::Cow;
@@ -145,26 +145,6 @@ pub(crate) fn insert(
         let row = FixedSql::<InsertEvent>::new(valid[offset].values(ids[offset].0, costs[offset]));
         row.execute(conn)?;
     }
-    if budgets {
-        // Key by key, each key's events in time order (so that a later
-        // period's event starts its spend after the earlier period's were
-        // added): consecutive updates then mostly find their row on the
-        // page the one before read. Events from too far ahead of the clock
-        // spend nothing.
-        let horizon = Timestamp::now().plus_millis(FUTURE_SPEND_ALLOWANCE_MS);
-        let mut spends: Vec<(i64, Timestamp, Cost)> = order
-            .iter()
-            .filter_map(|&offset| {
-                let valid = &valid[offset];
-                let ts = valid.event.ts;
-                (ts <= horizon).then_some((valid.key_row_id?, ts, costs[offset]?))
-            })
-            .collect();
-        spends.sort_by_key(|&(key_row_id, ts, _)| (key_row_id, ts));
-        for (key_row_id, ts, cost) in spends {
-            budgets::add_spend(conn, key_row_id, ts, cost)?;
-        }
-    }
     rollups::add(
         &mut Conn::Sqlite(conn),
         valid.iter().zip(&costs).map(|(valid, &cost)| Counted {
@@ -175,6 +155,28 @@ pub(crate) fn insert(
             cost,
         }),
     )?;
+    if budgets {
+        // Key by key, after the rollups (which keep part of the spend),
+        // each key's events in time order, so that a later period's event
+        // starts its spend after the earlier period's were added.
+        let horizon = Timestamp::now().plus_millis(FUTURE_SPEND_ALLOWANCE_MS);
+        let mut spends: Vec<(i64, Timestamp, Cost)> = order
+            .iter()
+            .filter_map(|&offset| {
+                let valid = &valid[offset];
+                Some((valid.key_row_id?, valid.event.ts, costs[offset]?))
+            })
+            .collect();
+        spends.sort_by_key(|&(key_row_id, ts, _)| (key_row_id, ts));
+        let mut events = Vec::new();
+        for (position, &(key_row_id, ts, cost)) in spends.iter().enumerate() {
+            events.push((ts, cost));
+            if spends.get(position + 1).map(|next| next.0) != Some(key_row_id) {
+                budgets::add_spend(conn, key_row_id, &events, horizon)?;
+                events.clear();
+            }
+        }
+    }
     Ok(ids)
 }
 

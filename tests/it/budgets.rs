@@ -5,6 +5,7 @@
 //! at most the requests they have in flight.
 
 use diesel::{Connection, RunQueryDsl};
+use diesel_migrations::MigrationHarness;
 use keytally::testing::{folder, postgres, store_on, TestStore};
 use keytally::{
     Backend, Budget, BudgetPeriod, Cost, Error, EventFilter, KeyId, KeyUpdate, NewEvent, NewKey,
@@ -19,6 +20,12 @@ use crate::TestResult;
 /// What one test event costs: 1,000 prompt tokens at 1.00 a million.
 const EVENT_COST: i64 = 1_000_000;
 const DAY: i64 = 86_400_000;
+/// The spend a budget row keeps: `spend_nanos`, and on SQLite the cost in
+/// the key's rollups from `rollup_hour` on (NULL on PostgreSQL).
+const KEPT_SPEND: &str = "SELECT CAST(b.spend_nanos + COALESCE((\
+    SELECT SUM(u.cost_nanos) FROM usage_key_hourly AS u \
+    WHERE u.key_row_id = b.key_row_id AND u.hour >= b.rollup_hour), 0) AS BIGINT) AS n \
+    FROM key_budgets AS b";
 
 /// Prices `model` at 1.00 a million prompt tokens from the epoch on.
 fn price_model(store: &Store, model: &str) -> Result<(), Error> {
@@ -293,7 +300,7 @@ fn a_monthly_budget_refuses_the_key_until_the_end_of_its_month(
     // refuse the key until January.
     let december = 1_764_547_200_000_i64; // 2025-12-01
     crate::support::sql::raw(&store)?.execute(&format!(
-        "UPDATE key_budgets SET period_start = {december}, spend_nanos = 0"
+        "UPDATE key_budgets SET period_start = {december}, spend_nanos = 0, rollup_hour = NULL"
     ))?;
     let mid_december = Timestamp::from_millis(december + 14 * DAY)?;
     for _ in 0..2 {
@@ -648,7 +655,8 @@ fn a_batch_across_a_period_boundary_counts_each_period(
         })
     };
     sql(&format!(
-        "UPDATE key_budgets SET period_start = {}, spend_nanos = 0 RETURNING spend_nanos AS n",
+        "UPDATE key_budgets SET period_start = {}, spend_nanos = 0, rollup_hour = NULL \
+         RETURNING spend_nanos AS n",
         last_month.as_millis()
     ))?;
     let boundary = this_month.as_millis();
@@ -726,8 +734,7 @@ fn a_large_batch_over_three_periods_counts_each_in_time_order(
     batch.reverse();
     store.events().record_batch(&batch)?;
     let last_period = at(-DAY);
-    let spend =
-        crate::support::sql::raw(&store)?.number("SELECT spend_nanos AS n FROM key_budgets")?;
+    let spend = crate::support::sql::raw(&store)?.number(KEPT_SPEND)?;
     assert_eq!(spend, EVENT_COST);
     assert_eq!(spend, recount(&store, key, last_period)?);
     let refused_until = crate::support::sql::raw(&store)?
@@ -766,6 +773,124 @@ fn an_event_from_far_ahead_does_not_move_the_budget_period(
         "the two events from ahead are recorded, and spend nothing"
     );
     assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    Ok(())
+}
+
+/// A key recording in many hours of one period, one event at a time and
+/// late ones among them, keeps the spend a recount finds; on SQLite, where
+/// part of it is kept in the key's rollups, the hours behind are folded into
+/// the budget row as they grow, and pruning the rollups loses none of it.
+#[rstest]
+fn a_budget_keeps_its_spend_over_many_hours_and_after_its_rollups_are_pruned(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
+    price_model(&store, "gpt-4o")?;
+    let now = Timestamp::now();
+    let today = BudgetPeriod::Day.start_of(now).ok_or("no day")?;
+    let from = today.plus_millis(-10 * DAY);
+    let period = BudgetPeriod::Days { days: 30, from };
+    let (key, secret) = key_with(&store, budget(152 * EVENT_COST, None, period))?;
+    const HOUR: i64 = 3_600_000;
+    // 150 events, one an hour up to now; every tenth arrives after the
+    // next one (late).
+    for hour in (1..=150_i64).rev() {
+        let at = |hour: i64| now.plus_millis(-hour * HOUR);
+        match hour % 10 {
+            0 => {}
+            9 => {
+                store.events().record(&event(key, at(hour)))?;
+                store.events().record(&event(key, at(hour + 1)))?;
+            }
+            _ => {
+                store.events().record(&event(key, at(hour)))?;
+            }
+        }
+    }
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.period_start, from);
+    assert_eq!(status.spend, Cost(150 * EVENT_COST));
+    assert_eq!(status.spend.nanos(), recount(&store, key, from)?);
+    let folded = |store: &TestStore| -> Result<i64, Box<dyn std::error::Error>> {
+        Ok(crate::support::sql::raw(store)?
+            .number("SELECT COALESCE(rollup_hour, -1) AS n FROM key_budgets")?)
+    };
+    let hour_of = |at: Timestamp| at.as_millis().div_euclid(HOUR);
+    if backend == Backend::Sqlite {
+        assert!(
+            folded(&store)? > hour_of(now.plus_millis(-100 * HOUR)),
+            "the older hours were folded into the budget row"
+        );
+    }
+    // The rollups of every hour before this one go; the spend does not.
+    let cutoff = now;
+    assert!(store.events().prune_rollups(cutoff, 7)? > 0);
+    if backend == Backend::Sqlite {
+        assert!(folded(&store)? >= hour_of(cutoff));
+    }
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(150 * EVENT_COST));
+    assert_eq!(
+        crate::support::sql::raw(&store)?.number(KEPT_SPEND)?,
+        150 * EVENT_COST
+    );
+    // A late event from before the cutoff still counts; the next reaches
+    // the budget.
+    store
+        .events()
+        .record(&event(key, now.plus_millis(-100 * HOUR)))?;
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    store.events().record(&event(key, now))?;
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    Ok(())
+}
+
+/// The migration that keeps part of SQLite's spend in the rollups moves a
+/// budget row's spend there and back: reverted, `spend_nanos` holds the
+/// whole spend; migrated again, the store goes on from it.
+#[rstest]
+fn the_spend_survives_its_migration_both_ways(folder: tempfile::TempDir) -> TestResult {
+    let db = folder.path().join("keytally.db");
+    let store = Store::open(&db)?;
+    price_model(&store, "gpt-4o")?;
+    let (key, secret) = key_with(&store, budget(4 * EVENT_COST, None, BudgetPeriod::Month))?;
+    let now = Timestamp::now();
+    store
+        .events()
+        .record_batch(&[event(key, now), event(key, now)])?;
+    let _ = store.close()?;
+    #[derive(diesel::QueryableByName)]
+    struct Number {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let kept = |sql: &str| -> Result<i64, Box<dyn std::error::Error>> {
+        let mut conn = diesel::SqliteConnection::establish(path_arg(&db)?)?;
+        Ok(diesel::sql_query(sql).get_result::<Number>(&mut conn)?.n)
+    };
+    {
+        let mut conn = diesel::SqliteConnection::establish(path_arg(&db)?)?;
+        let reverted = conn
+            .revert_last_migration(keytally::MIGRATIONS)
+            .map_err(|e| e.to_string())?;
+        assert!(
+            reverted.to_string().starts_with("20261125031432"),
+            "{reverted}"
+        );
+    }
+    assert_eq!(
+        kept("SELECT spend_nanos AS n FROM key_budgets")?,
+        2 * EVENT_COST
+    );
+    let store = Store::open(&db)?;
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(2 * EVENT_COST));
+    store.events().record(&event(key, now))?;
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    store.events().record(&event(key, now))?;
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    let _ = store.close()?;
+    assert_eq!(kept(KEPT_SPEND)?, 4 * EVENT_COST);
     Ok(())
 }
 

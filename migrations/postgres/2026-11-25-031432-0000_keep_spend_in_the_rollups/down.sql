@@ -1,0 +1,1 @@
+ALTER TABLE key_budgets DROP COLUMN rollup_hour;
