@@ -15,7 +15,7 @@ use crate::model::budget::FUTURE_SPEND_ALLOWANCE_MS;
 use crate::model::event::{EventId, NewEvent};
 use crate::model::price::Cost;
 use crate::model::time::Timestamp;
-use crate::repositories::budgets;
+use crate::repositories::budgets::{self, SpendMemory};
 use crate::repositories::price_memory::PriceMemory;
 use crate::repositories::rollups::{self, Counted};
 
@@ -55,10 +55,12 @@ impl ValidEvent<'_> {
 
 sql_text!(
     /// The id the next event gets (ids are given explicitly, so a batch's
-    /// are known without reading each one back), the count of price
-    /// changes (see `prices`), and whether any key has a budget.
+    /// are known without reading each one back), the counts of price
+    /// changes (see `prices`) and budget changes (see `budgets`), and
+    /// whether any key has a budget.
     NextEventId = "SELECT next AS value, \
         (SELECT next FROM sequences WHERE name = 'price_changes') AS price_changes, \
+        (SELECT next FROM sequences WHERE name = 'budget_changes') AS budget_changes, \
         EXISTS (SELECT 1 FROM key_budgets) AS budgets \
         FROM sequences WHERE name = 'events'"
 );
@@ -80,6 +82,8 @@ struct IdRow {
     value: i64,
     #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
     price_changes: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    budget_changes: Option<i64>,
     #[diesel(sql_type = diesel::sql_types::Bool)]
     budgets: bool,
 }
@@ -124,6 +128,7 @@ pub(crate) fn insert(
     conn: &mut SqliteConnection,
     valid: &[ValidEvent<'_>],
     prices: &PriceMemory,
+    spend_memory: &SpendMemory,
 ) -> Result<Vec<EventId>> {
     if valid.is_empty() {
         return Err(Error::InvalidInput {
@@ -131,10 +136,11 @@ pub(crate) fn insert(
             reason: "it is empty".to_owned(),
         });
     }
-    let (ids, price_changes, budgets) = allocate_ids(conn, valid.len())?;
+    let counters = begin(conn, valid.len())?;
+    let ids = counters.ids;
     let costs = prices.costs(
         conn,
-        price_changes,
+        counters.price_changes,
         valid.iter().map(|valid| (valid.model_id, &*valid.event)),
     )?;
     // The table is ordered by time: rows go in in that order, so a batch
@@ -155,12 +161,12 @@ pub(crate) fn insert(
             cost,
         }),
     )?;
-    if budgets {
-        // Key by key, after the rollups (which keep part of the spend),
-        // each key's events in time order, so that a later period's event
-        // starts its spend after the earlier period's were added.
-        let horizon = Timestamp::now().plus_millis(FUTURE_SPEND_ALLOWANCE_MS);
-        let mut spends: Vec<(i64, Timestamp, Cost)> = order
+    // Key by key, after the rollups (which keep part of the spend), each
+    // key's events in time order, so that a later period's event starts its
+    // spend after the earlier period's were added.
+    let mut spends: Vec<(i64, Timestamp, Cost)> = Vec::new();
+    if counters.budgets {
+        spends = order
             .iter()
             .filter_map(|&offset| {
                 let valid = &valid[offset];
@@ -168,22 +174,28 @@ pub(crate) fn insert(
             })
             .collect();
         spends.sort_by_key(|&(key_row_id, ts, _)| (key_row_id, ts));
-        let mut events = Vec::new();
-        for (position, &(key_row_id, ts, cost)) in spends.iter().enumerate() {
-            events.push((ts, cost));
-            if spends.get(position + 1).map(|next| next.0) != Some(key_row_id) {
-                budgets::add_spend(conn, key_row_id, &events, horizon)?;
-                events.clear();
-            }
-        }
     }
+    let horizon = Timestamp::now().plus_millis(FUTURE_SPEND_ALLOWANCE_MS);
+    budgets::add_spends(conn, spend_memory, counters.spend, &spends, horizon)?;
     Ok(ids)
 }
 
+/// What a recording transaction reads as it begins.
+struct Begun {
+    /// The ids of its events.
+    ids: Vec<EventId>,
+    /// The count of price changes.
+    price_changes: i64,
+    /// Whether any key has a budget.
+    budgets: bool,
+    /// What its spend memory is checked with.
+    spend: budgets::Counters,
+}
+
 /// `count` new, consecutive event ids from the `events` counter, which
-/// the write lock keeps to one writer at a time, the count of price
-/// changes, and whether any key has a budget.
-fn allocate_ids(conn: &mut SqliteConnection, count: usize) -> Result<(Vec<EventId>, i64, bool)> {
+/// the write lock keeps to one writer at a time, and the counts the
+/// transaction reads with them.
+fn begin(conn: &mut SqliteConnection, count: usize) -> Result<Begun> {
     let count = i64::try_from(count).map_err(|_| Error::InvalidInput {
         field: "batch",
         reason: "too many events".to_owned(),
@@ -203,10 +215,18 @@ fn allocate_ids(conn: &mut SqliteConnection, count: usize) -> Result<(Vec<EventI
         .ok_or_else(|| Error::BadStoredValue {
             message: format!("event ids are exhausted (next id {first})"),
         })?;
+    let budget_changes = row.budget_changes.ok_or_else(|| Error::BadStoredValue {
+        message: "the count of budget changes is missing from the sequences table".to_owned(),
+    })?;
     FixedSql::<SetNextEventId>::new(vec![Value::Int(next)]).execute(conn)?;
-    Ok((
-        (first..next).map(EventId).collect(),
+    Ok(Begun {
+        ids: (first..next).map(EventId).collect(),
         price_changes,
-        row.budgets,
-    ))
+        budgets: row.budgets,
+        spend: budgets::Counters {
+            events: first,
+            budget_changes,
+            events_after: next,
+        },
+    })
 }

@@ -116,9 +116,11 @@ impl<'a> Events<'a> {
     /// Records validated events in one transaction whose outcome is always
     /// known (see `Database::write_settled`): the event sink's writes.
     pub(crate) fn record_valid_settled(&self, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {
-        self.db.write_settled(
+        let ids = self.db.write_settled(
             |conn| match conn {
-                Conn::Sqlite(conn) => event_rows::insert(conn, valid, &self.models.prices),
+                Conn::Sqlite(conn) => {
+                    event_rows::insert(conn, valid, &self.models.prices, &self.keys.spends)
+                }
                 #[cfg(feature = "postgres")]
                 Conn::Postgres(conn) if valid.len() >= postgres_insert::COPY_FROM => {
                     postgres_insert::insert_copied(conn, valid)
@@ -132,27 +134,37 @@ impl<'a> Events<'a> {
                 #[cfg(feature = "postgres")]
                 Conn::Postgres(conn) => postgres_insert::stored(conn, valid, ids),
             },
-        )
+        )?;
+        self.keys.spends.committed(&ids);
+        Ok(ids)
     }
 
     /// Records validated events in one transaction; returns their ids, in
     /// their order.
     pub(crate) fn record_valid(&self, valid: &[ValidEvent<'_>]) -> Result<Vec<EventId>> {
         let record = |conn: &mut Conn<'_>| match conn {
-            Conn::Sqlite(conn) => event_rows::insert(conn, valid, &self.models.prices),
+            Conn::Sqlite(conn) => {
+                event_rows::insert(conn, valid, &self.models.prices, &self.keys.spends)
+            }
             #[cfg(feature = "postgres")]
             Conn::Postgres(conn) => postgres_insert::insert(conn, valid),
         };
         match self.db.backend() {
             // SQLite: several statements in one write transaction.
-            Backend::Sqlite => self.db.write(record),
+            Backend::Sqlite => {
+                let ids = self.db.write(record)?;
+                self.keys.spends.committed(&ids);
+                Ok(ids)
+            }
             // PostgreSQL, a large batch: copied, then one statement, in a
             // transaction.
             #[cfg(feature = "postgres")]
             Backend::Postgres if valid.len() >= postgres_insert::COPY_FROM => {
                 self.db.write(|conn| match conn {
                     Conn::Postgres(conn) => postgres_insert::insert_copied(conn, valid),
-                    Conn::Sqlite(conn) => event_rows::insert(conn, valid, &self.models.prices),
+                    Conn::Sqlite(conn) => {
+                        event_rows::insert(conn, valid, &self.models.prices, &self.keys.spends)
+                    }
                 })
             }
             // PostgreSQL, a few events: one statement, its own transaction.

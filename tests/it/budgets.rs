@@ -845,6 +845,49 @@ fn a_budget_keeps_its_spend_over_many_hours_and_after_its_rollups_are_pruned(
     Ok(())
 }
 
+/// Two stores recording for one key in turn, and one of them changing its
+/// budget: each store's next event counts what the other recorded and
+/// the budget as it now is (on SQLite, what a store keeps of the spend in
+/// memory is not trusted past another's write).
+#[rstest]
+fn stores_recording_in_turn_count_each_others_spend_and_budget_changes(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let (store, key, secret) = monthly_budget_of(backend, 5)?;
+    let other = another_store(&store)?;
+    let now = Timestamp::now();
+    store.events().record(&event(key, now))?;
+    other
+        .events()
+        .record_batch(&[event(key, now), event(key, now)])?;
+    other.events().record(&event(key, now))?;
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    // The fifth event: this store's own count would be two.
+    store.events().record(&event(key, now))?;
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    // The other store raises the budget to seven, then lowers it to six
+    // in a transaction of its own; this store's next event reaches it.
+    for limit in [7, 6] {
+        other.keys().update(
+            key,
+            &KeyUpdate {
+                budget: Some(Some(budget(limit * EVENT_COST, None, BudgetPeriod::Month))),
+                ..KeyUpdate::default()
+            },
+        )?;
+    }
+    assert!(store.keys().resolve(&secret)?.is_ok());
+    store.events().record(&event(key, now))?;
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(6 * EVENT_COST));
+    assert_eq!(
+        status.spend.nanos(),
+        recount(&store, key, status.period_start)?
+    );
+    Ok(())
+}
+
 /// The migration that keeps part of SQLite's spend in the rollups moves a
 /// budget row's spend there and back: reverted, `spend_nanos` holds the
 /// whole spend; migrated again, the store goes on from it.

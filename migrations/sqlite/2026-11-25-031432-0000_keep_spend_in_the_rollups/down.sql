@@ -1,4 +1,7 @@
--- The whole spend back in `spend_nanos`, and the table's check on it.
+-- The whole spend back in `spend_nanos`, and the table's check on it; no
+-- count of budget changes (dropping the table drops its triggers).
+DELETE FROM sequences WHERE name = 'budget_changes';
+
 CREATE TABLE key_budgets_whole (
     key_row_id INTEGER PRIMARY KEY NOT NULL REFERENCES keys (row_id),
     budget_nanos BIGINT NOT NULL CHECK (budget_nanos > 0),

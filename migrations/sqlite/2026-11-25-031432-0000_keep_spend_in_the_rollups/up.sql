@@ -9,7 +9,10 @@
 -- from too far ahead of the clock), and when the rows to read grow (their
 -- older hours are folded into `spend_nanos`, as they are before rollups are
 -- deleted). `spend_nanos` may then be below zero. The table is rebuilt to
--- drop its check on the spend; its triggers are as before.
+-- drop its check on the spend; its triggers are as before, and three more
+-- count every write to it in `budget_changes`: a recording transaction keeps
+-- the rows and spends it last left in memory while that count and the
+-- `events` counter are the ones it left (nothing else wrote in between).
 CREATE TABLE key_budgets_split (
     key_row_id INTEGER PRIMARY KEY NOT NULL REFERENCES keys (row_id),
     budget_nanos BIGINT NOT NULL CHECK (budget_nanos > 0),
@@ -46,4 +49,21 @@ END;
 CREATE TRIGGER key_budgets_delete_counts_as_a_key_change AFTER DELETE ON key_budgets
 BEGIN
     UPDATE sequences SET next = next + 1 WHERE name = 'key_changes';
+END;
+
+INSERT INTO sequences (name, next) VALUES ('budget_changes', 1);
+
+CREATE TRIGGER key_budgets_insert_counts_as_a_budget_change AFTER INSERT ON key_budgets
+BEGIN
+    UPDATE sequences SET next = next + 1 WHERE name = 'budget_changes';
+END;
+
+CREATE TRIGGER key_budgets_update_counts_as_a_budget_change AFTER UPDATE ON key_budgets
+BEGIN
+    UPDATE sequences SET next = next + 1 WHERE name = 'budget_changes';
+END;
+
+CREATE TRIGGER key_budgets_delete_counts_as_a_budget_change AFTER DELETE ON key_budgets
+BEGIN
+    UPDATE sequences SET next = next + 1 WHERE name = 'budget_changes';
 END;

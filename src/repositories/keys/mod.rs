@@ -8,6 +8,7 @@ pub(crate) mod cache;
 pub(crate) mod last_used;
 mod look_up;
 
+use crate::repositories::budgets::SpendMemory;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::{PoisonError, RwLock};
@@ -87,6 +88,9 @@ pub(crate) struct KeyMemory {
     /// In notified mode, the count of key changes the store's watcher
     /// keeps (see [`crate::db::key_changes`]).
     pub(crate) watch: std::sync::OnceLock<Arc<KeyChangeWatch>>,
+    /// Budget rows and spends as SQLite's recording transactions left them;
+    /// see [`SpendMemory`].
+    pub(crate) spends: SpendMemory,
 }
 
 impl KeyMemory {
@@ -100,6 +104,7 @@ impl KeyMemory {
             last_used: LastUsed::default(),
             row_ids: RwLock::default(),
             watch: std::sync::OnceLock::new(),
+            spends: SpendMemory::default(),
         })
     }
 

@@ -6,10 +6,11 @@
 //!   spend counted once from the key's events already in the period
 //!   ([`set_for_new_key`]: a key created in the same transaction has none).
 //! - Recording adds each event's cost to its key's spend in the same
-//!   transaction: [`add_spend`] per key of a batch on SQLite (the write lock
-//!   orders the writers), [`spend_cte`] inside PostgreSQL's recording
-//!   statement (the budget row's lock orders the replicas). An event of a
-//!   later period starts the spend again; one of an earlier period leaves it.
+//!   transaction: [`add_spends`] on SQLite (the write lock orders the
+//!   writers; in memory while nothing else wrote, see [`SpendMemory`]),
+//!   [`spend_cte`] inside PostgreSQL's recording statement (the budget
+//!   row's lock orders the replicas). An event of a later period starts the
+//!   spend again; one of an earlier period leaves it.
 //! - On SQLite the spend is kept in two parts, so that an event does not
 //!   write the budget row's page as well as its rollup's: `spend_nanos`, and
 //!   the cost in the key's `usage_key_hourly` rows from `rollup_hour` on
@@ -17,8 +18,8 @@
 //!   An event of the period in those rows changes nothing in `key_budgets`;
 //!   the row is written when a period starts, for a late event (an hour
 //!   before `rollup_hour`), for one whose cost does not count but is in
-//!   those rows, and when the rows to read grow past [`FOLD_ROWS`] (the
-//!   older hours are folded into `spend_nanos`). On PostgreSQL
+//!   those rows, and when the rows to read grow (the older hours are folded
+//!   into `spend_nanos`; see `sqlite`). On PostgreSQL
 //!   `rollup_hour` is NULL and `spend_nanos` the whole spend.
 //! - The spend reaching the budget writes the key's `over_budget_until`
 //!   (the period's end: a resolve reads it with the key, and nothing of
@@ -26,7 +27,7 @@
 //!   cached resolve of the key is read again then; reaching the
 //!   soft limit or the budget queues a row in `budget_reports`, which
 //!   [`log_reports`] logs once, off the recording path. On PostgreSQL
-//!   triggers on `key_budgets` do all of it; on SQLite [`add_spend`] does.
+//!   triggers on `key_budgets` do all of it; on SQLite [`add_spends`] does.
 //!   [`set`] writes `over_budget_until` as the budget it sets stands.
 
 use std::collections::HashMap;
@@ -34,7 +35,7 @@ use std::collections::HashMap;
 use diesel::prelude::*;
 
 use crate::db::database::{on_backend, Conn, Database};
-use crate::db::schema::{budget_reports, key_budgets, keys, sequences};
+use crate::db::schema::{budget_reports, key_budgets, keys};
 use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
 use crate::model::budget::{Budget, BudgetPeriod, BudgetStatus, FUTURE_SPEND_ALLOWANCE_MS};
@@ -42,6 +43,9 @@ use crate::model::key::KeyId;
 use crate::model::price::Cost;
 use crate::model::time::Timestamp;
 use crate::repositories::rollups;
+
+mod sqlite;
+pub(crate) use sqlite::{add_spends, Counters, SpendMemory};
 
 /// A budget row as stored. The spend of its period is `spend_nanos` plus,
 /// when `rollup_hour` is set, the cost in the key's rollups from that hour
@@ -258,158 +262,13 @@ fn period_start_sql(budget: &str, ts: &str) -> String {
     )
 }
 
-/// How many of a key's rollup rows from `rollup_hour` on, of hours before
-/// the last one recorded, [`add_spend`] reads before it folds them into
-/// `spend_nanos` (a write of the budget row, once per so many rows).
-const FOLD_ROWS: i64 = 64;
-
-sql_text!(
-    /// A key's (`?2`) budget row, the cost in its rollups from `rollup_hour`
-    /// on, and how many of those rows are of hours before `?1`. No row for a
-    /// key without a budget. The key's rollup rows sit together, on the
-    /// page its event just wrote.
-    KeptSpend = "SELECT b.key_row_id, b.budget_nanos, b.soft_nanos, b.period_days, b.anchor, \
-           b.period_start, b.spend_nanos, b.rollup_hour, \
-           COALESCE(SUM(u.cost_nanos), 0) AS rolled, \
-           COUNT(CASE WHEN u.hour < ?1 THEN 1 END) AS foldable \
-         FROM key_budgets AS b LEFT JOIN usage_key_hourly AS u \
-           ON u.key_row_id = b.key_row_id AND u.hour >= b.rollup_hour \
-         WHERE b.key_row_id = ?2 GROUP BY b.key_row_id"
-);
-
-#[derive(QueryableByName)]
-struct Kept {
-    #[diesel(embed)]
-    stored: BudgetRow,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    rolled: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    foldable: i64,
-}
-
-/// Adds a batch's events of one key to its spend, inside SQLite's write
-/// transaction, after the rollups counted them: `events` are the key's
-/// events with a cost, in time order; those after `horizon` (too far ahead
-/// of the clock) spend nothing. The events are walked in memory as one
-/// spend: an event of a later period starts it again, one of an earlier
-/// period (or before the first) leaves it, and an event that makes it reach
-/// a limit refuses the key until the period's end and moves `key_changes`
-/// (the budget), and queues a report, as PostgreSQL's triggers do. The
-/// budget row is written only when what it stores changes (the module's
-/// notes): nearly always a read of the row and of the key's rollup rows.
-pub(crate) fn add_spend(
-    conn: &mut diesel::SqliteConnection,
-    key_row_id: i64,
-    events: &[(Timestamp, Cost)],
-    horizon: Timestamp,
-) -> Result<()> {
-    let Some(&(last, _)) = events.last() else {
-        return Ok(());
-    };
-    // Hours that may be folded: before the last event's and the clock's.
-    let fold_to = last.hour().min(Timestamp::now().hour() - 1);
-    let query = FixedSql::<KeptSpend>::new(vec![Value::Int(fold_to), Value::Int(key_row_id)]);
-    let Some(kept) = query.get_result::<Kept>(conn).optional()? else {
-        return Ok(());
-    };
-    let row = kept.stored;
-    let budget = row.budget();
-    // The spend before the batch: the rollups already hold its events.
-    let in_rollups = events
-        .iter()
-        .filter(|(ts, _)| row.rollup_hour.is_some_and(|from| ts.hour() >= from))
-        .fold(0_i64, |sum, (_, cost)| sum.saturating_add(cost.nanos()));
-    let mut spend = row
-        .spend_nanos
-        .saturating_add(kept.rolled)
-        .saturating_sub(in_rollups);
-    let mut start = row.period_start;
-    for &(ts, cost) in events {
-        if ts > horizon {
-            continue;
-        }
-        let Some(period) = budget.period.start_of(ts).map(Timestamp::as_millis) else {
-            // Before the first period.
-            continue;
-        };
-        if period < start {
-            // An earlier period: its usage counts, not against this budget.
-            continue;
-        }
-        let before = if period > start { 0 } else { spend };
-        let after = before.saturating_add(cost.nanos());
-        (start, spend) = (period, after);
-        report_limits(conn, &row, period, before, after)?;
-    }
-    let rollup_hour = if start != row.period_start || row.rollup_hour.is_none() {
-        Timestamp::from_stored(start).hour()
-    } else if kept.foldable >= FOLD_ROWS {
-        fold_to
-    } else {
-        row.rollup_hour.unwrap_or(fold_to)
-    };
-    let rolled = if Some(rollup_hour) == row.rollup_hour {
-        kept.rolled
-    } else {
-        rolled_since(conn, key_row_id, rollup_hour)?
-    };
-    let spend_nanos = spend.saturating_sub(rolled);
-    if (start, spend_nanos, Some(rollup_hour))
-        != (row.period_start, row.spend_nanos, row.rollup_hour)
-    {
-        diesel::update(key_budgets::table.filter(key_budgets::key_row_id.eq(key_row_id)))
-            .set((
-                key_budgets::spend_nanos.eq(spend_nanos),
-                key_budgets::period_start.eq(start),
-                key_budgets::rollup_hour.eq(rollup_hour),
-            ))
-            .execute(conn)?;
-    }
-    Ok(())
-}
-
-/// What an event that took the spend of the period starting at `start`
-/// from `before` to `after` reached: the budget refuses the key until the
-/// period's end and moves `key_changes`; either limit queues a report.
-fn report_limits(
-    conn: &mut diesel::SqliteConnection,
-    row: &BudgetRow,
-    start: i64,
-    before: i64,
-    after: i64,
-) -> Result<()> {
-    let reaches = |limit: i64| before < limit && after >= limit;
-    let limit = reaches(row.budget_nanos);
-    if limit {
-        let until = row.budget().period.end_after(Timestamp::from_stored(start));
-        diesel::update(keys::table.filter(keys::row_id.eq(row.key_row_id)))
-            .set(keys::over_budget_until.eq(until))
-            .execute(conn)?;
-        diesel::update(sequences::table.filter(sequences::name.eq("key_changes")))
-            .set(sequences::next.eq(sequences::next + 1))
-            .execute(conn)?;
-    }
-    if limit || row.soft_nanos.is_some_and(reaches) {
-        diesel::insert_into(budget_reports::table)
-            .values((
-                budget_reports::key_row_id.eq(row.key_row_id),
-                budget_reports::period_start.eq(start),
-                budget_reports::spend_nanos.eq(after),
-                budget_reports::budget_nanos.eq(row.budget_nanos),
-                budget_reports::soft_nanos.eq(row.soft_nanos),
-            ))
-            .execute(conn)?;
-    }
-    Ok(())
-}
-
 /// The part of PostgreSQL's recording statement that adds the events of
 /// `rows` (which has `key_row_id`, `ts`, `cost_nanos` and `position`) to
 /// their keys' spend: a `spent` CTE, one row update per key. The events are
 /// totalled per key alone, and the budget row is joined once: nearly always
 /// all of a key's events in a batch are of one period. A key whose first and
 /// last events are not goes through `keytally_spend_across_periods`, which
-/// walks its events in time order as [`add_spend`] does on SQLite: each
+/// walks its events in time order as [`add_spends`] does on SQLite: each
 /// period but the last reaching a limit is reported there, the last by the
 /// row's triggers. The function finds the key's events in the whole batch
 /// sorted once (an uncorrelated subquery, run only if some key needs it),

@@ -1,0 +1,328 @@
+//! Budgets' spend on SQLite: [`add_spends`], called by the recording
+//! transaction after the rollups, and [`SpendMemory`], what it keeps in
+//! memory between transactions. See the parent module for how the spend
+//! is kept.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use diesel::prelude::*;
+
+use super::{rolled_since, BudgetRow};
+use crate::db::schema::{budget_reports, key_budgets, keys, sequences};
+use crate::db::sql::{sql_text, FixedSql, Value};
+use crate::error::Result;
+use crate::model::event::EventId;
+use crate::model::price::Cost;
+use crate::model::time::Timestamp;
+
+/// How many of a key's rollup rows from `rollup_hour` on, of hours before
+/// the last one recorded, [`add_spend`] reads before it folds them into
+/// `spend_nanos` (a write of the budget row, once per so many rows).
+const FOLD_ROWS: i64 = 64;
+
+/// How many hours `rollup_hour` may fall behind a key's events before
+/// [`add_spend`] folds them, however few rows they hold: the rows to read
+/// stay bounded while [`SpendMemory`] spares recording from reading them.
+const FOLD_HOURS: i64 = 64;
+
+sql_text!(
+    /// A key's (`?2`) budget row, the cost in its rollups from `rollup_hour`
+    /// on, and how many of those rows are of hours before `?1`. No row for a
+    /// key without a budget. The key's rollup rows sit together, on the
+    /// page its event just wrote.
+    KeptSpend = "SELECT b.key_row_id, b.budget_nanos, b.soft_nanos, b.period_days, b.anchor, \
+           b.period_start, b.spend_nanos, b.rollup_hour, \
+           COALESCE(SUM(u.cost_nanos), 0) AS rolled, \
+           COUNT(CASE WHEN u.hour < ?1 THEN 1 END) AS foldable \
+         FROM key_budgets AS b LEFT JOIN usage_key_hourly AS u \
+           ON u.key_row_id = b.key_row_id AND u.hour >= b.rollup_hour \
+         WHERE b.key_row_id = ?2 GROUP BY b.key_row_id"
+);
+
+#[derive(QueryableByName)]
+struct Kept {
+    #[diesel(embed)]
+    stored: BudgetRow,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    rolled: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    foldable: i64,
+}
+
+/// Adds a batch's events of one key to its spend, inside SQLite's write
+/// transaction, after the rollups counted them: `events` are the key's
+/// events with a cost, in time order; those after `horizon` (too far ahead
+/// of the clock) spend nothing. The events are walked in memory as one
+/// spend: an event of a later period starts it again, one of an earlier
+/// period (or before the first) leaves it, and an event that makes it reach
+/// a limit refuses the key until the period's end and moves `key_changes`
+/// (the budget), and queues a report, as PostgreSQL's triggers do. The
+/// budget row is written only when what it stores changes (the module's
+/// notes): nearly always a read of the row and of the key's rollup rows.
+fn add_spend(
+    conn: &mut diesel::SqliteConnection,
+    key_row_id: i64,
+    events: &[(Timestamp, Cost)],
+    horizon: Timestamp,
+) -> Result<Added> {
+    let Some(&(last, _)) = events.last() else {
+        return Ok(Added::default());
+    };
+    // Hours that may be folded: before the last event's and the clock's.
+    let fold_to = last.hour().min(Timestamp::now().hour() - 1);
+    let query = FixedSql::<KeptSpend>::new(vec![Value::Int(fold_to), Value::Int(key_row_id)]);
+    let Some(kept) = query.get_result::<Kept>(conn).optional()? else {
+        return Ok(Added::default());
+    };
+    let row = kept.stored;
+    let budget = row.budget();
+    // The spend before the batch: the rollups already hold its events.
+    let in_rollups = events
+        .iter()
+        .filter(|(ts, _)| row.rollup_hour.is_some_and(|from| ts.hour() >= from))
+        .fold(0_i64, |sum, (_, cost)| sum.saturating_add(cost.nanos()));
+    let mut spend = row
+        .spend_nanos
+        .saturating_add(kept.rolled)
+        .saturating_sub(in_rollups);
+    let mut start = row.period_start;
+    for &(ts, cost) in events {
+        if ts > horizon {
+            continue;
+        }
+        let Some(period) = budget.period.start_of(ts).map(Timestamp::as_millis) else {
+            // Before the first period.
+            continue;
+        };
+        if period < start {
+            // An earlier period: its usage counts, not against this budget.
+            continue;
+        }
+        let before = if period > start { 0 } else { spend };
+        let after = before.saturating_add(cost.nanos());
+        (start, spend) = (period, after);
+        report_limits(conn, &row, period, before, after)?;
+    }
+    let rollup_hour = if start != row.period_start || row.rollup_hour.is_none() {
+        Timestamp::from_stored(start).hour()
+    } else if kept.foldable >= FOLD_ROWS
+        || row
+            .rollup_hour
+            .is_some_and(|from| fold_to.saturating_sub(from) >= FOLD_HOURS)
+    {
+        fold_to
+    } else {
+        row.rollup_hour.unwrap_or(fold_to)
+    };
+    let rolled = if Some(rollup_hour) == row.rollup_hour {
+        kept.rolled
+    } else {
+        rolled_since(conn, key_row_id, rollup_hour)?
+    };
+    let spend_nanos = spend.saturating_sub(rolled);
+    let stored = BudgetRow {
+        period_start: start,
+        spend_nanos,
+        rollup_hour: Some(rollup_hour),
+        ..row
+    };
+    let wrote = (start, spend_nanos, Some(rollup_hour))
+        != (row.period_start, row.spend_nanos, row.rollup_hour);
+    if wrote {
+        diesel::update(key_budgets::table.filter(key_budgets::key_row_id.eq(key_row_id)))
+            .set((
+                key_budgets::spend_nanos.eq(spend_nanos),
+                key_budgets::period_start.eq(start),
+                key_budgets::rollup_hour.eq(rollup_hour),
+            ))
+            .execute(conn)?;
+    }
+    Ok(Added {
+        known: Some(KnownSpend { stored, spend }),
+        wrote,
+    })
+}
+
+/// What [`add_spend`] left: the key's budget row and spend (`None`: the
+/// key has no budget), and whether it wrote the row.
+#[derive(Debug, Default)]
+struct Added {
+    known: Option<KnownSpend>,
+    wrote: bool,
+}
+
+/// A key's budget row as stored, and the whole spend of its period.
+#[derive(Debug, Clone, Copy)]
+struct KnownSpend {
+    stored: BudgetRow,
+    spend: i64,
+}
+
+impl KnownSpend {
+    /// Adds a batch's events of the key (as [`add_spend`] takes them) when
+    /// that leaves the budget row as it is: every event is of the stored
+    /// period, from `rollup_hour` on and less than [`FOLD_HOURS`] after it,
+    /// not too far ahead of the clock, and reaches neither limit. Otherwise
+    /// changes nothing and returns false.
+    fn add_within(&mut self, events: &[(Timestamp, Cost)], horizon: Timestamp) -> bool {
+        let Some(from_hour) = self.stored.rollup_hour else {
+            return false;
+        };
+        let budget = self.stored.budget();
+        let start = Timestamp::from_stored(self.stored.period_start);
+        let mut spend = self.spend;
+        for &(ts, cost) in events {
+            let hour = ts.hour();
+            if ts > horizon
+                || hour < from_hour
+                || hour.saturating_sub(from_hour) > FOLD_HOURS
+                || budget.period.start_of(ts) != Some(start)
+            {
+                return false;
+            }
+            let after = spend.saturating_add(cost.nanos());
+            let reaches = |limit: i64| spend < limit && after >= limit;
+            if reaches(self.stored.budget_nanos) || self.stored.soft_nanos.is_some_and(reaches) {
+                return false;
+            }
+            spend = after;
+        }
+        self.spend = spend;
+        true
+    }
+}
+
+/// The budget rows and spends that recording transactions on SQLite last
+/// left, trusted while the database's `events` counter and count of budget
+/// changes (`sequences`; triggers count every write to `key_budgets`) are
+/// the ones the last transaction left, and it committed: nothing else
+/// recorded or wrote a budget since. A batch's events of a key then add to its spend in memory
+/// (no statement at all) while they leave the row as it is; otherwise
+/// [`add_spend`] reads and writes the row. The first time a key is seen
+/// after that, or after the memory was dropped, is a read.
+#[derive(Debug, Default)]
+pub(crate) struct SpendMemory {
+    spends: Mutex<Spends>,
+}
+
+#[derive(Debug, Default)]
+struct Spends {
+    /// The `events` counter and count of budget changes that the last
+    /// transaction known to have committed left; `None` while a
+    /// transaction uses the memory.
+    stamp: Option<(i64, i64)>,
+    /// The same for the transaction that used the memory last, until it is
+    /// known to have committed ([`SpendMemory::committed`]).
+    pending: Option<(i64, i64)>,
+    /// Per key row id: its budget row and spend, `None` without a budget.
+    keys: HashMap<i64, Option<KnownSpend>>,
+}
+
+impl SpendMemory {
+    /// The recording transaction that gave these event ids committed: what
+    /// it left in memory holds.
+    pub(crate) fn committed(&self, ids: &[EventId]) {
+        let Some(last) = ids.last() else {
+            return;
+        };
+        let mut memory = self.spends.lock().unwrap_or_else(PoisonError::into_inner);
+        if memory.pending.map(|(events, _)| events) == Some(last.0.saturating_add(1)) {
+            memory.stamp = memory.pending.take();
+        }
+    }
+}
+
+/// The most keys [`SpendMemory`] holds; it starts again empty past that.
+const SPEND_MEMORY_KEYS: usize = 1 << 20;
+
+/// The counters a recording transaction on SQLite read as it began
+/// (`events`, `budget_changes`), and the `events` counter it leaves.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counters {
+    pub(crate) events: i64,
+    pub(crate) budget_changes: i64,
+    pub(crate) events_after: i64,
+}
+
+/// Adds a recording transaction's events to their keys' spend on SQLite,
+/// after the rollups counted them: `spends` are its events of keys with a
+/// cost, sorted by key and time (none without budgets: the memory is still
+/// told of the transaction). Events after `horizon` (too far ahead of the
+/// clock) spend nothing. What it leaves in memory is trusted once the
+/// transaction committed.
+pub(crate) fn add_spends(
+    conn: &mut diesel::SqliteConnection,
+    memory: &SpendMemory,
+    counters: Counters,
+    spends: &[(i64, Timestamp, Cost)],
+    horizon: Timestamp,
+) -> Result<()> {
+    let mut memory = memory.spends.lock().unwrap_or_else(PoisonError::into_inner);
+    memory.pending = None;
+    if memory.stamp.take() != Some((counters.events, counters.budget_changes)) {
+        memory.keys.clear();
+    }
+    let mut writes = 0;
+    let mut events = Vec::new();
+    for (position, &(key_row_id, ts, cost)) in spends.iter().enumerate() {
+        events.push((ts, cost));
+        if spends.get(position + 1).map(|next| next.0) == Some(key_row_id) {
+            continue;
+        }
+        let in_memory = match memory.keys.get_mut(&key_row_id) {
+            Some(None) => true,
+            Some(Some(known)) => known.add_within(&events, horizon),
+            None => false,
+        };
+        if !in_memory {
+            let added = add_spend(conn, key_row_id, &events, horizon)?;
+            writes += i64::from(added.wrote);
+            if memory.keys.len() >= SPEND_MEMORY_KEYS {
+                memory.keys.clear();
+            }
+            memory.keys.insert(key_row_id, added.known);
+        }
+        events.clear();
+    }
+    memory.pending = Some((
+        counters.events_after,
+        counters.budget_changes.saturating_add(writes),
+    ));
+    Ok(())
+}
+
+/// What an event that took the spend of the period starting at `start`
+/// from `before` to `after` reached: the budget refuses the key until the
+/// period's end and moves `key_changes`; either limit queues a report.
+fn report_limits(
+    conn: &mut diesel::SqliteConnection,
+    row: &BudgetRow,
+    start: i64,
+    before: i64,
+    after: i64,
+) -> Result<()> {
+    let reaches = |limit: i64| before < limit && after >= limit;
+    let limit = reaches(row.budget_nanos);
+    if limit {
+        let until = row.budget().period.end_after(Timestamp::from_stored(start));
+        diesel::update(keys::table.filter(keys::row_id.eq(row.key_row_id)))
+            .set(keys::over_budget_until.eq(until))
+            .execute(conn)?;
+        diesel::update(sequences::table.filter(sequences::name.eq("key_changes")))
+            .set(sequences::next.eq(sequences::next + 1))
+            .execute(conn)?;
+    }
+    if limit || row.soft_nanos.is_some_and(reaches) {
+        diesel::insert_into(budget_reports::table)
+            .values((
+                budget_reports::key_row_id.eq(row.key_row_id),
+                budget_reports::period_start.eq(start),
+                budget_reports::spend_nanos.eq(after),
+                budget_reports::budget_nanos.eq(row.budget_nanos),
+                budget_reports::soft_nanos.eq(row.soft_nanos),
+            ))
+            .execute(conn)?;
+    }
+    Ok(())
+}
