@@ -7,8 +7,11 @@
 # the ratio budgets / prices of each figure, then the median ratios.
 #
 # Usage: benches/budgets-pair.sh [sqlite|postgres] [KEYS] [EVENTS] [RUNS]
+# More arguments for every run go in BENCH_ARGS, e.g.
+# BENCH_ARGS="--mixed-seconds 15" for a longer mixed phase.
 set -euo pipefail
 BACKEND=${1:-sqlite} KEYS=${2:-100000} EVENTS=${3:-1000000} RUNS=${4:-3}
+BENCH_ARGS=${BENCH_ARGS:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cargo bench --no-run --quiet --bench workload >&2
@@ -26,7 +29,9 @@ for run in $(seq 1 "$RUNS"); do
             as_pg "$PG/psql" -h "$dir" -U postgres -q -c "CREATE DATABASE $name" postgres
             db_args=(--db "postgres://postgres@/$name?host=$dir")
         fi
-        "$bench" --keys "$KEYS" --events "$EVENTS" "${db_args[@]}" "$flag" 2>/dev/null | tee -a "$out"
+        # shellcheck disable=SC2086 # BENCH_ARGS is split into arguments
+        "$bench" --keys "$KEYS" --events "$EVENTS" "${db_args[@]}" $BENCH_ARGS "$flag" 2>/dev/null |
+            tee -a "$out"
     done
 done
 python3 - "$out" <<'PY'
