@@ -888,6 +888,60 @@ fn stores_recording_in_turn_count_each_others_spend_and_budget_changes(
     Ok(())
 }
 
+/// Events at the highest price and token counts, whose rollup rows each
+/// fit in an integer but together do not: recording goes on (the spend
+/// saturates), in the store that recorded them and in another, whose
+/// first event of the key reads those rows.
+#[rstest]
+fn a_spend_past_the_largest_integer_saturates_and_recording_goes_on(
+    #[values(Backend::Sqlite)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
+    let most = keytally::Micros(keytally::MAX_PRICE_MICROS);
+    store.prices().set(&PriceVersion {
+        model: "gpt-4o".to_owned(),
+        effective_from: Timestamp::from_millis(0)?,
+        price: Price {
+            prompt: most,
+            completion: most,
+            cache_read: most,
+            cache_creation: most,
+            reasoning: most,
+        },
+    })?;
+    let now = Timestamp::now();
+    let period = BudgetPeriod::Days {
+        days: 30,
+        from: now.plus_millis(-10 * DAY),
+    };
+    let (key, secret) = key_with(&store, budget(EVENT_COST, None, period))?;
+    let largest = |ts: Timestamp| {
+        let mut event = event(key, ts);
+        let most = i64::from(i32::MAX);
+        event.prompt_tokens = most;
+        event.completion_tokens = most;
+        event.cache_read_tokens = most;
+        event.cache_creation_tokens = most;
+        event.reasoning_tokens = most;
+        event
+    };
+    // Fifty in each of two hours of the period: about 5.4e18 nano-units
+    // a rollup row.
+    let hours = [now.plus_millis(-2 * 3_600_000), now.plus_millis(-3_600_000)];
+    let batch: Vec<NewEvent> = hours
+        .iter()
+        .flat_map(|&hour| (0..50).map(move |i| hour.plus_millis(i)))
+        .map(largest)
+        .collect();
+    store.events().record_batch(&batch)?;
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    another_store(&store)?.events().record(&largest(now))?;
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(i64::MAX));
+    assert!(status.over_budget);
+    Ok(())
+}
+
 /// The migration that keeps part of SQLite's spend in the rollups moves a
 /// budget row's spend there and back: reverted, `spend_nanos` holds the
 /// whole spend; migrated again, the store goes on from it.

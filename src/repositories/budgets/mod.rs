@@ -35,8 +35,7 @@ use std::collections::HashMap;
 use diesel::prelude::*;
 
 use crate::db::database::{on_backend, Conn, Database};
-use crate::db::schema::{budget_reports, key_budgets, keys};
-use crate::db::sql::{sql_text, FixedSql, Value};
+use crate::db::schema::{budget_reports, key_budgets, keys, usage_key_hourly};
 use crate::error::Result;
 use crate::model::budget::{Budget, BudgetPeriod, BudgetStatus, FUTURE_SPEND_ALLOWANCE_MS};
 use crate::model::key::KeyId;
@@ -155,10 +154,10 @@ fn write(
     let (period_days, anchor) = budget.period.stored();
     // On SQLite the rollups from the period's first hour on hold the rest.
     let (spend_nanos, rollup_hour) = match conn {
-        Conn::Sqlite(c) => {
+        Conn::Sqlite(_) => {
             let hour = start.hour();
             (
-                spend.saturating_sub(rolled_since(c, key_row_id, hour)?),
+                spend.saturating_sub(rolled_since(conn, key_row_id, hour)?),
                 Some(hour),
             )
         }
@@ -184,22 +183,15 @@ fn write(
     refuse_until(conn, key_row_id, row.refused_until(spend))
 }
 
-sql_text!(
-    /// The cost in a key's (`?1`) rollups from an hour (`?2`) on.
-    RolledSince = "SELECT CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT) AS n \
-        FROM usage_key_hourly WHERE key_row_id = ?1 AND hour >= ?2"
-);
-
-#[derive(QueryableByName)]
-struct Rolled {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    n: i64,
-}
-
-/// What the key's rollups hold of its spend from `hour` on.
-fn rolled_since(conn: &mut diesel::SqliteConnection, key_row_id: i64, hour: i64) -> Result<i64> {
-    let query = FixedSql::<RolledSince>::new(vec![Value::Int(key_row_id), Value::Int(hour)]);
-    Ok(query.get_result::<Rolled>(conn)?.n)
+/// What the key's rollups hold of its spend from `hour` on, summed here:
+/// SQLite's `SUM` fails on an overflow where recording saturates.
+fn rolled_since(conn: &mut Conn<'_>, key_row_id: i64, hour: i64) -> Result<i64> {
+    let costs: Vec<i64> = on_backend!(conn, |c| usage_key_hourly::table
+        .filter(usage_key_hourly::key_row_id.eq(key_row_id))
+        .filter(usage_key_hourly::hour.ge(hour))
+        .select(usage_key_hourly::cost_nanos)
+        .load(c))?;
+    Ok(costs.into_iter().fold(0, i64::saturating_add))
 }
 
 /// The spend of the row's period: `spend_nanos`, and what the key's
@@ -208,9 +200,9 @@ fn kept_spend(conn: &mut Conn<'_>, row: &BudgetRow) -> Result<i64> {
     let Some(hour) = row.rollup_hour else {
         return Ok(row.spend_nanos);
     };
-    let query = FixedSql::<RolledSince>::new(vec![Value::Int(row.key_row_id), Value::Int(hour)]);
-    let rolled: Rolled = on_backend!(conn, |c| query.get_result(c))?;
-    Ok(row.spend_nanos.saturating_add(rolled.n))
+    Ok(row
+        .spend_nanos
+        .saturating_add(rolled_since(conn, row.key_row_id, hour)?))
 }
 
 /// Writes until when resolving the key is refused for its budget

@@ -9,6 +9,7 @@ use std::sync::{Mutex, PoisonError};
 use diesel::prelude::*;
 
 use super::{rolled_since, BudgetRow};
+use crate::db::database::Conn;
 use crate::db::schema::{budget_reports, key_budgets, keys, sequences};
 use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
@@ -27,27 +28,27 @@ const FOLD_ROWS: i64 = 64;
 const FOLD_HOURS: i64 = 64;
 
 sql_text!(
-    /// A key's (`?2`) budget row, the cost in its rollups from `rollup_hour`
-    /// on, and how many of those rows are of hours before `?1`. No row for a
-    /// key without a budget. The key's rollup rows sit together, on the
-    /// page its event just wrote.
+    /// A key's (`?1`) budget row with each of its rollup rows from
+    /// `rollup_hour` on (their hour and cost; once with NULLs when there is
+    /// none), summed by the caller: SQLite's `SUM` fails on an overflow
+    /// where recording saturates. No row for a key without a budget. The
+    /// key's rollup rows sit together, on the page its event just wrote.
     KeptSpend = "SELECT b.key_row_id, b.budget_nanos, b.soft_nanos, b.period_days, b.anchor, \
            b.period_start, b.spend_nanos, b.rollup_hour, \
-           COALESCE(SUM(u.cost_nanos), 0) AS rolled, \
-           COUNT(CASE WHEN u.hour < ?1 THEN 1 END) AS foldable \
+           u.hour AS rolled_hour, u.cost_nanos AS rolled_cost \
          FROM key_budgets AS b LEFT JOIN usage_key_hourly AS u \
            ON u.key_row_id = b.key_row_id AND u.hour >= b.rollup_hour \
-         WHERE b.key_row_id = ?2 GROUP BY b.key_row_id"
+         WHERE b.key_row_id = ?1"
 );
 
 #[derive(QueryableByName)]
-struct Kept {
+struct KeptRow {
     #[diesel(embed)]
     stored: BudgetRow,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    rolled: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    foldable: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    rolled_hour: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    rolled_cost: Option<i64>,
 }
 
 /// Adds a batch's events of one key to its spend, inside SQLite's write
@@ -71,11 +72,19 @@ fn add_spend(
     };
     // Hours that may be folded: before the last event's and the clock's.
     let fold_to = last.hour().min(Timestamp::now().hour() - 1);
-    let query = FixedSql::<KeptSpend>::new(vec![Value::Int(fold_to), Value::Int(key_row_id)]);
-    let Some(kept) = query.get_result::<Kept>(conn).optional()? else {
+    let query = FixedSql::<KeptSpend>::new(vec![Value::Int(key_row_id)]);
+    let kept: Vec<KeptRow> = query.load(conn)?;
+    let Some(row) = kept.first().map(|kept| kept.stored) else {
         return Ok(Added::default());
     };
-    let row = kept.stored;
+    // What the rollups hold of the spend, and how many of their rows are
+    // of hours before `fold_to`.
+    let (rolled, foldable) = kept.iter().fold((0_i64, 0_i64), |(sum, rows), kept| {
+        (
+            sum.saturating_add(kept.rolled_cost.unwrap_or(0)),
+            rows + i64::from(kept.rolled_hour.is_some_and(|hour| hour < fold_to)),
+        )
+    });
     let budget = row.budget();
     // The spend before the batch: the rollups already hold its events.
     let in_rollups = events
@@ -84,7 +93,7 @@ fn add_spend(
         .fold(0_i64, |sum, (_, cost)| sum.saturating_add(cost.nanos()));
     let mut spend = row
         .spend_nanos
-        .saturating_add(kept.rolled)
+        .saturating_add(rolled)
         .saturating_sub(in_rollups);
     let mut start = row.period_start;
     for &(ts, cost) in events {
@@ -106,7 +115,7 @@ fn add_spend(
     }
     let rollup_hour = if start != row.period_start || row.rollup_hour.is_none() {
         Timestamp::from_stored(start).hour()
-    } else if kept.foldable >= FOLD_ROWS
+    } else if foldable >= FOLD_ROWS
         || row
             .rollup_hour
             .is_some_and(|from| fold_to.saturating_sub(from) >= FOLD_HOURS)
@@ -116,9 +125,9 @@ fn add_spend(
         row.rollup_hour.unwrap_or(fold_to)
     };
     let rolled = if Some(rollup_hour) == row.rollup_hour {
-        kept.rolled
+        rolled
     } else {
-        rolled_since(conn, key_row_id, rollup_hour)?
+        rolled_since(&mut Conn::Sqlite(conn), key_row_id, rollup_hour)?
     };
     let spend_nanos = spend.saturating_sub(rolled);
     let stored = BudgetRow {
@@ -162,7 +171,7 @@ struct KnownSpend {
 impl KnownSpend {
     /// Adds a batch's events of the key (as [`add_spend`] takes them) when
     /// that leaves the budget row as it is: every event is of the stored
-    /// period, from `rollup_hour` on and less than [`FOLD_HOURS`] after it,
+    /// period, from `rollup_hour` on and at most [`FOLD_HOURS`] after it,
     /// not too far ahead of the clock, and reaches neither limit. Otherwise
     /// changes nothing and returns false.
     fn add_within(&mut self, events: &[(Timestamp, Cost)], horizon: Timestamp) -> bool {

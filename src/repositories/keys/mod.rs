@@ -438,10 +438,12 @@ impl<'a> Keys<'a> {
     ///
     /// [`Error::KeyNotFound`], or the store's errors.
     pub fn budget(&self, id: KeyId) -> Result<Option<BudgetStatus>> {
-        let mut pooled = self.db.connection()?;
-        let conn = &mut pooled.conn();
-        let key = find(conn, id)?;
-        budgets::status(conn, key.row_id, Timestamp::now())
+        // One transaction: the spend is read from the budget row and the
+        // key's rollups (SQLite), which pruning changes together.
+        self.db.read(|conn| {
+            let key = find(conn, id)?;
+            budgets::status(conn, key.row_id, Timestamp::now())
+        })
     }
 
     /// A write that changes a key or a secret (and so moves the count of
