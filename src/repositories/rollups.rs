@@ -221,16 +221,19 @@ pub(crate) fn binds(key: &[i64], totals: &Totals) -> Vec<Value<'static>> {
 
 /// Deletes at most `batch` rows of each rollup table for hours before
 /// `cutoff_hour`, inside the caller's write transaction. A budget's spend
-/// kept in the rows to delete (SQLite's `rollup_hour` before the cutoff) is
-/// first folded into its `spend_nanos`.
+/// kept in the rows to delete (SQLite's `rollup_hour` before the cutoff,
+/// and rows from it on before the cutoff) is first folded into its
+/// `spend_nanos`; a budget row with no such rows is left as it is.
 pub(crate) fn delete_before(conn: &mut Conn<'_>, cutoff_hour: i64, batch: u32) -> Result<usize> {
     let fold = CachedSql::new(
         "UPDATE key_budgets SET spend_nanos = spend_nanos + CAST(COALESCE((\
            SELECT SUM(u.cost_nanos) FROM usage_key_hourly AS u \
            WHERE u.key_row_id = key_budgets.key_row_id \
              AND u.hour >= key_budgets.rollup_hour AND u.hour < ?), 0) AS BIGINT), \
-         rollup_hour = ? WHERE rollup_hour < ?",
-        vec![cutoff_hour; 3],
+         rollup_hour = ? WHERE rollup_hour < ? AND EXISTS (\
+           SELECT 1 FROM usage_key_hourly AS u WHERE u.key_row_id = key_budgets.key_row_id \
+             AND u.hour >= key_budgets.rollup_hour AND u.hour < ?)",
+        vec![cutoff_hour; 4],
     );
     on_backend!(conn, |c| fold.execute(c))?;
     let by_key = CachedSql::new(

@@ -812,8 +812,11 @@ fn a_budget_keeps_its_spend_over_many_hours_and_after_its_rollups_are_pruned(
     assert_eq!(status.spend, Cost(150 * EVENT_COST));
     assert_eq!(status.spend.nanos(), recount(&store, key, from)?);
     let folded = |store: &TestStore| -> Result<i64, Box<dyn std::error::Error>> {
-        Ok(crate::support::sql::raw(store)?
-            .number("SELECT COALESCE(rollup_hour, -1) AS n FROM key_budgets")?)
+        // The first key's row (the idle key below comes after it).
+        Ok(crate::support::sql::raw(store)?.number(
+            "SELECT COALESCE(rollup_hour, -1) AS n FROM key_budgets \
+             ORDER BY key_row_id LIMIT 1",
+        )?)
     };
     let hour_of = |at: Timestamp| at.as_millis().div_euclid(HOUR);
     if backend == Backend::Sqlite {
@@ -822,16 +825,28 @@ fn a_budget_keeps_its_spend_over_many_hours_and_after_its_rollups_are_pruned(
             "the older hours were folded into the budget row"
         );
     }
+    // An idle key's budget row, with no rollups to fold, is left alone.
+    key_with(&store, budget(EVENT_COST, None, period))?;
+    let idle_row = |store: &TestStore| -> Result<i64, Box<dyn std::error::Error>> {
+        Ok(crate::support::sql::raw(store)?.number(
+            "SELECT COALESCE(rollup_hour, -1) AS n FROM key_budgets \
+             ORDER BY key_row_id DESC LIMIT 1",
+        )?)
+    };
+    let idle_before = idle_row(&store)?;
+    assert_ne!(idle_before, 0);
     // The rollups of every hour before this one go; the spend does not.
     let cutoff = now;
     assert!(store.events().prune_rollups(cutoff, 7)? > 0);
     if backend == Backend::Sqlite {
         assert!(folded(&store)? >= hour_of(cutoff));
     }
+    assert_eq!(idle_row(&store)?, idle_before);
     let status = store.keys().budget(key)?.ok_or("no budget")?;
     assert_eq!(status.spend, Cost(150 * EVENT_COST));
     assert_eq!(
-        crate::support::sql::raw(&store)?.number(KEPT_SPEND)?,
+        crate::support::sql::raw(&store)?
+            .number(&format!("{KEPT_SPEND} ORDER BY b.key_row_id LIMIT 1"))?,
         150 * EVENT_COST
     );
     // A late event from before the cutoff still counts; the next reaches
