@@ -1030,8 +1030,8 @@ fn a_batch_across_a_period_boundary_behind_another_replica_keeps_its_refusal() -
     let mut other = diesel::PgConnection::establish(url)?;
     let mut watcher = diesel::PgConnection::establish(url)?;
     // The other replica: this month's spend at the budget, in a transaction
-    // that holds the budget row (its trigger refuses the key until next
-    // month).
+    // that holds the budget row and refuses the key until next month, as
+    // its recording statement does.
     diesel::sql_query("BEGIN").execute(&mut other)?;
     diesel::sql_query(format!(
         "UPDATE key_budgets SET period_start = {}, spend_nanos = {}",
@@ -1039,6 +1039,8 @@ fn a_batch_across_a_period_boundary_behind_another_replica_keeps_its_refusal() -
         3 * EVENT_COST
     ))
     .execute(&mut other)?;
+    diesel::sql_query(format!("UPDATE keys SET over_budget_until = {next_month}"))
+        .execute(&mut other)?;
     std::thread::scope(|scope| -> TestResult {
         // This store's batch: two more of last month (its budget reached,
         // by the row as it was), one of this month; it waits for the row.
@@ -1118,5 +1120,40 @@ fn a_budget_reached_in_another_store_reaches_a_notified_store(
         "{backend:?}: refused {:?} after the budget was reached",
         reached.elapsed()
     );
+    Ok(())
+}
+
+/// A budget's own columns written out of range by SQL are refused, on
+/// PostgreSQL by a trigger on those columns (table checks would run on every
+/// update of the spend), and the row is left as it was; the spend alone
+/// updates as before.
+#[rstest]
+fn a_budget_written_out_of_range_by_sql_is_refused(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    use diesel::result::{DatabaseErrorKind, Error as DieselError};
+    let (store, key, _) = monthly_budget_of(backend, 3)?;
+    let before = store.keys().budget(key)?.ok_or("no budget")?;
+    let mut raw = crate::support::sql::raw(&store)?;
+    for change in [
+        "budget_nanos = 0",
+        "soft_nanos = budget_nanos + 1",
+        "soft_nanos = 0",
+        "period_days = 0",
+        "period_days = 36501",
+        "anchor = -1",
+    ] {
+        match raw.execute(&format!("UPDATE key_budgets SET {change}")) {
+            Err(DieselError::DatabaseError(DatabaseErrorKind::CheckViolation, _)) => {}
+            other => return Err(format!("{change}: {other:?}").into()),
+        }
+    }
+    assert_eq!(store.keys().budget(key)?.ok_or("no budget")?, before);
+    assert_eq!(
+        raw.execute("UPDATE key_budgets SET spend_nanos = spend_nanos + 1")?,
+        1
+    );
+    let after = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(after.spend, Cost(before.spend.nanos() + 1));
     Ok(())
 }

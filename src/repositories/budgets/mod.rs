@@ -26,8 +26,9 @@
 //!   this table) and moves `key_changes` in that transaction, so every
 //!   cached resolve of the key is read again then; reaching the
 //!   soft limit or the budget queues a row in `budget_reports`, which
-//!   [`log_reports`] logs once, off the recording path. On PostgreSQL
-//!   triggers on `key_budgets` do all of it; on SQLite [`add_spends`] does.
+//!   [`log_reports`] logs once, off the recording path. On PostgreSQL the
+//!   recording statement does all of it (`spend_cte`); on SQLite
+//!   [`add_spends`] does.
 //!   [`set`] writes `over_budget_until` as the budget it sets stands.
 
 use std::collections::HashMap;
@@ -256,33 +257,43 @@ fn period_start_sql(budget: &str, ts: &str) -> String {
 
 /// The part of PostgreSQL's recording statement that adds the events of
 /// `rows` (which has `key_row_id`, `ts`, `cost_nanos` and `position`) to
-/// their keys' spend: a `spent` CTE, one row update per key. The events are
-/// totalled per key alone, and the budget row is joined once: nearly always
-/// all of a key's events in a batch are of one period. A key whose first and
-/// last events are not goes through `keytally_spend_across_periods`, which
-/// walks its events in time order as [`add_spends`] does on SQLite: each
-/// period but the last reaching a limit is reported there, the last by the
-/// row's triggers. The function finds the key's events in the whole batch
-/// sorted once (an uncorrelated subquery, run only if some key needs it),
-/// where a subquery per key would read the whole batch for each key.
-/// `one`: `rows` holds a single event, so there is nothing to total.
+/// their keys' spend: CTEs from `spent`, one row update per key. The events
+/// are totalled per key alone, and the budget row is joined once: nearly
+/// always all of a key's events in a batch are of one period. A key whose
+/// first and last events are not goes through
+/// `keytally_spend_across_periods`, which walks its events in time order as
+/// [`add_spends`] does on SQLite, reporting each period reaching a limit
+/// itself. The function finds the key's events in the whole batch sorted
+/// once (an uncorrelated subquery, run only if some key needs it), where a
+/// subquery per key would read the whole batch for each key. `one`: `rows`
+/// holds a single event, so there is nothing to total.
+///
+/// For a key whose events are all of one period, the spend before them is
+/// the spend written less their cost: the statement finds the keys whose
+/// spend reached the soft limit or the budget from what `spent` returns,
+/// queues their reports, refuses those over budget until their period's
+/// end, counts one key change and notifies (`reached`, `reported`,
+/// `refused`, `counted`). Done here rather than by triggers on the row,
+/// whose conditions PostgreSQL prepared for every statement.
 #[cfg(feature = "postgres")]
 pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     let first = period_start_sql("b", "e.first");
     let last = period_start_sql("b", "e.last");
-    // Events from too far ahead of the server's clock spend nothing.
+    // Events from too far ahead of the server's clock spend nothing (the
+    // bound computed once per statement).
     let of_events = format!(
         "FROM {rows} AS n WHERE n.cost_nanos IS NOT NULL \
-         AND n.ts <= CAST(extract(epoch FROM now()) * 1000 AS BIGINT) + {FUTURE_SPEND_ALLOWANCE_MS}"
+         AND n.ts <= (SELECT CAST(extract(epoch FROM now()) * 1000 AS BIGINT) \
+           + {FUTURE_SPEND_ALLOWANCE_MS})"
     );
     let in_period =
         format!("CASE WHEN {last} > b.period_start THEN e.c ELSE b.spend_nanos + e.c END");
-    let (totals, spend) = if one {
+    let (totals, spend, one_period) = if one {
         let totals = format!(
             "(SELECT n.key_row_id AS k, n.ts AS first, n.ts AS last, n.cost_nanos AS c \
              {of_events})"
         );
-        (totals, in_period)
+        (totals, in_period, "TRUE".to_owned())
     } else {
         let totals = format!(
             "(SELECT n.key_row_id AS k, min(n.ts) AS first, max(n.ts) AS last, \
@@ -298,23 +309,39 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
                array_agg(n.ts ORDER BY {sorted}), array_agg(n.cost_nanos ORDER BY {sorted})] \
              {of_events} AND n.key_row_id IS NOT NULL)"
         );
+        let one_period = format!("e.first >= b.anchor AND {first} = {last}");
         let spend = format!(
-            "CASE WHEN e.first >= b.anchor AND {first} = {last} THEN {in_period} \
+            "CASE WHEN {one_period} THEN {in_period} \
              ELSE keytally_spend_across_periods(b.key_row_id, b.budget_nanos, b.soft_nanos, \
                b.period_days, b.anchor, b.period_start, b.spend_nanos, {events}) END"
         );
-        (totals, spend)
+        (totals, spend, one_period)
     };
+    // In `RETURNING`, `b` is the row as written: its period's start moved,
+    // its anchor and length did not, so `one_period` is as in `SET`.
     format!(
         "spent AS (UPDATE key_budgets AS b SET \
            spend_nanos = {spend}, \
            period_start = GREATEST({last}, b.period_start) \
          FROM {totals} AS e \
-         WHERE b.key_row_id = e.k AND e.last >= b.anchor AND {last} >= b.period_start)"
+         WHERE b.key_row_id = e.k AND e.last >= b.anchor AND {last} >= b.period_start \
+         RETURNING b.key_row_id AS k, b.spend_nanos AS spend, b.budget_nanos AS budget, \
+           b.soft_nanos AS soft, b.period_start AS period, b.period_days AS days, \
+           CASE WHEN {one_period} THEN b.spend_nanos - e.c END AS before), \
+         reached AS (SELECT k, spend, budget, soft, period, days FROM spent \
+           WHERE (spend >= budget AND before < budget) OR (spend >= soft AND before < soft)), \
+         reported AS (INSERT INTO budget_reports \
+             (key_row_id, period_start, spend_nanos, budget_nanos, soft_nanos) \
+           SELECT k, period, spend, budget, soft FROM reached), \
+         refused AS (UPDATE keys SET over_budget_until = keytally_period_end(r.period, r.days) \
+           FROM reached AS r WHERE keys.row_id = r.k AND r.spend >= r.budget), \
+         counted AS (UPDATE sequences SET next = next + 1 \
+           WHERE name = 'key_changes' AND EXISTS (SELECT 1 FROM reached WHERE spend >= budget) \
+           RETURNING pg_notify('keytally_key_changes', CAST(next AS TEXT)))"
     )
 }
 
-/// A limit reached, as the table's trigger queued it.
+/// A limit reached, as recording queued it.
 #[derive(Debug, Queryable)]
 struct Report {
     id: i64,

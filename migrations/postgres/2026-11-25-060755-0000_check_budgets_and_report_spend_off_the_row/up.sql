@@ -1,0 +1,142 @@
+-- A recording statement updates the budget row of each key it records for.
+-- Two things made that update cost more than the row: the table's checks,
+-- which run on every update of a row however few of its columns change, and
+-- the two triggers on `spend_nanos`, whose conditions were prepared for
+-- every statement. Both move off the update of the spend.
+
+-- The budget's own columns are checked when they are written (a budget set
+-- or changed), by a trigger on those columns; an update of the spend and the
+-- period alone runs none. The spend is only ever added to from events'
+-- costs, which are never negative.
+ALTER TABLE key_budgets
+    DROP CONSTRAINT key_budgets_anchor_check,
+    DROP CONSTRAINT key_budgets_budget_nanos_check,
+    DROP CONSTRAINT key_budgets_check,
+    DROP CONSTRAINT key_budgets_period_days_check,
+    DROP CONSTRAINT key_budgets_spend_nanos_check;
+
+CREATE FUNCTION keytally_check_budget() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- As the checks were: a NULL soft limit or period passes.
+    IF NOT (NEW.budget_nanos > 0 AND NEW.anchor >= 0
+            AND NEW.soft_nanos > 0 AND NEW.soft_nanos <= NEW.budget_nanos
+            AND NEW.period_days BETWEEN 1 AND 36500) THEN
+        RAISE EXCEPTION 'budget of key row % out of range', NEW.key_row_id
+            USING ERRCODE = 'check_violation', TABLE = 'key_budgets';
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER key_budgets_are_checked
+AFTER INSERT OR UPDATE OF budget_nanos, soft_nanos, period_days, anchor ON key_budgets
+FOR EACH ROW EXECUTE FUNCTION keytally_check_budget();
+
+-- The spend reaching the soft limit or the budget is found by the recording
+-- statement itself, from the spend it writes and the cost it added
+-- (`budgets::spend_cte`): it refuses the key, counts a key change, notifies
+-- and queues the report, as these triggers did.
+DROP TRIGGER key_budgets_reached_is_reported ON key_budgets;
+DROP TRIGGER key_budgets_reached_refuses_the_key ON key_budgets;
+DROP FUNCTION keytally_report_budget();
+DROP FUNCTION keytally_refuse_over_budget();
+
+-- The spend of a budget row after a batch's events of its key, when they
+-- are not all of one period. `events` holds the whole batch's priced events
+-- of keys, sorted by key, time and position: their keys, times and costs
+-- as its three rows; the key's events are found by binary search, so that
+-- the batch is sorted once for all its keys. Walked in time order, an event
+-- before `anchor` or of an earlier period than the running one counts for
+-- nothing, one of a later period starts the spend again. Each period's
+-- events reaching the soft limit or the budget is reported here, the last
+-- period's too, and reaching the budget refuses the key until the period's
+-- end and counts as a key change, as the recording statement does itself
+-- for a key whose events are all of one period.
+--
+-- It runs inside the recording statement's UPDATE, whose new values
+-- PostgreSQL computes before it locks the row, and computes again from the
+-- row's latest version when another transaction updated it meanwhile. So
+-- what it writes must hold however often it runs, and from an older version
+-- of the row too: a refusal only ever moves later (the other transaction's
+-- may end later than this one's), and a limit of the period already
+-- reported in a queued row (by the run before, or by another transaction)
+-- is not reported again. Two replicas whose batches carry one key over the
+-- same boundary at once may still each report a period's limit when
+-- the first report was logged before the second was queued. Its
+-- writes to `keys` and `sequences` come before the statement's later row
+-- locks, so two such batches can deadlock: PostgreSQL ends one, which the
+-- store retries (as every write that meets a deadlock).
+CREATE OR REPLACE FUNCTION keytally_spend_across_periods(
+    key_row_id BIGINT,
+    budget_nanos BIGINT,
+    soft_nanos BIGINT,
+    period_days INTEGER,
+    anchor BIGINT,
+    period_start BIGINT,
+    spend_nanos BIGINT,
+    events BIGINT[]
+) RETURNS BIGINT LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    n INTEGER := coalesce(array_length(events, 2), 0);
+    first INTEGER := 1;
+    last INTEGER := n + 1;
+    middle INTEGER;
+    period BIGINT := period_start;
+    spend BIGINT := spend_nanos;
+    started BIGINT;
+    before BIGINT;
+    budget_reached BOOLEAN;
+    changes BIGINT;
+BEGIN
+    -- The key's first event: the first position whose key is not below it.
+    WHILE first < last LOOP
+        middle := (first + last) / 2;
+        IF events[1][middle] < key_row_id THEN
+            first := middle + 1;
+        ELSE
+            last := middle;
+        END IF;
+    END LOOP;
+    last := first;
+    WHILE last <= n AND events[1][last] = key_row_id LOOP
+        last := last + 1;
+    END LOOP;
+    last := last - 1;
+    IF last < first THEN
+        RETURN spend;
+    END IF;
+    FOR i IN first .. last LOOP
+        CONTINUE WHEN events[2][i] < anchor;
+        started := keytally_period_start(events[2][i], period_days, anchor);
+        CONTINUE WHEN started < period;
+        IF started > period THEN
+            period := started;
+            spend := 0;
+        END IF;
+        before := spend;
+        spend := spend + events[3][i];
+        budget_reached := before < budget_nanos AND spend >= budget_nanos;
+        IF budget_reached THEN
+            UPDATE keys
+            SET over_budget_until = GREATEST(over_budget_until,
+                keytally_period_end(period, period_days))
+            WHERE row_id = key_row_id;
+            UPDATE sequences SET next = next + 1 WHERE name = 'key_changes'
+            RETURNING next INTO changes;
+            PERFORM pg_notify('keytally_key_changes', changes::text);
+        END IF;
+        IF (budget_reached OR (before < soft_nanos AND spend >= soft_nanos))
+            AND NOT EXISTS (SELECT 1 FROM budget_reports AS r
+                WHERE r.key_row_id = keytally_spend_across_periods.key_row_id
+                    AND r.period_start = period
+                    AND r.spend_nanos >= CASE WHEN budget_reached
+                        THEN keytally_spend_across_periods.budget_nanos
+                        ELSE keytally_spend_across_periods.soft_nanos END) THEN
+            INSERT INTO budget_reports (key_row_id, period_start, spend_nanos, budget_nanos,
+                soft_nanos)
+            VALUES (key_row_id, period, spend, budget_nanos, soft_nanos);
+        END IF;
+    END LOOP;
+    RETURN spend;
+END;
+$$;
