@@ -272,8 +272,9 @@ fn a_refused_key_resolves_again_when_its_period_rolls_over(
 }
 
 /// The refusal is kept on the key's row, written by the recording
-/// transaction (on PostgreSQL by a trigger, which computes the period's end
-/// itself): it ends with the calendar month, across a year's end too.
+/// transaction (on PostgreSQL by the trigger on the budget's report, which
+/// computes the period's end itself): it ends with the calendar month,
+/// across a year's end too.
 #[rstest]
 fn a_monthly_budget_refuses_the_key_until_the_end_of_its_month(
     #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
@@ -296,12 +297,14 @@ fn a_monthly_budget_refuses_the_key_until_the_end_of_its_month(
     );
     assert_eq!(refused_until(&store)?, status.resets_at.as_millis());
     // Across a year's end: with the kept period moved back to December
-    // 2025 (as a key idle since then would have it), that month's events
-    // refuse the key until January.
+    // 2025 and no refusal (as a key idle since then would have them), that
+    // month's events refuse the key until January. (A refusal is only ever
+    // moved later by recording, never shortened.)
     let december = 1_764_547_200_000_i64; // 2025-12-01
     crate::support::sql::raw(&store)?.execute(&format!(
         "UPDATE key_budgets SET period_start = {december}, spend_nanos = 0, rollup_hour = NULL"
     ))?;
+    crate::support::sql::raw(&store)?.execute("UPDATE keys SET over_budget_until = NULL")?;
     let mid_december = Timestamp::from_millis(december + 14 * DAY)?;
     for _ in 0..2 {
         store.events().record(&event(key, mid_december))?;
@@ -596,8 +599,8 @@ fn reaching_the_soft_limit_and_the_budget_is_logged_once_each(
 ) -> TestResult {
     let db = priced_database(&folder, backend)?;
     let (key, _) = key_through_the_binary(&db, "0.0015")?;
-    // Each ingest is a process of its own; its store logs what the
-    // triggers queued, at the latest when it closes.
+    // Each ingest is a process of its own; its store logs what recording
+    // queued, at the latest when it closes.
     let ingest = |events: usize| ingest_at(&db, &key, &vec![Timestamp::now().as_millis(); events]);
     let soft = "key reached its soft budget";
     let reached = "key reached its budget";
@@ -1031,7 +1034,7 @@ fn a_batch_across_a_period_boundary_behind_another_replica_keeps_its_refusal() -
     let mut watcher = diesel::PgConnection::establish(url)?;
     // The other replica: this month's spend at the budget, in a transaction
     // that holds the budget row and refuses the key until next month, as
-    // its recording statement does.
+    // its recording statement's report of the budget does.
     diesel::sql_query("BEGIN").execute(&mut other)?;
     diesel::sql_query(format!(
         "UPDATE key_budgets SET period_start = {}, spend_nanos = {}",
@@ -1155,5 +1158,57 @@ fn a_budget_written_out_of_range_by_sql_is_refused(
     );
     let after = store.keys().budget(key)?.ok_or("no budget")?;
     assert_eq!(after.spend, Cost(before.spend.nanos() + 1));
+    Ok(())
+}
+
+/// One batch in which a key reaches its budget in an earlier period and in
+/// its last (on PostgreSQL the earlier period is walked by
+/// `keytally_spend_across_periods`, the last by the statement) and another
+/// key reaches its budget in one period: the batch is recorded, and each key
+/// is refused until this month's end with this month's spend.
+#[rstest]
+fn one_batch_carries_keys_over_their_budgets_in_several_periods_and_in_one(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
+    price_model(&store, "gpt-4o")?;
+    let monthly = budget(2 * EVENT_COST, None, BudgetPeriod::Month);
+    let (late, late_secret) = key_with(&store, monthly)?;
+    let (other, other_secret) = key_with(&store, monthly)?;
+    let now = Timestamp::now();
+    let this_month = BudgetPeriod::Month.start_of(now).ok_or("no month")?;
+    let last_month = BudgetPeriod::Month
+        .start_of(this_month.plus_millis(-1))
+        .ok_or("no month")?;
+    let mut raw = crate::support::sql::raw(&store)?;
+    // The first key's kept period moved back to last month (a key last
+    // used then).
+    raw.execute(&format!(
+        "UPDATE key_budgets SET period_start = {}, spend_nanos = 0, rollup_hour = NULL \
+         WHERE key_row_id = (SELECT min(key_row_id) FROM key_budgets)",
+        last_month.as_millis()
+    ))?;
+    store.events().record_batch(&[
+        event(late, this_month.plus_millis(-2_000)),
+        event(late, this_month.plus_millis(-1_000)),
+        event(other, now),
+        event(late, now),
+        event(other, now),
+        event(late, now),
+    ])?;
+    let next_month = BudgetPeriod::Month.end_after(this_month);
+    for (key, secret) in [(late, &late_secret), (other, &other_secret)] {
+        assert_eq!(store.keys().resolve(secret)?, Err(Rejection::OverBudget));
+        let status = store.keys().budget(key)?.ok_or("no budget")?;
+        assert_eq!(status.period_start, this_month);
+        assert_eq!(status.spend, Cost(2 * EVENT_COST));
+    }
+    for which in ["min", "max"] {
+        let until = raw.number(&format!(
+            "SELECT over_budget_until AS n FROM keys \
+             WHERE row_id = (SELECT {which}(key_row_id) FROM key_budgets)"
+        ))?;
+        assert_eq!(until, next_month.as_millis(), "{which}");
+    }
     Ok(())
 }

@@ -32,14 +32,74 @@ CREATE TRIGGER key_budgets_are_checked
 AFTER INSERT OR UPDATE OF budget_nanos, soft_nanos, period_days, anchor ON key_budgets
 FOR EACH ROW EXECUTE FUNCTION keytally_check_budget();
 
--- The spend reaching the soft limit or the budget is found by the recording
--- statement itself, from the spend it writes and the cost it added
--- (`budgets::spend_cte`): it refuses the key, counts a key change, notifies
--- and queues the report, as these triggers did.
+-- The recording statement finds the keys whose spend it carried to a limit
+-- from the spend it writes (`budgets::spend_cte`) and queues their reports.
+-- A report of the budget refuses the key until its period's end (a refusal
+-- only ever moves later) and counts as a key change, which notifies, by
+-- this trigger: after the statement, as the triggers on the spend did, so
+-- that the `keys` row and then the `key_changes` row are locked last, and
+-- each by a command of its own (`keytally_spend_across_periods` may have
+-- written them already within the statement).
+CREATE FUNCTION keytally_refuse_reported() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    changes BIGINT;
+BEGIN
+    UPDATE keys SET over_budget_until = GREATEST(over_budget_until,
+        keytally_period_end(NEW.period_start,
+            (SELECT b.period_days FROM key_budgets AS b WHERE b.key_row_id = NEW.key_row_id)))
+    WHERE row_id = NEW.key_row_id;
+    UPDATE sequences SET next = next + 1 WHERE name = 'key_changes' RETURNING next INTO changes;
+    PERFORM pg_notify('keytally_key_changes', changes::text);
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER budget_reports_of_the_budget_refuse_the_key AFTER INSERT ON budget_reports
+FOR EACH ROW WHEN (NEW.spend_nanos >= NEW.budget_nanos)
+EXECUTE FUNCTION keytally_refuse_reported();
+
 DROP TRIGGER key_budgets_reached_is_reported ON key_budgets;
 DROP TRIGGER key_budgets_reached_refuses_the_key ON key_budgets;
 DROP FUNCTION keytally_report_budget();
 DROP FUNCTION keytally_refuse_over_budget();
+
+-- What the events in `events` (as `keytally_spend_across_periods` takes
+-- them) of the key with this row id cost in the period starting at
+-- `period_start` of a budget of `period_days` days from `anchor`: for the
+-- recording statement, the spend before a batch's last period is the spend
+-- written less this.
+CREATE FUNCTION keytally_spend_in_period(
+    key_row_id BIGINT,
+    period_start BIGINT,
+    period_days INTEGER,
+    anchor BIGINT,
+    events BIGINT[]
+) RETURNS BIGINT LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    n INTEGER := coalesce(array_length(events, 2), 0);
+    first INTEGER := 1;
+    last INTEGER := n + 1;
+    middle INTEGER;
+    spent BIGINT := 0;
+BEGIN
+    WHILE first < last LOOP
+        middle := (first + last) / 2;
+        IF events[1][middle] < key_row_id THEN
+            first := middle + 1;
+        ELSE
+            last := middle;
+        END IF;
+    END LOOP;
+    WHILE first <= n AND events[1][first] = key_row_id LOOP
+        IF events[2][first] >= anchor
+            AND keytally_period_start(events[2][first], period_days, anchor) = period_start THEN
+            spent := spent + events[3][first];
+        END IF;
+        first := first + 1;
+    END LOOP;
+    RETURN spent;
+END;
+$$;
 
 -- The spend of a budget row after a batch's events of its key, when they
 -- are not all of one period. `events` holds the whole batch's priced events
@@ -47,11 +107,12 @@ DROP FUNCTION keytally_refuse_over_budget();
 -- as its three rows; the key's events are found by binary search, so that
 -- the batch is sorted once for all its keys. Walked in time order, an event
 -- before `anchor` or of an earlier period than the running one counts for
--- nothing, one of a later period starts the spend again. Each period's
--- events reaching the soft limit or the budget is reported here, the last
--- period's too, and reaching the budget refuses the key until the period's
--- end and counts as a key change, as the recording statement does itself
--- for a key whose events are all of one period.
+-- nothing, one of a later period starts the spend again. Recorded one by
+-- one, every period but the last ends in an update of its own: here each
+-- of those periods' events reaching the soft limit or the budget is
+-- reported (a report of the budget refuses the key until the period's end
+-- and counts as a key change, by the trigger on `budget_reports`), as the
+-- recording statement does for the last period from the spend it writes.
 --
 -- It runs inside the recording statement's UPDATE, whose new values
 -- PostgreSQL computes before it locks the row, and computes again from the
@@ -59,12 +120,12 @@ DROP FUNCTION keytally_refuse_over_budget();
 -- what it writes must hold however often it runs, and from an older version
 -- of the row too: a refusal only ever moves later (the other transaction's
 -- may end later than this one's), and a limit of the period already
--- reported in a queued row (by the run before, or by another transaction)
--- is not reported again. Two replicas whose batches carry one key over the
--- same boundary at once may still each report a period's limit when
--- the first report was logged before the second was queued. Its
--- writes to `keys` and `sequences` come before the statement's later row
--- locks, so two such batches can deadlock: PostgreSQL ends one, which the
+-- reported in a queued row (by the run before, or by another transaction,
+-- whose report refused the key as well) is not reported again. Two replicas whose batches carry one key over the
+-- same boundary at once may still each report the earlier period's limit
+-- when the first report was logged before the second was queued. Its
+-- reports' writes to `keys` and `sequences` come before the statement's
+-- later row locks, so two such batches can deadlock: PostgreSQL ends one, which the
 -- store retries (as every write that meets a deadlock).
 CREATE OR REPLACE FUNCTION keytally_spend_across_periods(
     key_row_id BIGINT,
@@ -81,12 +142,12 @@ DECLARE
     first INTEGER := 1;
     last INTEGER := n + 1;
     middle INTEGER;
+    last_start BIGINT;
     period BIGINT := period_start;
     spend BIGINT := spend_nanos;
     started BIGINT;
     before BIGINT;
     budget_reached BOOLEAN;
-    changes BIGINT;
 BEGIN
     -- The key's first event: the first position whose key is not below it.
     WHILE first < last LOOP
@@ -105,6 +166,7 @@ BEGIN
     IF last < first THEN
         RETURN spend;
     END IF;
+    last_start := keytally_period_start(events[2][last], period_days, anchor);
     FOR i IN first .. last LOOP
         CONTINUE WHEN events[2][i] < anchor;
         started := keytally_period_start(events[2][i], period_days, anchor);
@@ -115,16 +177,8 @@ BEGIN
         END IF;
         before := spend;
         spend := spend + events[3][i];
+        CONTINUE WHEN period >= last_start;
         budget_reached := before < budget_nanos AND spend >= budget_nanos;
-        IF budget_reached THEN
-            UPDATE keys
-            SET over_budget_until = GREATEST(over_budget_until,
-                keytally_period_end(period, period_days))
-            WHERE row_id = key_row_id;
-            UPDATE sequences SET next = next + 1 WHERE name = 'key_changes'
-            RETURNING next INTO changes;
-            PERFORM pg_notify('keytally_key_changes', changes::text);
-        END IF;
         IF (budget_reached OR (before < soft_nanos AND spend >= soft_nanos))
             AND NOT EXISTS (SELECT 1 FROM budget_reports AS r
                 WHERE r.key_row_id = keytally_spend_across_periods.key_row_id

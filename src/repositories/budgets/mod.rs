@@ -27,8 +27,9 @@
 //!   cached resolve of the key is read again then; reaching the
 //!   soft limit or the budget queues a row in `budget_reports`, which
 //!   [`log_reports`] logs once, off the recording path. On PostgreSQL the
-//!   recording statement does all of it (`spend_cte`); on SQLite
-//!   [`add_spends`] does.
+//!   recording statement queues the reports (`spend_cte`) and a trigger on
+//!   `budget_reports` refuses the key for a report of the budget; on SQLite
+//!   [`add_spends`] does all of it.
 //!   [`set`] writes `over_budget_until` as the budget it sets stands.
 
 use std::collections::HashMap;
@@ -262,19 +263,22 @@ fn period_start_sql(budget: &str, ts: &str) -> String {
 /// always all of a key's events in a batch are of one period. A key whose
 /// first and last events are not goes through
 /// `keytally_spend_across_periods`, which walks its events in time order as
-/// [`add_spends`] does on SQLite, reporting each period reaching a limit
-/// itself. The function finds the key's events in the whole batch sorted
-/// once (an uncorrelated subquery, run only if some key needs it), where a
-/// subquery per key would read the whole batch for each key. `one`: `rows`
-/// holds a single event, so there is nothing to total.
+/// [`add_spends`] does on SQLite, reporting each period before the last
+/// reaching a limit itself. The function finds the key's events in the
+/// whole batch sorted once (an uncorrelated subquery, run only if some key
+/// needs it), where a subquery per key would read the whole batch for each
+/// key. `one`: `rows` holds a single event, so there is nothing to total.
 ///
-/// For a key whose events are all of one period, the spend before them is
-/// the spend written less their cost: the statement finds the keys whose
-/// spend reached the soft limit or the budget from what `spent` returns,
-/// queues their reports, refuses those over budget until their period's
-/// end, counts one key change and notifies (`reached`, `reported`,
-/// `refused`, `counted`). Done here rather than by triggers on the row,
-/// whose conditions PostgreSQL prepared for every statement.
+/// The spend before the events of the key's last period is the spend
+/// written less what they cost (`e.c` when all are of one period, else
+/// `keytally_spend_in_period`), computed in `RETURNING` from the row as
+/// written, so however often PostgreSQL computed the row. From it `reached`
+/// finds the keys whose spend reached the soft limit or the budget, and
+/// `reported` queues their reports; a report of the budget refuses the key
+/// until its period's end and counts as a key change, by the trigger on
+/// `budget_reports`, after the statement. Done here rather than by
+/// triggers on the budget row, whose conditions PostgreSQL prepared for
+/// every statement.
 #[cfg(feature = "postgres")]
 pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     let first = period_start_sql("b", "e.first");
@@ -288,12 +292,12 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     );
     let in_period =
         format!("CASE WHEN {last} > b.period_start THEN e.c ELSE b.spend_nanos + e.c END");
-    let (totals, spend, one_period) = if one {
+    let (totals, spend, before) = if one {
         let totals = format!(
             "(SELECT n.key_row_id AS k, n.ts AS first, n.ts AS last, n.cost_nanos AS c \
              {of_events})"
         );
-        (totals, in_period, "TRUE".to_owned())
+        (totals, in_period, "b.spend_nanos - e.c".to_owned())
     } else {
         let totals = format!(
             "(SELECT n.key_row_id AS k, min(n.ts) AS first, max(n.ts) AS last, \
@@ -310,12 +314,17 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
              {of_events} AND n.key_row_id IS NOT NULL)"
         );
         let one_period = format!("e.first >= b.anchor AND {first} = {last}");
+        let before = format!(
+            "CASE WHEN {one_period} THEN b.spend_nanos - e.c \
+             ELSE b.spend_nanos - keytally_spend_in_period(b.key_row_id, b.period_start, \
+               b.period_days, b.anchor, {events}) END"
+        );
         let spend = format!(
             "CASE WHEN {one_period} THEN {in_period} \
              ELSE keytally_spend_across_periods(b.key_row_id, b.budget_nanos, b.soft_nanos, \
                b.period_days, b.anchor, b.period_start, b.spend_nanos, {events}) END"
         );
-        (totals, spend, one_period)
+        (totals, spend, before)
     };
     // In `RETURNING`, `b` is the row as written: its period's start moved,
     // its anchor and length did not, so `one_period` is as in `SET`.
@@ -326,18 +335,13 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
          FROM {totals} AS e \
          WHERE b.key_row_id = e.k AND e.last >= b.anchor AND {last} >= b.period_start \
          RETURNING b.key_row_id AS k, b.spend_nanos AS spend, b.budget_nanos AS budget, \
-           b.soft_nanos AS soft, b.period_start AS period, b.period_days AS days, \
-           CASE WHEN {one_period} THEN b.spend_nanos - e.c END AS before), \
-         reached AS (SELECT k, spend, budget, soft, period, days FROM spent \
+           b.soft_nanos AS soft, b.period_start AS period, \
+           {before} AS before), \
+         reached AS (SELECT k, spend, budget, soft, period FROM spent \
            WHERE (spend >= budget AND before < budget) OR (spend >= soft AND before < soft)), \
          reported AS (INSERT INTO budget_reports \
              (key_row_id, period_start, spend_nanos, budget_nanos, soft_nanos) \
-           SELECT k, period, spend, budget, soft FROM reached), \
-         refused AS (UPDATE keys SET over_budget_until = keytally_period_end(r.period, r.days) \
-           FROM reached AS r WHERE keys.row_id = r.k AND r.spend >= r.budget), \
-         counted AS (UPDATE sequences SET next = next + 1 \
-           WHERE name = 'key_changes' AND EXISTS (SELECT 1 FROM reached WHERE spend >= budget) \
-           RETURNING pg_notify('keytally_key_changes', CAST(next AS TEXT)))"
+           SELECT k, period, spend, budget, soft FROM reached)"
     )
 }
 
