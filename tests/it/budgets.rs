@@ -298,8 +298,8 @@ fn a_monthly_budget_refuses_the_key_until_the_end_of_its_month(
     assert_eq!(refused_until(&store)?, status.resets_at.as_millis());
     // Across a year's end: with the kept period moved back to December
     // 2025 and no refusal (as a key idle since then would have them), that
-    // month's events refuse the key until January. (A refusal is only ever
-    // moved later by recording, never shortened.)
+    // month's events refuse the key until January. (On PostgreSQL recording
+    // only ever moves a refusal later.)
     let december = 1_764_547_200_000_i64; // 2025-12-01
     crate::support::sql::raw(&store)?.execute(&format!(
         "UPDATE key_budgets SET period_start = {december}, spend_nanos = 0, rollup_hour = NULL"

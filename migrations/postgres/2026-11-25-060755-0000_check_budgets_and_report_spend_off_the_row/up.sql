@@ -36,20 +36,26 @@ FOR EACH ROW EXECUTE FUNCTION keytally_check_budget();
 -- from the spend it writes (`budgets::spend_cte`) and queues their reports.
 -- A report of the budget refuses the key until its period's end (a refusal
 -- only ever moves later) and counts as a key change, which notifies, by
--- this trigger: after the statement, as the triggers on the spend did, so
--- that the `keys` row and then the `key_changes` row are locked last, and
--- each by a command of its own (`keytally_spend_across_periods` may have
--- written them already within the statement).
+-- this trigger, each write a command of its own. For a report the
+-- statement queued it runs after the statement, as the triggers on the
+-- spend did, so that the `keys` row and then the `key_changes` row are
+-- locked last; for one `keytally_spend_across_periods` queued, when the
+-- function's insert ends, within the statement, as the function's own
+-- writes did. A key whose budget is gone (removed by a transaction that
+-- committed meanwhile) is not refused.
 CREATE FUNCTION keytally_refuse_reported() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     changes BIGINT;
 BEGIN
-    UPDATE keys SET over_budget_until = GREATEST(over_budget_until,
-        keytally_period_end(NEW.period_start,
-            (SELECT b.period_days FROM key_budgets AS b WHERE b.key_row_id = NEW.key_row_id)))
-    WHERE row_id = NEW.key_row_id;
-    UPDATE sequences SET next = next + 1 WHERE name = 'key_changes' RETURNING next INTO changes;
-    PERFORM pg_notify('keytally_key_changes', changes::text);
+    UPDATE keys SET over_budget_until = GREATEST(keys.over_budget_until,
+        keytally_period_end(NEW.period_start, b.period_days))
+    FROM key_budgets AS b
+    WHERE keys.row_id = NEW.key_row_id AND b.key_row_id = NEW.key_row_id;
+    IF FOUND THEN
+        UPDATE sequences SET next = next + 1 WHERE name = 'key_changes'
+        RETURNING next INTO changes;
+        PERFORM pg_notify('keytally_key_changes', changes::text);
+    END IF;
     RETURN NULL;
 END;
 $$;
@@ -120,13 +126,17 @@ $$;
 -- what it writes must hold however often it runs, and from an older version
 -- of the row too: a refusal only ever moves later (the other transaction's
 -- may end later than this one's), and a limit of the period already
--- reported in a queued row (by the run before, or by another transaction,
--- whose report refused the key as well) is not reported again. Two replicas whose batches carry one key over the
+-- reported in a queued row it can see (by the run before, or by another
+-- transaction that committed it, whose report refused the key as well) is
+-- not reported again. A run on an older version, while another
+-- transaction that reported the same limit had not committed, reports it
+-- a second time. Two replicas whose batches carry one key over the
 -- same boundary at once may still each report the earlier period's limit
 -- when the first report was logged before the second was queued. Its
 -- reports' writes to `keys` and `sequences` come before the statement's
--- later row locks, so two such batches can deadlock: PostgreSQL ends one, which the
--- store retries (as every write that meets a deadlock).
+-- later row locks, so such a batch and another recording for the same keys
+-- can deadlock: PostgreSQL ends one, which the store retries (as every
+-- write that meets a deadlock).
 CREATE OR REPLACE FUNCTION keytally_spend_across_periods(
     key_row_id BIGINT,
     budget_nanos BIGINT,

@@ -258,16 +258,17 @@ fn period_start_sql(budget: &str, ts: &str) -> String {
 
 /// The part of PostgreSQL's recording statement that adds the events of
 /// `rows` (which has `key_row_id`, `ts`, `cost_nanos` and `position`) to
-/// their keys' spend: CTEs from `spent`, one row update per key. The events
+/// their keys' spend: CTEs (`sorted`, `spent`, `reached`, `reported`), one
+/// row update per key. The events
 /// are totalled per key alone, and the budget row is joined once: nearly
 /// always all of a key's events in a batch are of one period. A key whose
 /// first and last events are not goes through
 /// `keytally_spend_across_periods`, which walks its events in time order as
 /// [`add_spends`] does on SQLite, reporting each period before the last
 /// reaching a limit itself. The function finds the key's events in the
-/// whole batch sorted once (an uncorrelated subquery, run only if some key
-/// needs it), where a subquery per key would read the whole batch for each
-/// key. `one`: `rows` holds a single event, so there is nothing to total.
+/// whole batch sorted once (`sorted`, run only if some key needs it), where
+/// a subquery per key would read the whole batch for each key. `one`:
+/// `rows` holds a single event, so there is nothing to total.
 ///
 /// The spend before the events of the key's last period is the spend
 /// written less what they cost (`e.c` when all are of one period, else
@@ -276,9 +277,9 @@ fn period_start_sql(budget: &str, ts: &str) -> String {
 /// finds the keys whose spend reached the soft limit or the budget, and
 /// `reported` queues their reports; a report of the budget refuses the key
 /// until its period's end and counts as a key change, by the trigger on
-/// `budget_reports`, after the statement. Done here rather than by
-/// triggers on the budget row, whose conditions PostgreSQL prepared for
-/// every statement.
+/// `budget_reports` (after the statement; for the function's reports, when
+/// its insert ends). Done here rather than by triggers on the budget row,
+/// whose conditions PostgreSQL prepared for every statement.
 #[cfg(feature = "postgres")]
 pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     let first = period_start_sql("b", "e.first");
@@ -292,12 +293,13 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     );
     let in_period =
         format!("CASE WHEN {last} > b.period_start THEN e.c ELSE b.spend_nanos + e.c END");
-    let (totals, spend, before) = if one {
+    let (sorted, totals, spend, before) = if one {
         let totals = format!(
             "(SELECT n.key_row_id AS k, n.ts AS first, n.ts AS last, n.cost_nanos AS c \
              {of_events})"
         );
-        (totals, in_period, "b.spend_nanos - e.c".to_owned())
+        let before = "b.spend_nanos - e.c".to_owned();
+        (String::new(), totals, in_period, before)
     } else {
         let totals = format!(
             "(SELECT n.key_row_id AS k, min(n.ts) AS first, max(n.ts) AS last, \
@@ -305,14 +307,16 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
              {of_events} AND n.key_row_id IS NOT NULL GROUP BY n.key_row_id)"
         );
         // The batch's priced events of keys, sorted by key, time and
-        // position, as three rows (keys, times, costs): computed once, and
-        // only if a key needs it.
-        let sorted = "n.key_row_id, n.ts, n.position";
-        let events = format!(
-            "(SELECT ARRAY[array_agg(n.key_row_id ORDER BY {sorted}), \
-               array_agg(n.ts ORDER BY {sorted}), array_agg(n.cost_nanos ORDER BY {sorted})] \
-             {of_events} AND n.key_row_id IS NOT NULL)"
+        // position, as three rows (keys, times, costs): a CTE, computed
+        // once however many of its uses run, and only if one does.
+        let order = "n.key_row_id, n.ts, n.position";
+        let sorted = format!(
+            "sorted AS (SELECT ARRAY[array_agg(n.key_row_id ORDER BY {order}), \
+               array_agg(n.ts ORDER BY {order}), array_agg(n.cost_nanos ORDER BY {order})] \
+               AS events \
+             {of_events} AND n.key_row_id IS NOT NULL), "
         );
+        let events = "(SELECT s.events FROM sorted AS s)";
         let one_period = format!("e.first >= b.anchor AND {first} = {last}");
         let before = format!(
             "CASE WHEN {one_period} THEN b.spend_nanos - e.c \
@@ -324,12 +328,12 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
              ELSE keytally_spend_across_periods(b.key_row_id, b.budget_nanos, b.soft_nanos, \
                b.period_days, b.anchor, b.period_start, b.spend_nanos, {events}) END"
         );
-        (totals, spend, before)
+        (sorted, totals, spend, before)
     };
     // In `RETURNING`, `b` is the row as written: its period's start moved,
     // its anchor and length did not, so `one_period` is as in `SET`.
     format!(
-        "spent AS (UPDATE key_budgets AS b SET \
+        "{sorted}spent AS (UPDATE key_budgets AS b SET \
            spend_nanos = {spend}, \
            period_start = GREATEST({last}, b.period_start) \
          FROM {totals} AS e \

@@ -58,7 +58,7 @@ struct KeptRow {
 /// spend: an event of a later period starts it again, one of an earlier
 /// period (or before the first) leaves it, and an event that makes it reach
 /// a limit refuses the key until the period's end and moves `key_changes`
-/// (the budget), and queues a report, as PostgreSQL's recording statement does. The
+/// (the budget), and queues a report, as PostgreSQL's recording statement and its trigger on `budget_reports` do. The
 /// budget row is written only when what it stores changes (the module's
 /// notes): nearly always a read of the row and of the key's rollup rows.
 fn add_spend(
