@@ -223,19 +223,30 @@ pub(crate) fn binds(key: &[i64], totals: &Totals) -> Vec<Value<'static>> {
 /// `cutoff_hour`, inside the caller's write transaction. A budget's spend
 /// kept in the rows to delete (SQLite's `rollup_hour` before the cutoff,
 /// and rows from it on before the cutoff) is first folded into its
-/// `spend_nanos`; a budget row with no such rows is left as it is.
+/// `spend_nanos`; a budget row with no such rows is left as it is. The fold
+/// saturates at the largest integer, as recording does, where SQLite's
+/// `SUM` would fail the prune: past 9.2e18 (`TOTAL`, in floating point)
+/// the spend is the largest integer; below, the exact sum cannot overflow,
+/// costs being never negative. PostgreSQL keeps no spend in its rollups
+/// (`rollup_hour` is NULL there).
 pub(crate) fn delete_before(conn: &mut Conn<'_>, cutoff_hour: i64, batch: u32) -> Result<usize> {
-    let fold = CachedSql::new(
-        "UPDATE key_budgets SET spend_nanos = spend_nanos + CAST(COALESCE((\
-           SELECT SUM(u.cost_nanos) FROM usage_key_hourly AS u \
-           WHERE u.key_row_id = key_budgets.key_row_id \
-             AND u.hour >= key_budgets.rollup_hour AND u.hour < ?), 0) AS BIGINT), \
-         rollup_hour = ? WHERE rollup_hour < ? AND EXISTS (\
-           SELECT 1 FROM usage_key_hourly AS u WHERE u.key_row_id = key_budgets.key_row_id \
-             AND u.hour >= key_budgets.rollup_hour AND u.hour < ?)",
-        vec![cutoff_hour; 4],
-    );
-    on_backend!(conn, |c| fold.execute(c))?;
+    if let Conn::Sqlite(c) = conn {
+        let rows = "FROM usage_key_hourly AS u WHERE u.key_row_id = key_budgets.key_row_id \
+                    AND u.hour >= key_budgets.rollup_hour AND u.hour < ?";
+        let fold = CachedSql::new(
+            format!(
+                "UPDATE key_budgets SET spend_nanos = CASE \
+                   WHEN spend_nanos + (SELECT TOTAL(u.cost_nanos) {rows}) >= 9.2e18 \
+                     THEN {max} \
+                   ELSE spend_nanos + CAST(COALESCE((SELECT SUM(u.cost_nanos) {rows}), 0) \
+                     AS BIGINT) END, \
+                 rollup_hour = ? WHERE rollup_hour < ? AND EXISTS (SELECT 1 {rows})",
+                max = i64::MAX
+            ),
+            vec![cutoff_hour; 5],
+        );
+        fold.execute(&mut **c)?;
+    }
     let by_key = CachedSql::new(
         "DELETE FROM usage_key_hourly WHERE (key_row_id, hour, model_id) IN \
          (SELECT key_row_id, hour, model_id FROM usage_key_hourly WHERE hour < ? LIMIT ?)",
