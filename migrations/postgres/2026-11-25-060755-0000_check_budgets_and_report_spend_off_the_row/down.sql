@@ -1,4 +1,5 @@
 DROP FUNCTION keytally_spend_in_period(BIGINT, BIGINT, INTEGER, BIGINT, BIGINT[]);
+DROP FUNCTION keytally_first_event_of(BIGINT, BIGINT[]);
 DROP TRIGGER budget_reports_of_the_budget_refuse_the_key ON budget_reports;
 DROP FUNCTION keytally_refuse_reported();
 DROP TRIGGER key_budgets_are_checked ON key_budgets;

@@ -69,6 +69,29 @@ DROP TRIGGER key_budgets_reached_refuses_the_key ON key_budgets;
 DROP FUNCTION keytally_report_budget();
 DROP FUNCTION keytally_refuse_over_budget();
 
+-- The position in `events` (as `keytally_spend_across_periods` takes them:
+-- sorted by key) of the first event of the key with this row id, found by
+-- binary search: the first position whose key is not below it (one past the
+-- end if none is).
+CREATE FUNCTION keytally_first_event_of(key_row_id BIGINT, events BIGINT[])
+RETURNS INTEGER LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    first INTEGER := 1;
+    last INTEGER := coalesce(array_length(events, 2), 0) + 1;
+    middle INTEGER;
+BEGIN
+    WHILE first < last LOOP
+        middle := (first + last) / 2;
+        IF events[1][middle] < key_row_id THEN
+            first := middle + 1;
+        ELSE
+            last := middle;
+        END IF;
+    END LOOP;
+    RETURN first;
+END;
+$$;
+
 -- What the events in `events` (as `keytally_spend_across_periods` takes
 -- them) of the key with this row id cost in the period starting at
 -- `period_start` of a budget of `period_days` days from `anchor`: for the
@@ -83,19 +106,9 @@ CREATE FUNCTION keytally_spend_in_period(
 ) RETURNS BIGINT LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     n INTEGER := coalesce(array_length(events, 2), 0);
-    first INTEGER := 1;
-    last INTEGER := n + 1;
-    middle INTEGER;
+    first INTEGER := keytally_first_event_of(key_row_id, events);
     spent BIGINT := 0;
 BEGIN
-    WHILE first < last LOOP
-        middle := (first + last) / 2;
-        IF events[1][middle] < key_row_id THEN
-            first := middle + 1;
-        ELSE
-            last := middle;
-        END IF;
-    END LOOP;
     WHILE first <= n AND events[1][first] = key_row_id LOOP
         IF events[2][first] >= anchor
             AND keytally_period_start(events[2][first], period_days, anchor) = period_start THEN
@@ -149,9 +162,8 @@ CREATE OR REPLACE FUNCTION keytally_spend_across_periods(
 ) RETURNS BIGINT LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     n INTEGER := coalesce(array_length(events, 2), 0);
-    first INTEGER := 1;
-    last INTEGER := n + 1;
-    middle INTEGER;
+    first INTEGER := keytally_first_event_of(key_row_id, events);
+    last INTEGER;
     last_start BIGINT;
     period BIGINT := period_start;
     spend BIGINT := spend_nanos;
@@ -159,15 +171,6 @@ DECLARE
     before BIGINT;
     budget_reached BOOLEAN;
 BEGIN
-    -- The key's first event: the first position whose key is not below it.
-    WHILE first < last LOOP
-        middle := (first + last) / 2;
-        IF events[1][middle] < key_row_id THEN
-            first := middle + 1;
-        ELSE
-            last := middle;
-        END IF;
-    END LOOP;
     last := first;
     WHILE last <= n AND events[1][last] = key_row_id LOOP
         last := last + 1;
