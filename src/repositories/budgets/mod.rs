@@ -259,13 +259,12 @@ fn period_start_sql(budget: &str, ts: &str) -> String {
 /// The part of PostgreSQL's recording statement that adds the events of
 /// `rows` (which has `key_row_id`, `ts`, `cost_nanos` and `position`) to
 /// their keys' spend: CTEs (`sorted`, `spent`, `reached`, `reported`), one
-/// row update per key. The events
-/// are totalled per key alone, and the budget row is joined once: nearly
-/// always all of a key's events in a batch are of one period. A key whose
-/// first and last events are not goes through
-/// `keytally_spend_across_periods`, which walks its events in time order as
-/// [`add_spends`] does on SQLite, reporting each period before the last
-/// reaching a limit itself. The function finds the key's events in the
+/// row update per key. The events are totalled per key alone, and the
+/// budget row is joined once: nearly always all of a key's events in a
+/// batch are of one period. A key whose first and last events are not goes
+/// through `keytally_spend_across_periods`, which walks its events in time
+/// order as [`add_spends`] does on SQLite, reporting each period before the
+/// last reaching a limit itself. The function finds the key's events in the
 /// whole batch sorted once (`sorted`, run only if some key needs it), where
 /// a subquery per key would read the whole batch for each key. `one`:
 /// `rows` holds a single event, so there is nothing to total.
