@@ -957,11 +957,6 @@ fn a_spend_past_the_largest_integer_saturates_and_recording_goes_on(
     let status = store.keys().budget(key)?.ok_or("no budget")?;
     assert_eq!(status.spend, Cost(i64::MAX));
     assert!(status.over_budget);
-    eprintln!(
-        "ROW {:?}",
-        crate::support::sql::raw(&store)?.number("SELECT rollup_hour AS n FROM key_budgets")
-    );
-    eprintln!("NOW {}", now.as_millis() / 3_600_000);
     // With the whole spend in the rollups (as before any fold), pruning
     // the two hours' rollups folds both into the budget row: the spend
     // stays saturated, and the prune goes through.

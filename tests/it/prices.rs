@@ -280,6 +280,72 @@ fn a_price_applies_from_its_time_on(
     Ok(())
 }
 
+/// Events whose products of counts and prices do not fit a 64-bit integer
+/// (the highest price, every count at its highest), and the two sides of
+/// where PostgreSQL stops summing them as such: each costs exactly its
+/// recount, alone and in a batch.
+#[rstest]
+fn the_largest_costs_are_exact(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
+    let most = keytally::MAX_PRICE_MICROS;
+    store.prices().set(&PriceVersion {
+        model: "gpt-4o".to_owned(),
+        effective_from: ts(0)?,
+        price: price([most; 5]),
+    })?;
+    let highest = i64::from(i32::MAX);
+    // The largest prompt count whose product with the price fits in
+    // `i64::MAX - 500`, and one more.
+    let fits = (i64::MAX - 500) / most;
+    let mut events = Vec::new();
+    for counts in [
+        [highest; 5],
+        [fits, 0, 0, 0, 0],
+        [fits + 1, 0, 0, 0, 0],
+        [fits / 2, fits - fits / 2, 0, 0, 0],
+        [fits / 2, fits - fits / 2 + 1, 0, 0, 0],
+    ] {
+        let mut event = NewEvent::new(ts(T0)?, "gpt-4o");
+        [
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.cache_read_tokens,
+            event.cache_creation_tokens,
+            event.reasoning_tokens,
+        ] = counts;
+        events.push(event);
+    }
+    let mut ids = Vec::new();
+    for event in &events {
+        ids.push(store.events().record(event)?);
+    }
+    ids.extend(store.events().record_batch(&events)?);
+    let listed = store.events().list(&EventFilter::default())?;
+    for (id, event) in ids.iter().zip(events.iter().chain(&events)) {
+        let tokens = [
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.cache_read_tokens,
+            event.cache_creation_tokens,
+            event.reasoning_tokens,
+        ];
+        let picos: i128 = tokens
+            .iter()
+            .map(|&t| i128::from(t) * i128::from(most))
+            .sum();
+        let expected = i64::try_from((picos + 500) / 1000)?;
+        let cost = listed
+            .iter()
+            .find(|listed| listed.id == *id)
+            .and_then(|listed| listed.cost)
+            .map(|cost| cost.nanos());
+        assert_eq!(cost, Some(expected), "{tokens:?}");
+    }
+    Ok(())
+}
+
 #[rstest]
 fn a_price_never_changes_what_recorded_events_cost(
     #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
