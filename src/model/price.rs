@@ -105,9 +105,10 @@ impl Price {
 /// (`BIGINT`s) prefixed `event` and a price's columns prefixed `price`, in
 /// nano-units as a `BIGINT`, exact either way: summed as `BIGINT`s where
 /// no product can overflow one (the sum of the counts times the highest
-/// of the five prices at most `i64::MAX - 500`, as at any price an
-/// operator sets), else as `NUMERIC`s, which take 8 ms more of a
-/// 10,000-event batch's 160.
+/// of the five prices at most `i64::MAX - 500`: up to 922,337,203 tokens
+/// at the highest price, below 859 currency units per million tokens
+/// with every count at its highest), else as `NUMERIC`s, which take 8 ms
+/// more of a 10,000-event batch's 160.
 pub(crate) fn cost_sql(event: &str, price: &str) -> String {
     let columns = [
         ("prompt_tokens", "prompt_micros"),

@@ -282,32 +282,41 @@ fn a_price_applies_from_its_time_on(
 
 /// Events whose products of counts and prices do not fit a 64-bit integer
 /// (the highest price, every count at its highest), and the two sides of
-/// where PostgreSQL stops summing them as such: each costs exactly its
-/// recount, alone and in a batch.
+/// where PostgreSQL stops summing them as such, with the highest price on
+/// every count and on the last alone: each costs exactly its recount,
+/// alone and in a batch.
 #[rstest]
 fn the_largest_costs_are_exact(
     #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
 ) -> TestResult {
     let store = store_on(backend);
     let most = keytally::MAX_PRICE_MICROS;
-    store.prices().set(&PriceVersion {
-        model: "gpt-4o".to_owned(),
-        effective_from: ts(0)?,
-        price: price([most; 5]),
-    })?;
+    let prices = [("gpt-4o", [most; 5]), ("o3", [1, 2, 3, 4, most])];
+    for (model, micros) in prices {
+        store.prices().set(&PriceVersion {
+            model: model.to_owned(),
+            effective_from: ts(0)?,
+            price: price(micros),
+        })?;
+    }
     let highest = i64::from(i32::MAX);
-    // The largest prompt count whose product with the price fits in
-    // `i64::MAX - 500`, and one more.
+    // The largest count whose product with the highest price fits in
+    // `i64::MAX - 500`.
     let fits = (i64::MAX - 500) / most;
+    let cases = [
+        ("gpt-4o", [highest; 5]),
+        ("gpt-4o", [fits, 0, 0, 0, 0]),
+        ("gpt-4o", [fits + 1, 0, 0, 0, 0]),
+        ("gpt-4o", [fits / 2, fits - fits / 2, 0, 0, 0]),
+        ("gpt-4o", [fits / 2, fits - fits / 2 + 1, 0, 0, 0]),
+        ("o3", [highest; 5]),
+        ("o3", [0, 0, 0, 0, fits]),
+        ("o3", [0, 0, 0, 0, fits + 1]),
+        ("o3", [fits + 1, 0, 0, 0, 0]),
+    ];
     let mut events = Vec::new();
-    for counts in [
-        [highest; 5],
-        [fits, 0, 0, 0, 0],
-        [fits + 1, 0, 0, 0, 0],
-        [fits / 2, fits - fits / 2, 0, 0, 0],
-        [fits / 2, fits - fits / 2 + 1, 0, 0, 0],
-    ] {
-        let mut event = NewEvent::new(ts(T0)?, "gpt-4o");
+    for (model, counts) in cases {
+        let mut event = NewEvent::new(ts(T0)?, model);
         [
             event.prompt_tokens,
             event.completion_tokens,
@@ -323,17 +332,16 @@ fn the_largest_costs_are_exact(
     }
     ids.extend(store.events().record_batch(&events)?);
     let listed = store.events().list(&EventFilter::default())?;
-    for (id, event) in ids.iter().zip(events.iter().chain(&events)) {
-        let tokens = [
-            event.prompt_tokens,
-            event.completion_tokens,
-            event.cache_read_tokens,
-            event.cache_creation_tokens,
-            event.reasoning_tokens,
-        ];
-        let picos: i128 = tokens
+    for (id, (model, counts)) in ids.iter().zip(cases.iter().chain(&cases)) {
+        let micros = prices
             .iter()
-            .map(|&t| i128::from(t) * i128::from(most))
+            .find(|(priced, _)| priced == model)
+            .map(|(_, micros)| *micros)
+            .ok_or("no price")?;
+        let picos: i128 = counts
+            .iter()
+            .zip(micros)
+            .map(|(&t, m)| i128::from(t) * i128::from(m))
             .sum();
         let expected = i64::try_from((picos + 500) / 1000)?;
         let cost = listed
@@ -341,7 +349,7 @@ fn the_largest_costs_are_exact(
             .find(|listed| listed.id == *id)
             .and_then(|listed| listed.cost)
             .map(|cost| cost.nanos());
-        assert_eq!(cost, Some(expected), "{tokens:?}");
+        assert_eq!(cost, Some(expected), "{model} {counts:?}");
     }
     Ok(())
 }
