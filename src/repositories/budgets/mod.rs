@@ -45,8 +45,10 @@ use crate::model::price::Cost;
 use crate::model::time::Timestamp;
 use crate::repositories::rollups;
 
+mod memory;
 mod sqlite;
-pub(crate) use sqlite::{add_spends, Counters, SpendMemory};
+pub(crate) use memory::SpendMemory;
+pub(crate) use sqlite::{add_spends, Counters};
 
 /// A budget row as stored. The spend of its period is `spend_nanos` plus,
 /// when `rollup_hour` is set, the cost in the key's rollups from that hour

@@ -1,19 +1,16 @@
 //! Budgets' spend on SQLite: [`add_spends`], called by the recording
-//! transaction after the rollups, and [`SpendMemory`], what it keeps in
-//! memory between transactions. See the parent module for how the spend
+//! transaction after the rollups, with what it keeps in memory between
+//! transactions ([`SpendMemory`]). See the parent module for how the spend
 //! is kept.
-
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 
 use diesel::prelude::*;
 
+use super::memory::{walk, KnownSpend, SpendMemory, FOLD_HOURS};
 use super::{rolled_since, BudgetRow};
 use crate::db::database::Conn;
 use crate::db::schema::{budget_reports, key_budgets, keys, sequences};
 use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
-use crate::model::event::EventId;
 use crate::model::price::Cost;
 use crate::model::time::Timestamp;
 
@@ -21,11 +18,6 @@ use crate::model::time::Timestamp;
 /// the last one recorded, [`add_spend`] reads before it folds them into
 /// `spend_nanos` (a write of the budget row, once per so many rows).
 const FOLD_ROWS: i64 = 64;
-
-/// How many hours `rollup_hour` may fall behind a key's events before
-/// [`add_spend`] folds them, however few rows they hold: the rows to read
-/// stay bounded while [`SpendMemory`] spares recording from reading them.
-const FOLD_HOURS: i64 = 64;
 
 sql_text!(
     /// A key's (`?1`) budget row with each of its rollup rows from
@@ -85,33 +77,18 @@ fn add_spend(
             rows + i64::from(kept.rolled_hour.is_some_and(|hour| hour < fold_to)),
         )
     });
-    let budget = row.budget();
     // The spend before the batch: the rollups already hold its events.
     let in_rollups = events
         .iter()
         .filter(|(ts, _)| row.rollup_hour.is_some_and(|from| ts.hour() >= from))
         .fold(0_i64, |sum, (_, cost)| sum.saturating_add(cost.nanos()));
-    let mut spend = row
+    let before = row
         .spend_nanos
         .saturating_add(rolled)
         .saturating_sub(in_rollups);
-    let mut start = row.period_start;
-    for &(ts, cost) in events {
-        if ts > horizon {
-            continue;
-        }
-        let Some(period) = budget.period.start_of(ts).map(Timestamp::as_millis) else {
-            // Before the first period.
-            continue;
-        };
-        if period < start {
-            // An earlier period: its usage counts, not against this budget.
-            continue;
-        }
-        let before = if period > start { 0 } else { spend };
-        let after = before.saturating_add(cost.nanos());
-        (start, spend) = (period, after);
-        report_limits(conn, &row, period, before, after)?;
+    let (start, spend, reached) = walk(&row, before, events, horizon);
+    for step in reached {
+        report_limits(conn, &row, step.period, step.before, step.after)?;
     }
     let rollup_hour = if start != row.period_start || row.rollup_hour.is_none() {
         Timestamp::from_stored(start).hour()
@@ -161,90 +138,6 @@ struct Added {
     wrote: bool,
 }
 
-/// A key's budget row as stored, and the whole spend of its period.
-#[derive(Debug, Clone, Copy)]
-struct KnownSpend {
-    stored: BudgetRow,
-    spend: i64,
-}
-
-impl KnownSpend {
-    /// Adds a batch's events of the key (as [`add_spend`] takes them) when
-    /// that leaves the budget row as it is: every event is of the stored
-    /// period, from `rollup_hour` on and at most [`FOLD_HOURS`] after it,
-    /// not too far ahead of the clock, and reaches neither limit. Otherwise
-    /// changes nothing and returns false.
-    fn add_within(&mut self, events: &[(Timestamp, Cost)], horizon: Timestamp) -> bool {
-        let Some(from_hour) = self.stored.rollup_hour else {
-            return false;
-        };
-        let budget = self.stored.budget();
-        let start = Timestamp::from_stored(self.stored.period_start);
-        let mut spend = self.spend;
-        for &(ts, cost) in events {
-            let hour = ts.hour();
-            if ts > horizon
-                || hour < from_hour
-                || hour.saturating_sub(from_hour) > FOLD_HOURS
-                || budget.period.start_of(ts) != Some(start)
-            {
-                return false;
-            }
-            let after = spend.saturating_add(cost.nanos());
-            let reaches = |limit: i64| spend < limit && after >= limit;
-            if reaches(self.stored.budget_nanos) || self.stored.soft_nanos.is_some_and(reaches) {
-                return false;
-            }
-            spend = after;
-        }
-        self.spend = spend;
-        true
-    }
-}
-
-/// The budget rows and spends that recording transactions on SQLite last
-/// left, trusted while the database's `events` counter and count of budget
-/// changes (`sequences`; triggers count every write to `key_budgets`) are
-/// the ones the last transaction left, and it committed: nothing else
-/// recorded or wrote a budget since. A batch's events of a key then add to its spend in memory
-/// (no statement at all) while they leave the row as it is; otherwise
-/// [`add_spend`] reads and writes the row. The first time a key is seen
-/// after that, or after the memory was dropped, is a read.
-#[derive(Debug, Default)]
-pub(crate) struct SpendMemory {
-    spends: Mutex<Spends>,
-}
-
-#[derive(Debug, Default)]
-struct Spends {
-    /// The `events` counter and count of budget changes that the last
-    /// transaction known to have committed left; `None` while a
-    /// transaction uses the memory.
-    stamp: Option<(i64, i64)>,
-    /// The same for the transaction that used the memory last, until it is
-    /// known to have committed ([`SpendMemory::committed`]).
-    pending: Option<(i64, i64)>,
-    /// Per key row id: its budget row and spend, `None` without a budget.
-    keys: HashMap<i64, Option<KnownSpend>>,
-}
-
-impl SpendMemory {
-    /// The recording transaction that gave these event ids committed: what
-    /// it left in memory holds.
-    pub(crate) fn committed(&self, ids: &[EventId]) {
-        let Some(last) = ids.last() else {
-            return;
-        };
-        let mut memory = self.spends.lock().unwrap_or_else(PoisonError::into_inner);
-        if memory.pending.map(|(events, _)| events) == Some(last.0.saturating_add(1)) {
-            memory.stamp = memory.pending.take();
-        }
-    }
-}
-
-/// The most keys [`SpendMemory`] holds; it starts again empty past that.
-const SPEND_MEMORY_KEYS: usize = 1 << 20;
-
 /// The counters a recording transaction on SQLite read as it began
 /// (`events`, `budget_changes`), and the `events` counter it leaves.
 #[derive(Debug, Clone, Copy)]
@@ -267,11 +160,7 @@ pub(crate) fn add_spends(
     spends: &[(i64, Timestamp, Cost)],
     horizon: Timestamp,
 ) -> Result<()> {
-    let mut memory = memory.spends.lock().unwrap_or_else(PoisonError::into_inner);
-    memory.pending = None;
-    if memory.stamp.take() != Some((counters.events, counters.budget_changes)) {
-        memory.keys.clear();
-    }
+    let mut memory = memory.begin((counters.events, counters.budget_changes));
     let mut writes = 0;
     let mut events = Vec::new();
     for (position, &(key_row_id, ts, cost)) in spends.iter().enumerate() {
@@ -287,10 +176,7 @@ pub(crate) fn add_spends(
         if !in_memory {
             let added = add_spend(conn, key_row_id, &events, horizon)?;
             writes += i64::from(added.wrote);
-            if memory.keys.len() >= SPEND_MEMORY_KEYS {
-                memory.keys.clear();
-            }
-            memory.keys.insert(key_row_id, added.known);
+            memory.remember(key_row_id, added.known);
         }
         events.clear();
     }
