@@ -19,7 +19,9 @@ use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
 use crate::model::event::EventId;
 use crate::model::price;
-use crate::repositories::budgets;
+use crate::model::price::Cost;
+use crate::model::time::Timestamp;
+use crate::repositories::budgets::{self, SpendMemory};
 use crate::repositories::event_rows::ValidEvent;
 use crate::repositories::rollups;
 
@@ -47,15 +49,31 @@ fn statement() -> String {
             "(SELECT * FROM unnest(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          WITH ORDINALITY AS u({COLUMNS}, position))"
         ),
-        false,
+        Spend::Rows { one: false },
     )
 }
 
+/// How a recording statement adds its events to their keys' spend.
+enum Spend {
+    /// In the statement, a budget row update per key (`budgets::spend_cte`;
+    /// `one`: a single event).
+    Rows { one: bool },
+    /// Not at all: it returns each event's cost, which
+    /// `budgets::postgres` adds to the spend it keeps.
+    Returned,
+}
+
 /// The statement reading the batch from `rows`: rows of [`COLUMNS`] and
-/// `position` (`one`: a single row). Each event is costed with the price
-/// of its model in force at its time, read in the statement itself (see
-/// `prices`).
-fn statement_from(rows: &str, one: bool) -> String {
+/// `position`. Each event is costed with the price of its model in force
+/// at its time, read in the statement itself (see `prices`).
+fn statement_from(rows: &str, spend: Spend) -> String {
+    let (spent, select) = match spend {
+        Spend::Rows { one } => (
+            format!(", {}", budgets::spend_cte("new", one)),
+            "id AS value",
+        ),
+        Spend::Returned => (String::new(), "id AS value, cost_nanos AS cost"),
+    };
     format!(
         "WITH new AS MATERIALIZED (\
            SELECT nextval('event_ids') AS id, u.*, \
@@ -65,10 +83,8 @@ fn statement_from(rows: &str, one: bool) -> String {
          inserted AS (INSERT INTO events (id, {COLUMNS}, cost_nanos) \
            SELECT id, {INSERTED}, cost_nanos FROM new ORDER BY ts), \
          by_key AS ({by_key}), \
-         by_model AS ({by_model}), \
-         {spent} \
-         SELECT id AS value FROM new ORDER BY position",
-        spent = budgets::spend_cte("new", one),
+         by_model AS ({by_model}){spent} \
+         SELECT {select} FROM new ORDER BY position",
         cost = price::cost_sql("u", "p"),
         by_key = rollups::upsert_totals_of(
             "usage_key_hourly",
@@ -97,8 +113,9 @@ sql_text!(
 pub(crate) const COPY_FROM: usize = 1_000;
 
 sql_text!(
-    /// The same, from the rows copied into `keytally_staging`.
-    RecordStaged = statement_from("keytally_staging", false)
+    /// The same, from the rows copied into `keytally_staging`, returning
+    /// each event's cost for the spend `budgets::postgres` keeps.
+    RecordStaged = statement_from("keytally_staging", Spend::Returned)
 );
 
 diesel::table! {
@@ -146,11 +163,13 @@ struct Staged<'a> {
 }
 
 /// Records a batch through `COPY` into the staging table, then the same
-/// statement as [`insert`] reading from it; inside the caller's
+/// statement as [`insert`] reading from it, except that the keys' spend is
+/// added from `memory` (`budgets::postgres`); inside the caller's
 /// transaction.
 pub(crate) fn insert_copied(
     conn: &mut PgConnection,
     valid: &[ValidEvent<'_>],
+    memory: &SpendMemory,
 ) -> Result<Vec<EventId>> {
     use diesel::connection::SimpleConnection;
     use diesel::prelude::ExecuteCopyFromDsl;
@@ -186,11 +205,38 @@ pub(crate) fn insert_copied(
             }
         })
         .collect();
+    let batch = budgets::postgres::begin(conn, memory, valid.iter().filter_map(|v| v.key_row_id))?;
     diesel::copy_from(keytally_staging::table)
         .from_insertable(&rows)
         .execute(conn)?;
-    let rows = FixedSql::<RecordStaged>::new(Vec::new()).load::<IdRow>(conn)?;
-    Ok(ids_of(rows))
+    let rows = FixedSql::<RecordStaged>::new(Vec::new()).load::<IdCostRow>(conn)?;
+    let mut spends: Vec<(i64, Timestamp, Cost, usize)> = valid
+        .iter()
+        .zip(&rows)
+        .enumerate()
+        .filter_map(|(position, (valid, row))| {
+            Some((valid.key_row_id?, valid.event.ts, Cost(row.cost?), position))
+        })
+        .collect();
+    spends.sort_unstable_by_key(|&(key, ts, _, position)| (key, ts, position));
+    let spends: Vec<(i64, Timestamp, Cost)> = spends
+        .into_iter()
+        .map(|(key, ts, cost, _)| (key, ts, cost))
+        .collect();
+    let ids: Vec<EventId> = rows.iter().map(|row| EventId(row.value)).collect();
+    if let Some(&last) = ids.last() {
+        batch.add(conn, &spends, last)?;
+    }
+    Ok(ids)
+}
+
+/// An event's id and cost, as [`RecordStaged`] returns them.
+#[derive(QueryableByName)]
+struct IdCostRow {
+    #[diesel(sql_type = BigInt)]
+    value: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    cost: Option<i64>,
 }
 sql_text!(
     /// Records one event with its rollups: the same statement as
@@ -205,7 +251,7 @@ sql_text!(
           CAST(? AS BIGINT) AS status, CAST(? AS BIGINT) AS latency_ms, \
           CAST(? AS TEXT) AS error, CAST(? AS BOOLEAN) AS usage_unknown, \
           CAST(? AS TEXT) AS thinking_level, CAST(1 AS BIGINT) AS position)",
-        true
+        Spend::Rows { one: true }
     )
 );
 

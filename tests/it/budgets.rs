@@ -906,6 +906,118 @@ fn stores_recording_in_turn_count_each_others_spend_and_budget_changes(
     Ok(())
 }
 
+/// Large batches (copied on PostgreSQL, whose store then keeps the spend in
+/// memory, as SQLite's does) with another store's events and budget change
+/// between them, and a prune of the rollups: after each step every key's
+/// kept spend equals a recount of its events in the period, none from far
+/// ahead of the clock, and the key whose budget the other store lowered
+/// resolves until its spend reaches it. Some events count for nothing: from
+/// before the period's first day, or from a day ahead.
+#[rstest]
+fn large_batches_keep_each_keys_spend_with_another_store_recording_between(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    const HOUR: i64 = 3_600_000;
+    let store = store_on(backend);
+    price_model(&store, "gpt-4o")?;
+    let other = another_store(&store)?;
+    let now = Timestamp::now();
+    let from = BudgetPeriod::Day
+        .start_of(now)
+        .ok_or("no day")?
+        .plus_millis(-10 * DAY);
+    let period = BudgetPeriod::Days { days: 30, from };
+    let mut keys = (0..20)
+        .map(|_| key_with(&store, budget(1_000_000 * EVENT_COST, None, period)))
+        .collect::<Result<Vec<_>, Error>>()?;
+    let (tight, tight_secret) = key_with(&store, budget(1_000_000 * EVENT_COST, None, period))?;
+    keys.push((tight, tight_secret.clone()));
+    let batch = |round: i64| -> Vec<NewEvent> {
+        (0..1_200_i64)
+            .map(|i| {
+                let key = if i % 4 == 0 {
+                    tight
+                } else {
+                    keys[(i % 20) as usize].0
+                };
+                let at = match i % 50 {
+                    8 => from.plus_millis(-HOUR),
+                    12 => now.plus_millis(DAY),
+                    _ => now.plus_millis(-((i * 7 + round) % 100) * HOUR),
+                };
+                event(key, at)
+            })
+            .collect()
+    };
+    let horizon = now.plus_millis(5 * 60 * 1000);
+    let check = |step: &str| -> TestResult {
+        for (key, secret) in &keys {
+            let status = store.keys().budget(*key)?.ok_or("no budget")?;
+            let mut counted = 0;
+            let mut filter = EventFilter {
+                key: Some(*key),
+                limit: Some(10_000),
+                ..EventFilter::default()
+            };
+            loop {
+                let page = store.events().list(&filter)?;
+                let Some(last) = page.last() else { break };
+                filter.before = Some(last.cursor());
+                counted += page
+                    .iter()
+                    .filter(|e| e.event.ts >= from && e.event.ts <= horizon)
+                    .filter_map(|e| e.cost.map(Cost::nanos))
+                    .sum::<i64>();
+            }
+            assert_eq!(status.spend.nanos(), counted, "{step}: key {key}");
+            let refused = store.keys().resolve(secret)? == Err(Rejection::OverBudget);
+            assert_eq!(refused, status.over_budget, "{step}: key {key}");
+        }
+        Ok(())
+    };
+    store.events().record_batch(&batch(0))?;
+    check("first batch")?;
+    other.events().record(&event(tight, now))?;
+    other
+        .events()
+        .record_batch(&batch(1).into_iter().take(10).collect::<Vec<_>>())?;
+    check("the other store's events")?;
+    for round in 2..4 {
+        store.events().record_batch(&batch(round))?;
+        check("batches in a row")?;
+    }
+    other.keys().update(
+        tight,
+        &KeyUpdate {
+            budget: Some(Some(budget(
+                2_000 * EVENT_COST,
+                Some(1_500 * EVENT_COST),
+                period,
+            ))),
+            ..KeyUpdate::default()
+        },
+    )?;
+    check("the budget lowered")?;
+    assert!(store.keys().resolve(&tight_secret)?.is_ok());
+    let mut round = 4;
+    while store.keys().resolve(&tight_secret)?.is_ok() {
+        store.events().record_batch(&batch(round))?;
+        check("up to the budget")?;
+        round += 1;
+        assert!(round < 20, "the budget was never reached");
+    }
+    // Every hour's rollups before this one go: the spend does not.
+    assert!(store.events().prune_rollups(now, 100_000)? > 0);
+    check("pruned")?;
+    store.events().record_batch(&batch(round))?;
+    check("after the prune")?;
+    assert_eq!(
+        store.keys().resolve(&tight_secret)?,
+        Err(Rejection::OverBudget)
+    );
+    Ok(())
+}
+
 /// An event of a later month starts its key's period on the first of the
 /// calendar month (UTC) it falls in, on both backends, in a batch and
 /// alone: keys whose stored period is January 1970, one for each month

@@ -46,6 +46,8 @@ use crate::model::time::Timestamp;
 use crate::repositories::rollups;
 
 mod memory;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 mod sqlite;
 pub(crate) use memory::SpendMemory;
 pub(crate) use sqlite::{add_spends, Counters};

@@ -1,0 +1,1 @@
+DELETE FROM sequences WHERE name = 'spend_folds';
