@@ -312,12 +312,8 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
         "n.ts <= (SELECT CAST(extract(epoch FROM now()) * 1000 AS BIGINT) \
          + {FUTURE_SPEND_ALLOWANCE_MS})"
     );
-    let kept = format!(
-        "(b.spend_nanos + CASE WHEN b.rollup_hour IS NULL THEN 0 ELSE coalesce((\
-           SELECT CAST(LEAST(sum(u.cost_nanos), {max}) AS BIGINT) FROM usage_key_hourly AS u \
-           WHERE u.key_row_id = b.key_row_id AND u.hour >= b.rollup_hour), 0) END)",
-        max = i64::MAX
-    );
+    let kept = "(CASE WHEN b.rollup_hour IS NULL THEN b.spend_nanos \
+                ELSE keytally_kept_spend(b.key_row_id, b.spend_nanos, b.rollup_hour) END)";
     // The key's counted events are of the row's period or a later one.
     let counts = format!("(e.last >= b.anchor AND {last} >= b.period_start)");
     let in_period = format!("CASE WHEN {last} > b.period_start THEN e.c ELSE {kept} + e.c END");
@@ -369,7 +365,7 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     format!(
         "{sorted}spent AS (UPDATE key_budgets AS b SET \
            spend_nanos = CASE WHEN {counts} THEN {spend} ELSE {kept} END, \
-           period_start = CASE WHEN {counts} THEN {last} ELSE b.period_start END, \
+           period_start = GREATEST(b.period_start, CASE WHEN e.last >= b.anchor THEN {last} END), \
            rollup_hour = NULL \
          FROM {totals} AS e \
          WHERE b.key_row_id = e.k AND (b.rollup_hour IS NOT NULL OR {counts}) \

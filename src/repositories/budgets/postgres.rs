@@ -99,16 +99,14 @@ pub(crate) fn begin<'m>(
     missing.sort_unstable();
     missing.dedup();
     if !missing.is_empty() {
-        let loaded: Vec<Loaded> = diesel::sql_query(format!(
+        let loaded: Vec<Loaded> = diesel::sql_query(
             "SELECT b.key_row_id, b.budget_nanos, b.soft_nanos, b.period_days, b.anchor, \
                b.period_start, b.spend_nanos, b.rollup_hour, \
-               CAST(LEAST(b.spend_nanos + coalesce((SELECT sum(u.cost_nanos) \
-                 FROM usage_key_hourly AS u WHERE b.rollup_hour IS NOT NULL \
-                 AND u.key_row_id = b.key_row_id AND u.hour >= b.rollup_hour), 0), {max}) \
-                 AS BIGINT) AS spend \
+               CASE WHEN b.rollup_hour IS NULL THEN b.spend_nanos \
+                 ELSE keytally_kept_spend(b.key_row_id, b.spend_nanos, b.rollup_hour) END \
+                 AS spend \
              FROM key_budgets AS b WHERE b.key_row_id = ANY($1)",
-            max = i64::MAX
-        ))
+        )
         .bind::<Array<BigInt>, _>(&missing)
         .load(conn)?;
         for key in missing {
