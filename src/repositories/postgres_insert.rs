@@ -1,7 +1,8 @@
 //! Recording events on PostgreSQL: a single statement takes the ids from
 //! the `event_ids` sequence, inserts the rows, adds their totals to both
-//! rollup tables (grouped on the server, so they equal a recount) and their
-//! costs to their keys' budgets (`budgets::spend_cte`).
+//! rollup tables (grouped on the server, so they equal a recount) and, but
+//! for a large batch, their costs to their keys' budgets
+//! (`budgets::spend_cte`).
 //!
 //! - One event: the statement with scalars ([`RecordOne`]), one round trip.
 //! - A few events: the batch as one array per column ([`RecordBatch`]), one
@@ -10,7 +11,9 @@
 //!   in binary, Diesel's `copy_from`) into a temporary table emptied at
 //!   commit, and the statement reads it ([`RecordStaged`]): 15 % more
 //!   events a second than the arrays for batches of 10,000 (43,668 against
-//!   37,970, two runs each, 10,000 keys).
+//!   37,970, two runs each, 10,000 keys). Such a batch adds its costs to
+//!   the budgets' spend from the spend its store keeps in memory
+//!   (`budgets::postgres`), not in the statement.
 
 use diesel::sql_types::BigInt;
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};

@@ -7,20 +7,22 @@
 //!   ([`set_for_new_key`]: a key created in the same transaction has none).
 //! - Recording adds each event's cost to its key's spend in the same
 //!   transaction: [`add_spends`] on SQLite (the write lock orders the
-//!   writers; in memory while nothing else wrote, see [`SpendMemory`]),
-//!   [`spend_cte`] inside PostgreSQL's recording statement (the budget
-//!   row's lock orders the replicas). An event of a later period starts the
-//!   spend again; one of an earlier period leaves it.
-//! - On SQLite the spend is kept in two parts, so that an event does not
-//!   write the budget row's page as well as its rollup's: `spend_nanos`, and
-//!   the cost in the key's `usage_key_hourly` rows from `rollup_hour` on
-//!   (which recording writes anyway, and which sit together, in key order).
-//!   An event of the period in those rows changes nothing in `key_budgets`;
-//!   the row is written when a period starts, for a late event (an hour
-//!   before `rollup_hour`), for one whose cost does not count but is in
-//!   those rows, and when the rows to read grow (the older hours are folded
-//!   into `spend_nanos`; see `sqlite`). On PostgreSQL
-//!   `rollup_hour` is NULL and `spend_nanos` the whole spend.
+//!   writers; in memory while nothing else wrote, see [`SpendMemory`]). On
+//!   PostgreSQL a large batch does the same under a lock of `key_budgets`
+//!   (`postgres`), and single events and small batches add it in their
+//!   recording statement ([`spend_cte`]: the budget row's lock orders the
+//!   replicas). An event of a later period starts the spend again; one of
+//!   an earlier period leaves it.
+//! - The spend is kept in two parts, so that an event does not write the
+//!   budget row as well as its rollup's: `spend_nanos`, and the cost in the
+//!   key's `usage_key_hourly` rows from `rollup_hour` on (which recording
+//!   writes anyway, and which sit together, in key order). An event of the
+//!   period in those rows changes nothing in `key_budgets`; the row is
+//!   written when a period starts, for a late event (an hour before
+//!   `rollup_hour`), for one whose cost does not count but is in those
+//!   rows, and when the rows to read grow (the older hours are folded into
+//!   `spend_nanos`). `rollup_hour` NULL: `spend_nanos` is the whole spend,
+//!   as PostgreSQL's recording statement writes it.
 //! - The spend reaching the budget writes the key's `over_budget_until`
 //!   (the period's end: a resolve reads it with the key, and nothing of
 //!   this table) and moves `key_changes` in that transaction, so every
