@@ -912,7 +912,8 @@ fn stores_recording_in_turn_count_each_others_spend_and_budget_changes(
 /// kept spend equals a recount of its events in the period, none from far
 /// ahead of the clock, and the key whose budget the other store lowered
 /// resolves until its spend reaches it. Some events count for nothing: from
-/// before the period's first day, or from a day ahead.
+/// before the period's first day, or from a day ahead. A batch whose events
+/// change nothing but the spend writes no budget row on PostgreSQL.
 #[rstest]
 fn large_batches_keep_each_keys_spend_with_another_store_recording_between(
     #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
@@ -986,12 +987,52 @@ fn large_batches_keep_each_keys_spend_with_another_store_recording_between(
         store.events().record_batch(&batch(round))?;
         check("batches in a row")?;
     }
+    // Events of the last second alone, twice: the second batch adds them
+    // to the spend in memory and, on PostgreSQL, writes no budget row (each
+    // row's version stays the one the first batch left).
+    #[derive(diesel::QueryableByName, PartialEq, Debug)]
+    struct Version {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let recent = |round: i64| -> Vec<NewEvent> {
+        batch(round)
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut event)| {
+                event.ts = now.plus_millis(-(i as i64 % 1_000));
+                event
+            })
+            .collect()
+    };
+    let versions = || -> Result<Vec<Version>, Box<dyn std::error::Error>> {
+        Ok(crate::support::sql::raw(&store)?.load::<Version>(
+            "SELECT CAST(CAST(xmin AS TEXT) AS BIGINT) AS n FROM key_budgets \
+             ORDER BY key_row_id",
+        )?)
+    };
+    store.events().record_batch(&recent(10))?;
+    check("recent events")?;
+    let before = (backend == Backend::Postgres).then(versions).transpose()?;
+    store.events().record_batch(&recent(11))?;
+    check("recent events again")?;
+    if let Some(before) = before {
+        assert_eq!(versions()?, before, "a budget row was written");
+    }
+    // Room for about three more batches, which the memory adds up before
+    // the one that reaches the budget.
+    let spent = store
+        .keys()
+        .budget(tight)?
+        .ok_or("no budget")?
+        .spend
+        .nanos();
     other.keys().update(
         tight,
         &KeyUpdate {
             budget: Some(Some(budget(
-                2_000 * EVENT_COST,
-                Some(1_500 * EVENT_COST),
+                spent + 1_000 * EVENT_COST,
+                Some(spent + 700 * EVENT_COST),
                 period,
             ))),
             ..KeyUpdate::default()
@@ -1000,8 +1041,9 @@ fn large_batches_keep_each_keys_spend_with_another_store_recording_between(
     check("the budget lowered")?;
     assert!(store.keys().resolve(&tight_secret)?.is_ok());
     let mut round = 4;
+    // Up to the budget in batches of recent events.
     while store.keys().resolve(&tight_secret)?.is_ok() {
-        store.events().record_batch(&batch(round))?;
+        store.events().record_batch(&recent(round))?;
         check("up to the budget")?;
         round += 1;
         assert!(round < 20, "the budget was never reached");

@@ -112,6 +112,12 @@ impl SpendMemory {
 }
 
 impl Spends {
+    /// Whether `more` keys fit in the memory without its starting again
+    /// empty.
+    pub(super) fn has_room_for(&self, more: usize) -> bool {
+        self.keys.len().saturating_add(more) < SPEND_MEMORY_KEYS
+    }
+
     /// Keeps what a transaction left of a key's budget and spend.
     pub(super) fn remember(&mut self, key_row_id: i64, known: Option<KnownSpend>) {
         if self.keys.len() >= SPEND_MEMORY_KEYS {

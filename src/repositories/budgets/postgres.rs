@@ -95,9 +95,22 @@ pub(crate) fn begin<'m>(
     )?;
     let stamp: Stamp = diesel::sql_query(STAMP).get_result(conn)?;
     let mut memory = memory.begin((stamp.events, stamp.changes));
-    let mut missing: Vec<i64> = keys.filter(|k| !memory.keys.contains_key(k)).collect();
+    let keys: Vec<i64> = keys.collect();
+    let mut missing: Vec<i64> = keys
+        .iter()
+        .copied()
+        .filter(|k| !memory.keys.contains_key(k))
+        .collect();
     missing.sort_unstable();
     missing.dedup();
+    if !memory.has_room_for(missing.len()) {
+        // Started again empty before the keys are read, never between:
+        // every key of the batch is read.
+        memory.keys.clear();
+        missing = keys;
+        missing.sort_unstable();
+        missing.dedup();
+    }
     if !missing.is_empty() {
         let loaded: Vec<Loaded> = diesel::sql_query(
             "SELECT b.key_row_id, b.budget_nanos, b.soft_nanos, b.period_days, b.anchor, \
