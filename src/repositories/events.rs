@@ -123,7 +123,7 @@ impl<'a> Events<'a> {
                 }
                 #[cfg(feature = "postgres")]
                 Conn::Postgres(conn) if valid.len() >= postgres_insert::COPY_FROM => {
-                    postgres_insert::insert_copied(conn, valid, &self.keys.spends)
+                    postgres_insert::insert_copied(conn, valid)
                 }
                 #[cfg(feature = "postgres")]
                 Conn::Postgres(conn) => postgres_insert::insert(conn, valid),
@@ -160,16 +160,12 @@ impl<'a> Events<'a> {
             // transaction.
             #[cfg(feature = "postgres")]
             Backend::Postgres if valid.len() >= postgres_insert::COPY_FROM => {
-                let ids = self.db.write(|conn| match conn {
-                    Conn::Postgres(conn) => {
-                        postgres_insert::insert_copied(conn, valid, &self.keys.spends)
-                    }
+                self.db.write(|conn| match conn {
+                    Conn::Postgres(conn) => postgres_insert::insert_copied(conn, valid),
                     Conn::Sqlite(conn) => {
                         event_rows::insert(conn, valid, &self.models.prices, &self.keys.spends)
                     }
-                })?;
-                self.keys.spends.committed(&ids);
-                Ok(ids)
+                })
             }
             // PostgreSQL, a few events: one statement, its own transaction.
             #[cfg(feature = "postgres")]

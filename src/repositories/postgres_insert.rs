@@ -1,8 +1,7 @@
 //! Recording events on PostgreSQL: a single statement takes the ids from
 //! the `event_ids` sequence, inserts the rows, adds their totals to both
-//! rollup tables (grouped on the server, so they equal a recount) and, but
-//! for a large batch, their costs to their keys' budgets
-//! (`budgets::spend_cte`).
+//! rollup tables (grouped on the server, so they equal a recount) and their
+//! costs to their keys' budgets (`budgets::spend_cte`).
 //!
 //! - One event: the statement with scalars ([`RecordOne`]), one round trip.
 //! - A few events: the batch as one array per column ([`RecordBatch`]), one
@@ -11,9 +10,7 @@
 //!   in binary, Diesel's `copy_from`) into a temporary table emptied at
 //!   commit, and the statement reads it ([`RecordStaged`]): 15 % more
 //!   events a second than the arrays for batches of 10,000 (43,668 against
-//!   37,970, two runs each, 10,000 keys). Such a batch adds its costs to
-//!   the budgets' spend from the spend its store keeps in memory
-//!   (`budgets::postgres`), not in the statement.
+//!   37,970, two runs each, 10,000 keys).
 
 use diesel::sql_types::BigInt;
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};
@@ -22,9 +19,7 @@ use crate::db::sql::{sql_text, FixedSql, Value};
 use crate::error::Result;
 use crate::model::event::EventId;
 use crate::model::price;
-use crate::model::price::Cost;
-use crate::model::time::Timestamp;
-use crate::repositories::budgets::{self, SpendMemory};
+use crate::repositories::budgets;
 use crate::repositories::event_rows::ValidEvent;
 use crate::repositories::rollups;
 
@@ -52,31 +47,15 @@ fn statement() -> String {
             "(SELECT * FROM unnest(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          WITH ORDINALITY AS u({COLUMNS}, position))"
         ),
-        Spend::Rows { one: false },
+        false,
     )
 }
 
-/// How a recording statement adds its events to their keys' spend.
-enum Spend {
-    /// In the statement, a budget row update per key (`budgets::spend_cte`;
-    /// `one`: a single event).
-    Rows { one: bool },
-    /// Not at all: it returns each event's cost, which
-    /// `budgets::postgres` adds to the spend it keeps.
-    Returned,
-}
-
 /// The statement reading the batch from `rows`: rows of [`COLUMNS`] and
-/// `position`. Each event is costed with the price of its model in force
-/// at its time, read in the statement itself (see `prices`).
-fn statement_from(rows: &str, spend: Spend) -> String {
-    let (spent, select) = match spend {
-        Spend::Rows { one } => (
-            format!(", {}", budgets::spend_cte("new", one)),
-            "id AS value",
-        ),
-        Spend::Returned => (String::new(), "id AS value, cost_nanos AS cost"),
-    };
+/// `position` (`one`: a single row). Each event is costed with the price
+/// of its model in force at its time, read in the statement itself (see
+/// `prices`).
+fn statement_from(rows: &str, one: bool) -> String {
     format!(
         "WITH new AS MATERIALIZED (\
            SELECT nextval('event_ids') AS id, u.*, \
@@ -86,8 +65,10 @@ fn statement_from(rows: &str, spend: Spend) -> String {
          inserted AS (INSERT INTO events (id, {COLUMNS}, cost_nanos) \
            SELECT id, {INSERTED}, cost_nanos FROM new ORDER BY ts), \
          by_key AS ({by_key}), \
-         by_model AS ({by_model}){spent} \
-         SELECT {select} FROM new ORDER BY position",
+         by_model AS ({by_model}), \
+         {spent} \
+         SELECT id AS value FROM new ORDER BY position",
+        spent = budgets::spend_cte("new", one),
         cost = price::cost_sql("u", "p"),
         by_key = rollups::upsert_totals_of(
             "usage_key_hourly",
@@ -116,9 +97,8 @@ sql_text!(
 pub(crate) const COPY_FROM: usize = 1_000;
 
 sql_text!(
-    /// The same, from the rows copied into `keytally_staging`, returning
-    /// each event's cost for the spend `budgets::postgres` keeps.
-    RecordStaged = statement_from("keytally_staging", Spend::Returned)
+    /// The same, from the rows copied into `keytally_staging`.
+    RecordStaged = statement_from("keytally_staging", false)
 );
 
 diesel::table! {
@@ -166,13 +146,11 @@ struct Staged<'a> {
 }
 
 /// Records a batch through `COPY` into the staging table, then the same
-/// statement as [`insert`] reading from it, except that the keys' spend is
-/// added from `memory` (`budgets::postgres`); inside the caller's
+/// statement as [`insert`] reading from it; inside the caller's
 /// transaction.
 pub(crate) fn insert_copied(
     conn: &mut PgConnection,
     valid: &[ValidEvent<'_>],
-    memory: &SpendMemory,
 ) -> Result<Vec<EventId>> {
     use diesel::connection::SimpleConnection;
     use diesel::prelude::ExecuteCopyFromDsl;
@@ -208,38 +186,11 @@ pub(crate) fn insert_copied(
             }
         })
         .collect();
-    let batch = budgets::postgres::begin(conn, memory, valid.iter().filter_map(|v| v.key_row_id))?;
     diesel::copy_from(keytally_staging::table)
         .from_insertable(&rows)
         .execute(conn)?;
-    let rows = FixedSql::<RecordStaged>::new(Vec::new()).load::<IdCostRow>(conn)?;
-    let mut spends: Vec<(i64, Timestamp, Cost, usize)> = valid
-        .iter()
-        .zip(&rows)
-        .enumerate()
-        .filter_map(|(position, (valid, row))| {
-            Some((valid.key_row_id?, valid.event.ts, Cost(row.cost?), position))
-        })
-        .collect();
-    spends.sort_unstable_by_key(|&(key, ts, _, position)| (key, ts, position));
-    let spends: Vec<(i64, Timestamp, Cost)> = spends
-        .into_iter()
-        .map(|(key, ts, cost, _)| (key, ts, cost))
-        .collect();
-    let ids: Vec<EventId> = rows.iter().map(|row| EventId(row.value)).collect();
-    if let Some(&last) = ids.last() {
-        batch.add(conn, &spends, last)?;
-    }
-    Ok(ids)
-}
-
-/// An event's id and cost, as [`RecordStaged`] returns them.
-#[derive(QueryableByName)]
-struct IdCostRow {
-    #[diesel(sql_type = BigInt)]
-    value: i64,
-    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
-    cost: Option<i64>,
+    let rows = FixedSql::<RecordStaged>::new(Vec::new()).load::<IdRow>(conn)?;
+    Ok(ids_of(rows))
 }
 sql_text!(
     /// Records one event with its rollups: the same statement as
@@ -254,7 +205,7 @@ sql_text!(
           CAST(? AS BIGINT) AS status, CAST(? AS BIGINT) AS latency_ms, \
           CAST(? AS TEXT) AS error, CAST(? AS BOOLEAN) AS usage_unknown, \
           CAST(? AS TEXT) AS thinking_level, CAST(1 AS BIGINT) AS position)",
-        Spend::Rows { one: true }
+        true
     )
 );
 

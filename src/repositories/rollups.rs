@@ -277,33 +277,12 @@ pub(crate) fn binds(key: &[i64], totals: &Totals) -> Vec<Value<'static>> {
 /// saturates at the largest integer, as recording does, where SQLite's
 /// `SUM` would fail the prune: past 9.2e18 (`TOTAL`, in floating point)
 /// the spend is the largest integer; below, the exact sum cannot overflow,
-/// costs being never negative. On PostgreSQL (where a large batch may
-/// leave part of a spend in the rollups) the fold saturates the same way,
-/// and a prune that folded any moves the count of `spend_folds`, so that
-/// no store trusts a spend it keeps in memory from before.
+/// costs being never negative. PostgreSQL keeps no spend in its rollups
+/// (`rollup_hour` is NULL there).
 pub(crate) fn delete_before(conn: &mut Conn<'_>, cutoff_hour: i64, batch: u32) -> Result<usize> {
-    let rows = "FROM usage_key_hourly AS u WHERE u.key_row_id = key_budgets.key_row_id \
-                AND u.hour >= key_budgets.rollup_hour AND u.hour < ?";
-    #[cfg(feature = "postgres")]
-    if let Conn::Postgres(c) = conn {
-        let fold = CachedSql::new(
-            format!(
-                "UPDATE key_budgets SET spend_nanos = CAST(LEAST(spend_nanos \
-                   + (SELECT coalesce(sum(u.cost_nanos), 0) {rows}), {max}) AS BIGINT), \
-                 rollup_hour = ? WHERE rollup_hour < ? AND EXISTS (SELECT 1 {rows})",
-                max = i64::MAX
-            ),
-            vec![cutoff_hour; 4],
-        );
-        if fold.execute(&mut **c)? > 0 {
-            CachedSql::new(
-                "UPDATE sequences SET next = next + 1 WHERE name = 'spend_folds'",
-                Vec::new(),
-            )
-            .execute(&mut **c)?;
-        }
-    }
     if let Conn::Sqlite(c) = conn {
+        let rows = "FROM usage_key_hourly AS u WHERE u.key_row_id = key_budgets.key_row_id \
+                    AND u.hour >= key_budgets.rollup_hour AND u.hour < ?";
         let fold = CachedSql::new(
             format!(
                 "UPDATE key_budgets SET spend_nanos = CASE \

@@ -1,6 +1,6 @@
 //! What recording keeps of budgets' spend between transactions
-//! ([`SpendMemory`]), and the rule it adds a key's events by ([`walk`]),
-//! on both backends. See the parent module for how the spend is kept.
+//! on SQLite ([`SpendMemory`]), and the rule it adds a key's events by
+//! ([`walk`]). See the parent module for how the spend is kept.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -57,15 +57,14 @@ impl KnownSpend {
 }
 
 /// The budget rows and spends that this store's recording transactions
-/// last left, trusted while the database's stamp (the next event id, and a
-/// count of writes to budgets: on SQLite `budget_changes`, which triggers
-/// move on every write to `key_budgets`; on PostgreSQL `key_changes` and
-/// `spend_folds`) is the one the last transaction left, and it committed:
-/// nothing else recorded or wrote a budget since. A batch's events of a key
-/// then add to its spend in memory (no statement at all) while they leave
-/// the row as it is; otherwise the row is read and written (`sqlite`,
-/// `postgres`). The first time a key is seen after that, or after the
-/// memory was dropped, is a read.
+/// last left, trusted while the database's `events` counter and count of
+/// budget changes (`sequences`; triggers count every write to
+/// `key_budgets`) are the ones the last transaction left, and it
+/// committed: nothing else recorded or wrote a budget since. A batch's
+/// events of a key then add to its spend in memory (no statement at all)
+/// while they leave the row as it is; otherwise `sqlite` reads and writes
+/// the row. The first time a key is seen after that, or after the memory
+/// was dropped, is a read.
 #[derive(Debug, Default)]
 pub(crate) struct SpendMemory {
     spends: Mutex<Spends>,
@@ -112,12 +111,6 @@ impl SpendMemory {
 }
 
 impl Spends {
-    /// Whether `more` keys fit in the memory without its starting again
-    /// empty.
-    pub(super) fn has_room_for(&self, more: usize) -> bool {
-        self.keys.len().saturating_add(more) < SPEND_MEMORY_KEYS
-    }
-
     /// Keeps what a transaction left of a key's budget and spend.
     pub(super) fn remember(&mut self, key_row_id: i64, known: Option<KnownSpend>) {
         if self.keys.len() >= SPEND_MEMORY_KEYS {

@@ -7,22 +7,20 @@
 //!   ([`set_for_new_key`]: a key created in the same transaction has none).
 //! - Recording adds each event's cost to its key's spend in the same
 //!   transaction: [`add_spends`] on SQLite (the write lock orders the
-//!   writers; in memory while nothing else wrote, see [`SpendMemory`]). On
-//!   PostgreSQL a large batch does the same under a lock of `key_budgets`
-//!   (`postgres`), and single events and small batches add it in their
-//!   recording statement ([`spend_cte`]: the budget row's lock orders the
-//!   replicas). An event of a later period starts the spend again; one of
-//!   an earlier period leaves it.
-//! - The spend is kept in two parts, so that an event does not write the
-//!   budget row as well as its rollup's: `spend_nanos`, and the cost in the
-//!   key's `usage_key_hourly` rows from `rollup_hour` on (which recording
-//!   writes anyway, and which sit together, in key order). An event of the
-//!   period in those rows changes nothing in `key_budgets`; the row is
-//!   written when a period starts, for a late event (an hour before
-//!   `rollup_hour`), for one whose cost does not count but is in those
-//!   rows, and when the rows to read grow (the older hours are folded into
-//!   `spend_nanos`). `rollup_hour` NULL: `spend_nanos` is the whole spend,
-//!   as PostgreSQL's recording statement writes it.
+//!   writers; in memory while nothing else wrote, see [`SpendMemory`]),
+//!   [`spend_cte`] inside PostgreSQL's recording statement (the budget
+//!   row's lock orders the replicas). An event of a later period starts the
+//!   spend again; one of an earlier period leaves it.
+//! - On SQLite the spend is kept in two parts, so that an event does not
+//!   write the budget row's page as well as its rollup's: `spend_nanos`, and
+//!   the cost in the key's `usage_key_hourly` rows from `rollup_hour` on
+//!   (which recording writes anyway, and which sit together, in key order).
+//!   An event of the period in those rows changes nothing in `key_budgets`;
+//!   the row is written when a period starts, for a late event (an hour
+//!   before `rollup_hour`), for one whose cost does not count but is in
+//!   those rows, and when the rows to read grow (the older hours are folded
+//!   into `spend_nanos`; see `sqlite`). On PostgreSQL
+//!   `rollup_hour` is NULL and `spend_nanos` the whole spend.
 //! - The spend reaching the budget writes the key's `over_budget_until`
 //!   (the period's end: a resolve reads it with the key, and nothing of
 //!   this table) and moves `key_changes` in that transaction, so every
@@ -48,8 +46,6 @@ use crate::model::time::Timestamp;
 use crate::repositories::rollups;
 
 mod memory;
-#[cfg(feature = "postgres")]
-pub(crate) mod postgres;
 mod sqlite;
 pub(crate) use memory::SpendMemory;
 pub(crate) use sqlite::{add_spends, Counters};
@@ -281,19 +277,6 @@ fn period_start_sql(budget: &str, ts: &str) -> String {
 /// a subquery per key would read the whole batch for each key. `one`:
 /// `rows` holds a single event, so there is nothing to total.
 ///
-/// The spend before the batch is `spend_nanos`, and for a row that a large
-/// batch left with part of its spend in the rollups (`rollup_hour` set, see
-/// `postgres`) their cost from that hour on, read in the statement's
-/// snapshot, which holds neither this batch's events nor anything a
-/// recording not yet committed wrote: every recording statement names
-/// `key_budgets`, and a large batch holds it locked against them, so this
-/// statement waits for such a batch before it takes its snapshot. Such a
-/// row is written with its whole spend in `spend_nanos` (`rollup_hour`
-/// NULL) whenever the batch has a priced event of its key, even one that
-/// does not count (its cost is in the rollups from then on). The row's
-/// lock orders the rest: a statement that waited for it computes the row
-/// again from the version written, whose spend is whole.
-///
 /// The spend before the events of the key's last period is the spend
 /// written less what they cost (`e.c` when all are of one period, else
 /// `keytally_spend_in_period`), computed in `RETURNING` from the row as
@@ -310,31 +293,25 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     let last = period_start_sql("b", "e.last");
     // Events from too far ahead of the server's clock spend nothing (the
     // bound computed once per statement).
-    let counted = format!(
-        "n.ts <= (SELECT CAST(extract(epoch FROM now()) * 1000 AS BIGINT) \
-         + {FUTURE_SPEND_ALLOWANCE_MS})"
+    let of_events = format!(
+        "FROM {rows} AS n WHERE n.cost_nanos IS NOT NULL \
+         AND n.ts <= (SELECT CAST(extract(epoch FROM now()) * 1000 AS BIGINT) \
+           + {FUTURE_SPEND_ALLOWANCE_MS})"
     );
-    let kept = "(CASE WHEN b.rollup_hour IS NULL THEN b.spend_nanos \
-                ELSE keytally_kept_spend(b.key_row_id, b.spend_nanos, b.rollup_hour) END)";
-    // The key's counted events are of the row's period or a later one.
-    let counts = format!("(e.last >= b.anchor AND {last} >= b.period_start)");
-    let in_period = format!("CASE WHEN {last} > b.period_start THEN e.c ELSE {kept} + e.c END");
+    let in_period =
+        format!("CASE WHEN {last} > b.period_start THEN e.c ELSE b.spend_nanos + e.c END");
     let (sorted, totals, spend, before) = if one {
         let totals = format!(
-            "(SELECT n.key_row_id AS k, CASE WHEN {counted} THEN n.ts END AS first, \
-               CASE WHEN {counted} THEN n.ts END AS last, \
-               CASE WHEN {counted} THEN n.cost_nanos ELSE 0 END AS c \
-             FROM {rows} AS n WHERE n.cost_nanos IS NOT NULL)"
+            "(SELECT n.key_row_id AS k, n.ts AS first, n.ts AS last, n.cost_nanos AS c \
+             {of_events})"
         );
         let before = "b.spend_nanos - e.c".to_owned();
         (String::new(), totals, in_period, before)
     } else {
         let totals = format!(
-            "(SELECT n.key_row_id AS k, min(n.ts) FILTER (WHERE {counted}) AS first, \
-               max(n.ts) FILTER (WHERE {counted}) AS last, \
-               CAST(coalesce(sum(n.cost_nanos) FILTER (WHERE {counted}), 0) AS BIGINT) AS c \
-             FROM {rows} AS n WHERE n.cost_nanos IS NOT NULL AND n.key_row_id IS NOT NULL \
-             GROUP BY n.key_row_id)"
+            "(SELECT n.key_row_id AS k, min(n.ts) AS first, max(n.ts) AS last, \
+               CAST(sum(n.cost_nanos) AS BIGINT) AS c \
+             {of_events} AND n.key_row_id IS NOT NULL GROUP BY n.key_row_id)"
         );
         // The batch's priced events of keys, sorted by key, time and
         // position, as three rows (keys, times, costs): a CTE, computed
@@ -344,8 +321,7 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
             "sorted AS (SELECT ARRAY[array_agg(n.key_row_id ORDER BY {order}), \
                array_agg(n.ts ORDER BY {order}), array_agg(n.cost_nanos ORDER BY {order})] \
                AS events \
-             FROM {rows} AS n WHERE n.cost_nanos IS NOT NULL AND {counted} \
-               AND n.key_row_id IS NOT NULL), "
+             {of_events} AND n.key_row_id IS NOT NULL), "
         );
         let events = "(SELECT s.events FROM sorted AS s)";
         let one_period = format!("e.first >= b.anchor AND {first} = {last}");
@@ -357,23 +333,21 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
         let spend = format!(
             "CASE WHEN {one_period} THEN {in_period} \
              ELSE keytally_spend_across_periods(b.key_row_id, b.budget_nanos, b.soft_nanos, \
-               b.period_days, b.anchor, b.period_start, {kept}, {events}) END"
+               b.period_days, b.anchor, b.period_start, b.spend_nanos, {events}) END"
         );
         (sorted, totals, spend, before)
     };
-    // In `RETURNING`, `b` is the row as written: its period's start moved
-    // to the last counted event's (or stayed), its anchor and length did
-    // not, so `counts` and `one_period` are as in `SET`.
+    // In `RETURNING`, `b` is the row as written: its period's start moved,
+    // its anchor and length did not, so `one_period` is as in `SET`.
     format!(
         "{sorted}spent AS (UPDATE key_budgets AS b SET \
-           spend_nanos = CASE WHEN {counts} THEN {spend} ELSE {kept} END, \
-           period_start = GREATEST(b.period_start, CASE WHEN e.last >= b.anchor THEN {last} END), \
-           rollup_hour = NULL \
+           spend_nanos = {spend}, \
+           period_start = GREATEST({last}, b.period_start) \
          FROM {totals} AS e \
-         WHERE b.key_row_id = e.k AND (b.rollup_hour IS NOT NULL OR {counts}) \
+         WHERE b.key_row_id = e.k AND e.last >= b.anchor AND {last} >= b.period_start \
          RETURNING b.key_row_id AS k, b.spend_nanos AS spend, b.budget_nanos AS budget, \
            b.soft_nanos AS soft, b.period_start AS period, \
-           CASE WHEN {counts} THEN {before} ELSE b.spend_nanos END AS before), \
+           {before} AS before), \
          reached AS (SELECT k, spend, budget, soft, period FROM spent \
            WHERE (spend >= budget AND before < budget) OR (spend >= soft AND before < soft)), \
          reported AS (INSERT INTO budget_reports \
