@@ -3,8 +3,12 @@
 # (`--prices`) and the same with a budget on every key as well (`--budgets`),
 # alternating, RUNS pairs, each run on a fresh database. On PostgreSQL each
 # run gets a database of its own on one throwaway cluster
-# (benches/postgres-cluster.sh). Prints each run's JSON line, then per pair
-# the ratio budgets / prices of each figure, then the median ratios.
+# (benches/postgres-cluster.sh). The order alternates (odd pairs run
+# `--prices` first, even pairs `--budgets`), and every run starts after a
+# checkpoint with the run before's database dropped, so that neither kind
+# inherits the other's background writes. Prints each run's JSON line, then
+# per pair the ratio budgets / prices of each figure, then the median
+# ratios.
 #
 # Usage: benches/budgets-pair.sh [sqlite|postgres] [KEYS] [EVENTS] [RUNS]
 # More arguments for every run go in BENCH_ARGS, e.g.
@@ -22,28 +26,37 @@ if [ "$BACKEND" = postgres ]; then
     source "$root/benches/postgres-cluster.sh"
 fi
 out=$(mktemp)
+previous=
 for run in $(seq 1 "$RUNS"); do
-    for flag in --prices --budgets; do
+    flags=(--prices --budgets)
+    [ $((run % 2)) = 0 ] && flags=(--budgets --prices)
+    for flag in "${flags[@]}"; do
         if [ "$BACKEND" = postgres ]; then
-            name="keytally_${run}_${flag#--}"
-            as_pg "$PG/psql" -h "$dir" -U postgres -q -c "CREATE DATABASE $name" postgres
-            db_args=(--db "postgres://postgres@/$name?host=$dir")
+            psql=(as_pg "$PG/psql" -h "$dir" -U postgres -q)
+            [ -n "$previous" ] && "${psql[@]}" -c "DROP DATABASE $previous" postgres
+            "${psql[@]}" -c CHECKPOINT postgres
+            previous="keytally_${run}_${flag#--}"
+            "${psql[@]}" -c "CREATE DATABASE $previous" postgres
+            db_args=(--db "postgres://postgres@/$previous?host=$dir")
         fi
         # shellcheck disable=SC2086 # BENCH_ARGS is split into arguments
         "$bench" --keys "$KEYS" --events "$EVENTS" "${db_args[@]}" $BENCH_ARGS "$flag" 2>/dev/null |
             tee -a "$out"
+        echo "${flag#--}" >>"$out.kinds"
     done
 done
-python3 - "$out" <<'PY'
+python3 - "$out" "$out.kinds" <<'PY'
 import json, statistics, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
+kinds = [line.strip() for line in open(sys.argv[2])]
+runs = [json.loads(line) for line in open(sys.argv[1])]
+pairs = [dict(zip(kinds[i:i + 2], runs[i:i + 2])) for i in range(0, len(runs), 2)]
 figures = ["resolve_per_s", "resolve_p99_us", "record_single_per_s", "record_batch_per_s",
            "usage_key_window_per_s", "mixed_resolve_per_s", "mixed_record_per_s", "bytes_per_event"]
 ratios = {figure: [] for figure in figures}
-for prices, budgets in zip(rows[0::2], rows[1::2]):
+for pair in pairs:
     for figure in figures:
-        ratios[figure].append(budgets[figure] / prices[figure])
+        ratios[figure].append(pair["budgets"][figure] / pair["prices"][figure])
     print("pair:", " ".join(f"{f}={ratios[f][-1]:.2f}" for f in figures))
 print("median:", " ".join(f"{f}={statistics.median(r):.2f}" for f, r in ratios.items()))
 PY
-rm -f "$out"
+rm -f "$out" "$out.kinds"
