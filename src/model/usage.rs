@@ -104,19 +104,21 @@ impl Totals {
         });
     }
 
-    /// Adds `other`: sums, and the larger maximum.
+    /// Adds `other`: sums, stopping at the largest integer as the rollup
+    /// tables do (one event's cost may be near it), and the larger maximum.
     pub(crate) fn merge(&mut self, other: &Totals) {
-        self.requests += other.requests;
-        self.errors += other.errors;
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
-        self.cache_read_tokens += other.cache_read_tokens;
-        self.cache_creation_tokens += other.cache_creation_tokens;
-        self.reasoning_tokens += other.reasoning_tokens;
-        self.latency_ms_sum += other.latency_ms_sum;
+        let sum = i64::saturating_add;
+        self.requests = sum(self.requests, other.requests);
+        self.errors = sum(self.errors, other.errors);
+        self.prompt_tokens = sum(self.prompt_tokens, other.prompt_tokens);
+        self.completion_tokens = sum(self.completion_tokens, other.completion_tokens);
+        self.cache_read_tokens = sum(self.cache_read_tokens, other.cache_read_tokens);
+        self.cache_creation_tokens = sum(self.cache_creation_tokens, other.cache_creation_tokens);
+        self.reasoning_tokens = sum(self.reasoning_tokens, other.reasoning_tokens);
+        self.latency_ms_sum = sum(self.latency_ms_sum, other.latency_ms_sum);
         self.latency_ms_max = self.latency_ms_max.max(other.latency_ms_max);
-        self.cost_nanos += other.cost_nanos;
-        self.unpriced_requests += other.unpriced_requests;
+        self.cost_nanos = sum(self.cost_nanos, other.cost_nanos);
+        self.unpriced_requests = sum(self.unpriced_requests, other.unpriced_requests);
     }
 
     /// The values in the rollup tables' column order.

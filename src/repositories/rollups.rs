@@ -21,6 +21,10 @@ use crate::model::usage::Totals;
 pub(crate) enum Combine {
     /// Added up.
     Sum,
+    /// Added up, stopping at the largest integer: the cost, one event's
+    /// value of which may be near it (the highest price times the most
+    /// tokens), as SQLite's store saturates a budget's spend.
+    SaturatingSum,
     /// The largest kept.
     Max,
 }
@@ -79,7 +83,7 @@ pub(crate) const COLUMNS: [RollupColumn; 11] = [
     column(
         "cost_nanos",
         "coalesce(cost_nanos, 0)",
-        Combine::Sum,
+        Combine::SaturatingSum,
         "BIGINT",
     ),
     column(
@@ -138,18 +142,19 @@ fn event_as_summed_row() -> String {
 /// The totals over rollup-shaped rows: `CAST(coalesce(sum(requests), 0)
 /// AS BIGINT) AS requests, …` (PostgreSQL sums a `BIGINT` as a `NUMERIC`).
 pub(crate) fn totals_of_rows() -> String {
-    COLUMNS
-        .map(|column| {
-            let function = match column.combine {
-                Combine::Sum => "sum",
-                Combine::Max => "max",
-            };
-            format!(
-                "CAST(coalesce({function}({0}), 0) AS BIGINT) AS {0}",
-                column.name
-            )
-        })
-        .join(", ")
+    COLUMNS.map(total_of).join(", ")
+}
+
+/// A column's total over rows, as [`totals_of_rows`] lists them.
+fn total_of(column: RollupColumn) -> String {
+    let function = match column.combine {
+        Combine::Sum | Combine::SaturatingSum => "sum",
+        Combine::Max => "max",
+    };
+    format!(
+        "CAST(coalesce({function}({0}), 0) AS BIGINT) AS {0}",
+        column.name
+    )
 }
 
 /// `INSERT INTO table (keys…, values…) VALUES (?…) ON CONFLICT (keys…) DO
@@ -183,13 +188,23 @@ pub(crate) fn upsert_totals_of(
         .map(|(expression, column)| format!("{expression} AS {column}"))
         .collect::<Vec<_>>()
         .join(", ");
+    // A group's cost stops at the largest integer, as the row's does.
+    let totals = COLUMNS
+        .map(|column| match column.combine {
+            Combine::SaturatingSum => format!(
+                "CAST(LEAST(sum({0}), {max}) AS BIGINT) AS {0}",
+                column.name,
+                max = i64::MAX
+            ),
+            Combine::Sum | Combine::Max => total_of(column),
+        })
+        .join(", ");
     format!(
         "INSERT INTO {table} ({keys}, {columns}) \
          SELECT {keys}, {totals} FROM (SELECT {computed_keys}, {per_event} FROM {rows}) AS e \
          GROUP BY {keys} ORDER BY {keys} \
          ON CONFLICT ({keys}) DO UPDATE SET {updates}",
         columns = column_list(),
-        totals = totals_of_rows(),
         per_event = event_as_summed_row(),
         updates = updates(table)
     )
@@ -202,6 +217,13 @@ fn updates(table: &str) -> String {
             // The row's own columns are named with the table: PostgreSQL
             // finds a bare name ambiguous beside `excluded`.
             Combine::Sum => format!("{0} = {table}.{0} + excluded.{0}", column.name),
+            // Neither value is negative.
+            Combine::SaturatingSum => format!(
+                "{0} = CASE WHEN {table}.{0} > {max} - excluded.{0} THEN {max} \
+                 ELSE {table}.{0} + excluded.{0} END",
+                column.name,
+                max = i64::MAX
+            ),
             // SQLite's two-argument max() is PostgreSQL's greatest().
             Combine::Max => format!(
                 "{0} = CASE WHEN excluded.{0} > {table}.{0} THEN excluded.{0} ELSE {table}.{0} END",

@@ -1105,15 +1105,8 @@ fn an_event_of_a_later_month_starts_its_calendar_month(
     Ok(())
 }
 
-/// Events at the highest price and token counts, whose rollup rows each
-/// fit in an integer but together do not: recording goes on (the spend
-/// saturates), in the store that recorded them and in another, whose
-/// first event of the key reads those rows.
-#[rstest]
-fn a_spend_past_the_largest_integer_saturates_and_recording_goes_on(
-    #[values(Backend::Sqlite)] backend: Backend,
-) -> TestResult {
-    let store = store_on(backend);
+/// Prices `gpt-4o` at the highest price for every kind of token.
+fn price_at_most(store: &Store) -> Result<(), Error> {
     let most = keytally::Micros(keytally::MAX_PRICE_MICROS);
     store.prices().set(&PriceVersion {
         model: "gpt-4o".to_owned(),
@@ -1125,40 +1118,59 @@ fn a_spend_past_the_largest_integer_saturates_and_recording_goes_on(
             cache_creation: most,
             reasoning: most,
         },
-    })?;
+    })
+}
+
+/// An event of `key` at `ts` with the most tokens of every kind: at the
+/// highest price, about 1.1e17 nano-units, so that 86 of them pass the
+/// largest integer.
+fn largest(key: KeyId, ts: Timestamp) -> NewEvent {
+    let mut event = event(key, ts);
+    let most = i64::from(i32::MAX);
+    event.prompt_tokens = most;
+    event.completion_tokens = most;
+    event.cache_read_tokens = most;
+    event.cache_creation_tokens = most;
+    event.reasoning_tokens = most;
+    event
+}
+
+/// Events at the highest price and token counts, whose rollup rows each
+/// fit in an integer but together do not: recording goes on (the spend
+/// saturates), in the store that recorded them and in another, whose
+/// first event of the key reads those rows.
+#[rstest]
+fn a_spend_past_the_largest_integer_saturates_and_recording_goes_on(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
+    price_at_most(&store)?;
     let now = Timestamp::now();
     let period = BudgetPeriod::Days {
         days: 30,
         from: now.plus_millis(-10 * DAY),
     };
     let (key, secret) = key_with(&store, budget(EVENT_COST, None, period))?;
-    let largest = |ts: Timestamp| {
-        let mut event = event(key, ts);
-        let most = i64::from(i32::MAX);
-        event.prompt_tokens = most;
-        event.completion_tokens = most;
-        event.cache_read_tokens = most;
-        event.cache_creation_tokens = most;
-        event.reasoning_tokens = most;
-        event
-    };
     // Fifty in each of two hours of the period: about 5.4e18 nano-units
     // a rollup row.
     let hours = [now.plus_millis(-2 * 3_600_000), now.plus_millis(-3_600_000)];
     let batch: Vec<NewEvent> = hours
         .iter()
         .flat_map(|&hour| (0..50).map(move |i| hour.plus_millis(i)))
-        .map(largest)
+        .map(|ts| largest(key, ts))
         .collect();
     store.events().record_batch(&batch)?;
     assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
-    another_store(&store)?.events().record(&largest(now))?;
+    another_store(&store)?.events().record(&largest(key, now))?;
     let status = store.keys().budget(key)?.ok_or("no budget")?;
     assert_eq!(status.spend, Cost(i64::MAX));
     assert!(status.over_budget);
-    // With the whole spend in the rollups (as before any fold), pruning
-    // the two hours' rollups folds both into the budget row: the spend
-    // stays saturated, and the prune goes through.
+    if backend == Backend::Postgres {
+        return Ok(());
+    }
+    // On SQLite, with the whole spend in the rollups (as before any fold),
+    // pruning the two hours' rollups folds both into the budget row: the
+    // spend stays saturated, and the prune goes through.
     crate::support::sql::raw(&store)?.execute(&format!(
         "UPDATE key_budgets SET spend_nanos = 0, rollup_hour = {}",
         hours[0].as_millis() / 3_600_000
@@ -1169,6 +1181,90 @@ fn a_spend_past_the_largest_integer_saturates_and_recording_goes_on(
     );
     assert!(store.events().prune_rollups(now.plus_millis(-1), 1_000)? > 0);
     let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(i64::MAX));
+    assert!(status.over_budget);
+    Ok(())
+}
+
+/// More such events in one hour than a rollup row's cost can hold, in a
+/// batch (copied, on PostgreSQL) beside another key's events, then alone:
+/// every event is recorded, the rows' cost stops at the largest integer,
+/// and the other key's usage is exact. A batch of them across a budget
+/// period boundary (walked event by event) saturates each period's spend.
+#[rstest]
+fn a_rollup_row_past_the_largest_integer_saturates_and_recording_goes_on(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
+    price_at_most(&store)?;
+    let now = Timestamp::now();
+    // Its periods start two hours before each day's time of now.
+    let day = BudgetPeriod::Days {
+        days: 1,
+        from: now.plus_millis(-10 * DAY - 2 * 3_600_000),
+    };
+    let (key, secret) = key_with(&store, budget(EVENT_COST, None, day))?;
+    let (other, _) = key_with(&store, budget(i64::MAX, None, day))?;
+    let hour = now.plus_millis(-3_600_000);
+    let mut batch: Vec<NewEvent> = (0..1_000)
+        .map(|i| event(other, hour.plus_millis(i)))
+        .collect();
+    batch.extend((0..100).map(|i| largest(key, hour.plus_millis(i))));
+    store.events().record_batch(&batch)?;
+    store.events().record(&largest(key, hour))?;
+    let mut raw = crate::support::sql::raw(&store)?;
+    // The key was created first: its row id is the lower.
+    let row_of = |which: &str| {
+        format!(
+            "SELECT cost_nanos AS n FROM usage_key_hourly \
+             WHERE key_row_id = (SELECT {which}(row_id) FROM keys) AND hour = {}",
+            hour.as_millis() / 3_600_000
+        )
+    };
+    assert_eq!(raw.number(&row_of("min"))?, i64::MAX);
+    // A thousand prompt tokens at the highest price a million.
+    assert_eq!(
+        raw.number(&row_of("max"))?,
+        1_000 * keytally::MAX_PRICE_MICROS
+    );
+    assert_eq!(
+        raw.number(&format!(
+            "SELECT cost_nanos AS n FROM usage_model_hourly WHERE hour = {}",
+            hour.as_millis() / 3_600_000
+        ))?,
+        i64::MAX
+    );
+    assert_eq!(raw.number("SELECT count(*) AS n FROM events")?, 1_101);
+    if backend == Backend::Sqlite {
+        // Stored as integers: SQLite's `+` past the largest one gives a
+        // floating-point value, which an integer column would keep.
+        assert_eq!(
+            raw.number(
+                "SELECT count(*) AS n FROM usage_key_hourly WHERE typeof(cost_nanos) <> 'integer'"
+            )?,
+            0
+        );
+    }
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(i64::MAX));
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    // The kept period moved back a day: a batch of a hundred events of
+    // that period and a hundred of this one is walked across the boundary.
+    let today = day.start_of(now).ok_or("no period")?;
+    let yesterday = today.plus_millis(-DAY);
+    raw.execute(&format!(
+        "UPDATE key_budgets SET period_start = {}, spend_nanos = 0, \
+         rollup_hour = CASE WHEN rollup_hour IS NULL THEN NULL ELSE {} END",
+        yesterday.as_millis(),
+        now.as_millis() / 3_600_000 + 1
+    ))?;
+    let across: Vec<NewEvent> = [today.plus_millis(-1_000), now]
+        .iter()
+        .flat_map(|&at| (0..100).map(move |i| largest(key, at.plus_millis(-i))))
+        .collect();
+    store.events().record_batch(&across)?;
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.period_start, today);
     assert_eq!(status.spend, Cost(i64::MAX));
     assert!(status.over_budget);
     Ok(())

@@ -280,7 +280,9 @@ fn period_start_sql(budget: &str, ts: &str) -> String {
 /// The spend before the events of the key's last period is the spend
 /// written less what they cost (`e.c` when all are of one period, else
 /// `keytally_spend_in_period`), computed in `RETURNING` from the row as
-/// written, so however often PostgreSQL computed the row. From it `reached`
+/// written, so however often PostgreSQL computed the row (a spend stopped
+/// at the largest integer makes it less than it was, so a limit reached
+/// before may be reported again). From it `reached`
 /// finds the keys whose spend reached the soft limit or the budget, and
 /// `reported` queues their reports; a report of the budget refuses the key
 /// until its period's end and counts as a key change, by the trigger on
@@ -298,8 +300,13 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
          AND n.ts <= (SELECT CAST(extract(epoch FROM now()) * 1000 AS BIGINT) \
            + {FUTURE_SPEND_ALLOWANCE_MS})"
     );
-    let in_period =
-        format!("CASE WHEN {last} > b.period_start THEN e.c ELSE b.spend_nanos + e.c END");
+    // The spend stops at the largest integer, as on SQLite (costs are
+    // never negative).
+    let max = i64::MAX;
+    let in_period = format!(
+        "CASE WHEN {last} > b.period_start THEN e.c \
+         WHEN b.spend_nanos > {max} - e.c THEN {max} ELSE b.spend_nanos + e.c END"
+    );
     let (sorted, totals, spend, before) = if one {
         let totals = format!(
             "(SELECT n.key_row_id AS k, n.ts AS first, n.ts AS last, n.cost_nanos AS c \
@@ -310,7 +317,7 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     } else {
         let totals = format!(
             "(SELECT n.key_row_id AS k, min(n.ts) AS first, max(n.ts) AS last, \
-               CAST(sum(n.cost_nanos) AS BIGINT) AS c \
+               CAST(LEAST(sum(n.cost_nanos), {max}) AS BIGINT) AS c \
              {of_events} AND n.key_row_id IS NOT NULL GROUP BY n.key_row_id)"
         );
         // The batch's priced events of keys, sorted by key, time and

@@ -1,0 +1,89 @@
+-- A spend stops at the largest integer, as on SQLite, where adding past it
+-- failed the recording statement (and every event of its batch): one
+-- event's cost may be near it (the highest price times the most tokens).
+-- The recording statement saturates its own sums (`budgets::spend_cte`);
+-- these are the two functions that walk a batch across a period boundary.
+-- Costs are never negative.
+
+CREATE OR REPLACE FUNCTION keytally_spend_in_period(
+    key_row_id BIGINT,
+    period_start BIGINT,
+    period_days INTEGER,
+    anchor BIGINT,
+    events BIGINT[]
+) RETURNS BIGINT LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    n INTEGER := coalesce(array_length(events, 2), 0);
+    first INTEGER := keytally_first_event_of(key_row_id, events);
+    spent BIGINT := 0;
+BEGIN
+    WHILE first <= n AND events[1][first] = key_row_id LOOP
+        IF events[2][first] >= anchor
+            AND keytally_period_start(events[2][first], period_days, anchor) = period_start THEN
+            spent := CASE WHEN spent > 9223372036854775807 - events[3][first]
+                THEN 9223372036854775807 ELSE spent + events[3][first] END;
+        END IF;
+        first := first + 1;
+    END LOOP;
+    RETURN spent;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION keytally_spend_across_periods(
+    key_row_id BIGINT,
+    budget_nanos BIGINT,
+    soft_nanos BIGINT,
+    period_days INTEGER,
+    anchor BIGINT,
+    period_start BIGINT,
+    spend_nanos BIGINT,
+    events BIGINT[]
+) RETURNS BIGINT LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    n INTEGER := coalesce(array_length(events, 2), 0);
+    first INTEGER := keytally_first_event_of(key_row_id, events);
+    last INTEGER;
+    last_start BIGINT;
+    period BIGINT := period_start;
+    spend BIGINT := spend_nanos;
+    started BIGINT;
+    before BIGINT;
+    budget_reached BOOLEAN;
+BEGIN
+    last := first;
+    WHILE last <= n AND events[1][last] = key_row_id LOOP
+        last := last + 1;
+    END LOOP;
+    last := last - 1;
+    IF last < first THEN
+        RETURN spend;
+    END IF;
+    last_start := keytally_period_start(events[2][last], period_days, anchor);
+    FOR i IN first .. last LOOP
+        CONTINUE WHEN events[2][i] < anchor;
+        started := keytally_period_start(events[2][i], period_days, anchor);
+        CONTINUE WHEN started < period;
+        IF started > period THEN
+            period := started;
+            spend := 0;
+        END IF;
+        before := spend;
+        spend := CASE WHEN spend > 9223372036854775807 - events[3][i]
+            THEN 9223372036854775807 ELSE spend + events[3][i] END;
+        CONTINUE WHEN period >= last_start;
+        budget_reached := before < budget_nanos AND spend >= budget_nanos;
+        IF (budget_reached OR (before < soft_nanos AND spend >= soft_nanos))
+            AND NOT EXISTS (SELECT 1 FROM budget_reports AS r
+                WHERE r.key_row_id = keytally_spend_across_periods.key_row_id
+                    AND r.period_start = period
+                    AND r.spend_nanos >= CASE WHEN budget_reached
+                        THEN keytally_spend_across_periods.budget_nanos
+                        ELSE keytally_spend_across_periods.soft_nanos END) THEN
+            INSERT INTO budget_reports (key_row_id, period_start, spend_nanos, budget_nanos,
+                soft_nanos)
+            VALUES (key_row_id, period, spend, budget_nanos, soft_nanos);
+        END IF;
+    END LOOP;
+    RETURN spend;
+END;
+$$;
