@@ -350,6 +350,31 @@ pub(crate) fn key_totals(
     since: i64,
     until: i64,
 ) -> Result<Totals> {
+    let query = FixedSql::<KeyWindowTotals>::new(window_values(key_row, since, until));
+    let row: TotalsRow = on_backend!(conn, |c| query.get_result(c))?;
+    Ok(row.totals)
+}
+
+/// What one key's events in `[since, until)` cost, read as
+/// [`key_totals`] reads them and added up here, stopping at the largest
+/// integer as recording does (SQL's `SUM` would fail past it).
+pub(crate) fn key_cost(conn: &mut Conn<'_>, key_row: i64, since: i64, until: i64) -> Result<i64> {
+    #[derive(QueryableByName)]
+    struct CostRow {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        cost_nanos: i64,
+    }
+    let query = FixedSql::<KeyWindowCosts>::new(window_values(key_row, since, until));
+    let rows: Vec<CostRow> = on_backend!(conn, |c| query.load(c))?;
+    Ok(rows
+        .iter()
+        .fold(0, |sum, row| sum.saturating_add(row.cost_nanos)))
+}
+
+/// The values of [`KeyWindowTotals`] and [`KeyWindowCosts`] for one key
+/// and `[since, until)`: whole hours from its rollups, the partial hours at
+/// the edges from its raw events (an edge not needed is an empty window).
+fn window_values(key_row: i64, since: i64, until: i64) -> Vec<Value<'static>> {
     let first_whole_hour = since.div_euclid(HOUR_MS) + i64::from(since.rem_euclid(HOUR_MS) != 0);
     let end_whole_hour = until.div_euclid(HOUR_MS);
     let (rollup, left, right) = if first_whole_hour < end_whole_hour {
@@ -361,14 +386,11 @@ pub(crate) fn key_totals(
     } else {
         ((0, 0), (since, until), (0, 0))
     };
-    let values = [
+    [
         key_row, rollup.0, rollup.1, key_row, left.0, left.1, key_row, right.0, right.1,
     ]
     .map(Value::Int)
-    .to_vec();
-    let query = FixedSql::<KeyWindowTotals>::new(values);
-    let row: TotalsRow = on_backend!(conn, |c| query.get_result(c))?;
-    Ok(row.totals)
+    .to_vec()
 }
 
 sql_text!(
@@ -376,13 +398,23 @@ sql_text!(
     /// edges from its raw events (an edge not needed is an empty window).
     /// Fixed for the process, so Diesel keeps it prepared by type.
     KeyWindowTotals = format!(
-        "SELECT {totals} FROM (\
-         SELECT {columns} FROM usage_key_hourly WHERE key_row_id = ? AND hour >= ? AND hour < ? \
-         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ? \
-         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ?) \
-         AS parts",
+        "SELECT {totals} FROM ({parts}) AS parts",
         totals = totals_of_rows(),
-        columns = column_list(),
-        per_event = event_as_rollup_row(),
+        parts = window_parts(&column_list(), &event_as_rollup_row()),
     )
 );
+
+sql_text!(
+    /// The same rows' costs, one row each.
+    KeyWindowCosts = window_parts("cost_nanos", "coalesce(cost_nanos, 0) AS cost_nanos")
+);
+
+/// The rows of one key's window: `rollup` of its rollup rows, then
+/// `per_event` of its events at each edge.
+fn window_parts(rollup: &str, per_event: &str) -> String {
+    format!(
+        "SELECT {rollup} FROM usage_key_hourly WHERE key_row_id = ? AND hour >= ? AND hour < ? \
+         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ? \
+         UNION ALL SELECT {per_event} FROM events WHERE key_row_id = ? AND ts >= ? AND ts < ?"
+    )
+}

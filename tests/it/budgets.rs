@@ -1187,10 +1187,12 @@ fn a_spend_past_the_largest_integer_saturates_and_recording_goes_on(
 }
 
 /// More such events in one hour than a rollup row's cost can hold, in a
-/// batch (copied, on PostgreSQL) beside another key's events, then alone:
+/// batch (copied, on PostgreSQL) beside another key's events, then one in
+/// the next hour:
 /// every event is recorded, the rows' cost stops at the largest integer,
-/// and the other key's usage is exact. A batch of them across a budget
-/// period boundary (walked event by event) saturates each period's spend.
+/// and the other key's usage is exact. A budget set again counts the
+/// period's spend as saturated, and a batch of them across a budget period
+/// boundary (walked event by event) saturates each period's spend.
 #[rstest]
 fn a_rollup_row_past_the_largest_integer_saturates_and_recording_goes_on(
     #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
@@ -1205,13 +1207,16 @@ fn a_rollup_row_past_the_largest_integer_saturates_and_recording_goes_on(
     };
     let (key, secret) = key_with(&store, budget(EVENT_COST, None, day))?;
     let (other, _) = key_with(&store, budget(i64::MAX, None, day))?;
-    let hour = now.plus_millis(-3_600_000);
+    // The start of the hour before this one: a thousand milliseconds of it
+    // are one rollup row.
+    let hour = Timestamp::from_millis((now.as_millis() / 3_600_000 - 1) * 3_600_000)?;
     let mut batch: Vec<NewEvent> = (0..1_000)
         .map(|i| event(other, hour.plus_millis(i)))
         .collect();
     batch.extend((0..100).map(|i| largest(key, hour.plus_millis(i))));
     store.events().record_batch(&batch)?;
-    store.events().record(&largest(key, hour))?;
+    // And one of this hour.
+    store.events().record(&largest(key, now))?;
     let mut raw = crate::support::sql::raw(&store)?;
     // The key was created first: its row id is the lower.
     let row_of = |which: &str| {
@@ -1245,6 +1250,18 @@ fn a_rollup_row_past_the_largest_integer_saturates_and_recording_goes_on(
             0
         );
     }
+    let status = store.keys().budget(key)?.ok_or("no budget")?;
+    assert_eq!(status.spend, Cost(i64::MAX));
+    assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
+    // Set again, the budget counts the period's rollups and events: more
+    // than an integer holds.
+    store.keys().update(
+        key,
+        &KeyUpdate {
+            budget: Some(Some(budget(2 * EVENT_COST, None, day))),
+            ..KeyUpdate::default()
+        },
+    )?;
     let status = store.keys().budget(key)?.ok_or("no budget")?;
     assert_eq!(status.spend, Cost(i64::MAX));
     assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));

@@ -120,8 +120,7 @@ pub(crate) fn set(
     let (start, end) = current_period(budget, now);
     // What recording counts: nothing from too far ahead of the clock.
     let until = end.min(now.plus_millis(FUTURE_SPEND_ALLOWANCE_MS));
-    let spend =
-        rollups::key_totals(conn, key_row_id, start.as_millis(), until.as_millis())?.cost_nanos;
+    let spend = rollups::key_cost(conn, key_row_id, start.as_millis(), until.as_millis())?;
     write(conn, key_row_id, budget, start, spend)
 }
 
