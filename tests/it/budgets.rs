@@ -1105,6 +1105,129 @@ fn an_event_of_a_later_month_starts_its_calendar_month(
     Ok(())
 }
 
+/// Events on either side of where PostgreSQL's recording stops telling a
+/// key's period from its budget row alone (28 days into a month, a fixed
+/// period's last millisecond), in batches and alone: each counts in the
+/// period it falls in, in a month of 31 days as in a February.
+#[rstest]
+fn events_at_the_edges_of_a_period_count_in_it(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let store = store_on(backend);
+    price_model(&store, "gpt-4o")?;
+    // The last months of 31 and of 28 or 29 days whose next month ended
+    // before now.
+    let month = BudgetPeriod::Month;
+    let now = Timestamp::now();
+    let last_month = |longest: bool| -> Result<Timestamp, &'static str> {
+        let mut start = month.start_of(now).ok_or("no month")?;
+        loop {
+            start = month.start_of(start.plus_millis(-1)).ok_or("no month")?;
+            let end = month.end_after(start);
+            let days = (end.as_millis() - start.as_millis()) / DAY;
+            if (days == 31) == longest && days != 30 && month.end_after(end) <= now {
+                return Ok(start);
+            }
+        }
+    };
+    let (long, short) = (last_month(true)?, last_month(false)?);
+    let (long_next, short_next) = (month.end_after(long), month.end_after(short));
+    let days = BudgetPeriod::Days {
+        days: 3,
+        from: long,
+    };
+    let limit = 1_000 * EVENT_COST;
+    let mut keys = Vec::new();
+    for (period, start) in [(month, long), (days, long), (month, short)] {
+        keys.push(key_with(&store, budget(limit, None, period))?.0);
+        // The period kept from `start`, as for a key recording since.
+        crate::support::sql::raw(&store)?.execute(&format!(
+            "UPDATE key_budgets SET period_start = {}, spend_nanos = 0, \
+             rollup_hour = CASE WHEN rollup_hour IS NULL THEN NULL ELSE {} END \
+             WHERE key_row_id = (SELECT max(key_row_id) FROM key_budgets)",
+            start.as_millis(),
+            start.as_millis() / 3_600_000
+        ))?;
+    }
+    let [long_month, fixed, february] = keys[..] else {
+        return Err("three keys".into());
+    };
+    let at = |start: Timestamp, ms: i64| start.plus_millis(ms);
+    let steps: [(&[(KeyId, Timestamp)], bool); 4] = [
+        // Told from the row: the last millisecond before 28 days, and
+        // before 3 days.
+        (
+            &[
+                (long_month, at(long, 28 * DAY - 1)),
+                (long_month, at(long, 1)),
+                (fixed, at(long, 3 * DAY - 1)),
+                (fixed, at(long, 1)),
+                (february, at(short, 28 * DAY - 1)),
+            ],
+            true,
+        ),
+        // Each event's period computed: still the month; the next 3 days;
+        // March.
+        (
+            &[
+                (long_month, at(long, 28 * DAY)),
+                (long_month, at(long_next, -1)),
+                (fixed, at(long, 3 * DAY)),
+                (february, short_next),
+            ],
+            true,
+        ),
+        // The next month; the last millisecond of the second 3 days; told
+        // from the moved row.
+        (
+            &[
+                (long_month, long_next),
+                (fixed, at(long, 6 * DAY - 1)),
+                (february, at(short_next, 1)),
+            ],
+            false,
+        ),
+        // Told from the moved rows.
+        (
+            &[
+                (long_month, at(long_next, 28 * DAY - 1)),
+                (fixed, at(long, 3 * DAY + 1)),
+                (february, at(short_next, 28 * DAY - 1)),
+            ],
+            true,
+        ),
+    ];
+    // Each key's period and how many events it counts, after each step.
+    let expected = [
+        [(long, 2), (long, 2), (short, 1)],
+        [(long, 4), (at(long, 3 * DAY), 1), (short_next, 1)],
+        [(long_next, 1), (at(long, 3 * DAY), 2), (short_next, 2)],
+        [(long_next, 2), (at(long, 3 * DAY), 3), (short_next, 3)],
+    ];
+    let mut raw = crate::support::sql::raw(&store)?;
+    for ((events, in_a_batch), expected) in steps.into_iter().zip(expected) {
+        let events: Vec<NewEvent> = events.iter().map(|&(key, ts)| event(key, ts)).collect();
+        if in_a_batch {
+            store.events().record_batch(&events)?;
+        } else {
+            for event in &events {
+                store.events().record(event)?;
+            }
+        }
+        for (nth, (key, (period, events))) in keys.iter().zip(expected).enumerate() {
+            let row = format!("ORDER BY b.key_row_id LIMIT 1 OFFSET {nth}");
+            let kept_period = raw.number(&format!(
+                "SELECT b.period_start AS n FROM key_budgets AS b {row}"
+            ))?;
+            let kept_spend = raw.number(&format!("{KEPT_SPEND} {row}"))?;
+            assert_eq!(kept_period, period.as_millis(), "key {nth}");
+            assert_eq!(kept_spend, events * EVENT_COST, "key {nth}");
+            assert_eq!(kept_spend, recount(&store, *key, period)?, "key {nth}");
+        }
+    }
+    Ok(())
+}
+
 /// Prices `gpt-4o` at the highest price for every kind of token.
 fn price_at_most(store: &Store) -> Result<(), Error> {
     let most = keytally::Micros(keytally::MAX_PRICE_MICROS);

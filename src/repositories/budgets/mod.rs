@@ -269,17 +269,19 @@ fn period_start_sql(budget: &str, ts: &str) -> String {
 /// their keys' spend: CTEs (`sorted`, `spent`, `reached`, `reported`), one
 /// row update per key. The events are totalled per key alone, and the
 /// budget row is joined once: nearly always all of a key's events in a
-/// batch are of one period, and of the row's. That is told without a date
-/// (`current`: the events from the period's start on, less than the
-/// shortest period of its kind from it): computing each event's period
-/// cost 9 ms more for a batch of 7,845 keys (the update alone, medians of
-/// 60 rounds). A key whose first and last events are not goes
-/// through `keytally_spend_across_periods`, which walks its events in time
-/// order as [`add_spends`] does on SQLite, reporting each period before the
-/// last reaching a limit itself. The function finds the key's events in the
-/// whole batch sorted once (`sorted`, run only if some key needs it), where
-/// a subquery per key would read the whole batch for each key. `one`:
-/// `rows` holds a single event, so there is nothing to total.
+/// batch are of one period, and nearly always of the row's. The latter is
+/// told without a date (`current`: the events from the period's start on,
+/// less than the shortest period of its kind past it); computing each
+/// event's period instead made the budgets' part of the statement about
+/// 10 ms slower for a batch of 7,845 keys with monthly budgets
+/// (docs/performance.md). A key whose first and last events are not of one
+/// period goes through `keytally_spend_across_periods`, which walks its
+/// events in time order as [`add_spends`] does on SQLite, reporting each
+/// period before the last reaching a limit itself. The function finds the
+/// key's events in the whole batch sorted once (`sorted`, run only if some
+/// key needs it), where a subquery per key would read the whole batch for
+/// each key. `one`: `rows` holds a single event, so there is nothing to
+/// total.
 ///
 /// The spend before the events of the key's last period is the spend
 /// written less what they cost (`e.c` when all are of one period, else
@@ -313,8 +315,9 @@ pub(crate) fn spend_cte(rows: &str, one: bool) -> String {
     let in_period = format!("CASE WHEN {last} > b.period_start THEN e.c ELSE {added} END");
     // Nearly always all of a key's events are in the period of its row:
     // told apart with no date computed, by the shortest length of a
-    // period (a month has at least 28 days). Else (near a month's end, or
-    // a period that starts) the period of each event is computed.
+    // period (a month has at least 28 days). Else (near a month's end, a
+    // new period, a late event, one before a budget's first period) the
+    // period of each event is computed.
     let current = format!(
         "(e.first >= b.period_start AND e.last - b.period_start < \
          CASE WHEN b.period_days IS NULL THEN {shortest_month} \
