@@ -177,11 +177,17 @@ impl Budget {
             return Err(Invalid::new("budget", "a budget must be above zero"));
         }
         if let Some(soft) = self.soft_limit {
-            if soft.nanos() <= 0 || soft > self.limit {
+            if soft.nanos() <= 0 {
+                return Err(Invalid::new(
+                    "soft_budget",
+                    "a soft limit must be above zero",
+                ));
+            }
+            if soft > self.limit {
                 return Err(Invalid::new(
                     "soft_budget",
                     format!(
-                        "a soft limit of {soft} is not above zero and at most the budget ({})",
+                        "a soft limit of {soft} is above the budget ({})",
                         self.limit
                     ),
                 ));

@@ -428,7 +428,11 @@ fn the_binary_sets_shows_and_removes_a_budget(folder: tempfile::TempDir) -> Test
     // A soft limit above the budget is refused, and nothing changes.
     let refused = run(&db, &["keys", "update", &id, "--soft-budget", "30"], "")?;
     assert!(!refused.status.success());
-    assert!(String::from_utf8(refused.stderr)?.contains("soft"));
+    let said = String::from_utf8(refused.stderr)?;
+    assert!(
+        said.contains("a soft limit of 30.00 is above the budget (25.00)"),
+        "{said}"
+    );
     for bad in ["25/week", "25", "0/day", "5/0d", "1.0000000001/day"] {
         let refused = run(&db, &["keys", "update", &id, "--budget", bad], "")?;
         assert_eq!(refused.status.code(), Some(1), "{bad}: {refused:?}");
