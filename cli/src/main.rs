@@ -250,7 +250,7 @@ struct UpdateKey {
 enum PricesCommand {
     /// Set one model's price (per million tokens) from a time on, or every price in a file.
     #[command(
-        after_help = "Prices are decimals per million tokens, in one currency of your choice; a count\nwithout a price costs 0. A price may not take effect before an event of its model\nthat is already recorded.\n\nA file (JSON, or TOML if its name ends in .toml) holds a list `prices` of\n{ model, from, prompt, completion, cache_read, cache_creation, reasoning },\nall set in one transaction.\n\nExamples:\n  keytally prices set --model gpt-4o --prompt 2.50 --completion 10.00 --cache-read 1.25\n  keytally prices set --model o3 --from 2026-12-01T00:00:00Z --prompt 2 --completion 8\n  keytally prices set --file prices.toml"
+        after_help = "Prices are decimals per million tokens, in one currency of your choice; a count\nwithout a price costs 0. A price may not take effect before an event of its model\nthat is already recorded.\n\nA file (JSON, or TOML if its name ends in .toml) holds a list `prices` of\n{ model, from, prompt, completion, cache_read, cache_creation (or cache_write),\nreasoning }, all set in one transaction.\n\nExamples:\n  keytally prices set --model gpt-4o --prompt 2.50 --completion 10.00 --cache-read 1.25\n  keytally prices set --model o3 --from 2026-12-01T00:00:00Z --prompt 2 --completion 8\n  keytally prices set --file prices.toml"
     )]
     Set {
         /// The model, as events name it.

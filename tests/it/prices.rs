@@ -12,7 +12,7 @@ use keytally::{
 };
 use rstest::rstest;
 
-use crate::support::binary::{json_of, path_arg, run};
+use crate::support::binary::{json_of, keytally, path_arg, run};
 use crate::support::random::Rng;
 use crate::TestResult;
 
@@ -452,8 +452,9 @@ fn the_binary_sets_prices_from_a_file_and_reports_spend(
     let db = folder.path().join("keytally.db");
     let file = folder.path().join(format!("prices.{format}"));
     let text = match format {
-        "toml" => "[[prices]]\nmodel = \"gpt-4o\"\nfrom = \"2026-11-01T00:00:00Z\"\nprompt = 2.50\ncompletion = \"10.00\"\n\n[[prices]]\nmodel = \"o3\"\nfrom = \"1793491200000\"\nprompt = 2\n",
-        _ => r#"{"prices": [{"model": "gpt-4o", "from": "2026-11-01T00:00:00Z", "prompt": 2.50, "completion": "10.00"}, {"model": "o3", "from": "1793491200000", "prompt": 2}]}"#,
+        // The cache's writes under either name.
+        "toml" => "[[prices]]\nmodel = \"gpt-4o\"\nfrom = \"2026-11-01T00:00:00Z\"\nprompt = 2.50\ncompletion = \"10.00\"\ncache_write = 3.75\n\n[[prices]]\nmodel = \"o3\"\nfrom = \"1793491200000\"\nprompt = 2\n",
+        _ => r#"{"prices": [{"model": "gpt-4o", "from": "2026-11-01T00:00:00Z", "prompt": 2.50, "completion": "10.00", "cache_creation": "3.75"}, {"model": "o3", "from": "1793491200000", "prompt": 2}]}"#,
     };
     std::fs::write(&file, text)?;
     let set = run(&db, &["prices", "set", "--file", path_arg(&file)?], "")?;
@@ -464,6 +465,21 @@ fn the_binary_sets_prices_from_a_file_and_reports_spend(
     assert_eq!(listed[0]["model"], "gpt-4o");
     assert_eq!(listed[0]["prompt"], "2.50");
     assert_eq!(listed[0]["completion"], "10.00");
+    assert_eq!(listed[0]["cache_creation"], "3.75");
+    // As text, a table: each row as wide as the header, the prices under
+    // theirs.
+    let table = keytally(&["--db", path_arg(&db)?, "prices", "list"])?;
+    let table = String::from_utf8(table.stdout)?;
+    let widths: Vec<usize> = table.lines().map(str::len).collect();
+    assert_eq!(widths.len(), 3, "{table}");
+    assert!(widths.iter().all(|&width| width == widths[0]), "{table}");
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|row| row.ends_with("10.00        0.00        3.75        0.00")),
+        "{table}"
+    );
     let lines = "{\"ts\": \"2026-11-01T01:00:00Z\", \"model\": \"gpt-4o\", \"status\": 200, \"prompt_tokens\": 1000, \"completion_tokens\": 100}\n\
                  {\"ts\": \"2026-11-01T01:00:01Z\", \"model\": \"o3\", \"status\": 200, \"prompt_tokens\": 500}\n\
                  {\"ts\": \"2026-11-01T01:00:02Z\", \"model\": \"unpriced-model\", \"status\": 200, \"prompt_tokens\": 7}\n";

@@ -56,7 +56,7 @@ pub fn run(store: &Store, command: &PricesCommand, out: &Output) -> CliResult {
                     return "no prices\n".to_owned();
                 }
                 let mut text = format!(
-                    "{:<28} {:<24} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+                    "{:<28} {:<24} {:>11} {:>11} {:>11} {:>11} {:>11}\n",
                     "model",
                     "from",
                     "prompt",
@@ -67,15 +67,16 @@ pub fn run(store: &Store, command: &PricesCommand, out: &Output) -> CliResult {
                 );
                 for version in &versions {
                     let p = &version.price;
+                    // `Micros` writes its decimal whole: padded as text.
                     text.push_str(&format!(
-                        "{:<28} {:<24} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+                        "{:<28} {:<24} {:>11} {:>11} {:>11} {:>11} {:>11}\n",
                         version.model,
                         version.effective_from.to_string(),
-                        p.prompt,
-                        p.completion,
-                        p.cache_read,
-                        p.cache_creation,
-                        p.reasoning
+                        p.prompt.to_string(),
+                        p.completion.to_string(),
+                        p.cache_read.to_string(),
+                        p.cache_creation.to_string(),
+                        p.reasoning.to_string()
                     ));
                 }
                 text
@@ -112,7 +113,8 @@ struct FilePrice {
     completion: Micros,
     #[serde(default)]
     cache_read: Micros,
-    #[serde(default)]
+    /// Also `cache_write`, as `--cache-write` and `prices list` name it.
+    #[serde(default, alias = "cache_write")]
     cache_creation: Micros,
     #[serde(default)]
     reasoning: Micros,
