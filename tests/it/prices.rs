@@ -485,6 +485,14 @@ fn the_binary_sets_prices_from_a_file_and_reports_spend(
                  {\"ts\": \"2026-11-01T01:00:02Z\", \"model\": \"unpriced-model\", \"status\": 200, \"prompt_tokens\": 7}\n";
     let ingest = run(&db, &["events", "ingest"], lines)?;
     assert!(ingest.status.success(), "{ingest:?}");
+    // Each event listed with its cost, or as unpriced.
+    let listed = keytally(&["--db", path_arg(&db)?, "events", "list"])?;
+    let listed = String::from_utf8(listed.stdout)?;
+    let costs: Vec<&str> = listed
+        .lines()
+        .filter_map(|line| line.split_whitespace().last())
+        .collect();
+    assert_eq!(costs, ["unpriced", "0.001", "0.0035"], "{listed}");
     let usage = json_of(&run(
         &db,
         &[

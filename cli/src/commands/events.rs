@@ -291,7 +291,7 @@ fn list(
 
 fn event_line(event: &Event) -> String {
     format!(
-        "{}  {}  {:<36}  {:<18} {:>3}  in {:>6} out {:>6}  {:>6} ms{}\n",
+        "{}  {}  {:<36}  {:<18} {:>3}  in {:>6} out {:>6}  {:>6} ms  {:>12}{}\n",
         event.id,
         event.ts,
         event
@@ -302,6 +302,9 @@ fn event_line(event: &Event) -> String {
         event.prompt_tokens,
         event.completion_tokens,
         event.latency_ms,
+        event
+            .cost
+            .map_or_else(|| "unpriced".to_owned(), |cost| cost.to_string()),
         event
             .error
             .as_deref()
