@@ -1119,8 +1119,8 @@ fn events_at_the_edges_of_a_period_count_in_it(
 ) -> TestResult {
     let store = store_on(backend);
     price_model(&store, "gpt-4o")?;
-    // The last months of 31 and of 28 or 29 days whose next month ended
-    // before now.
+    // The last months of 31 and of 28 days whose next month ended before
+    // now.
     let month = BudgetPeriod::Month;
     let now = Timestamp::now();
     let last_month = |longest: bool| -> Result<Timestamp, &'static str> {
@@ -1129,7 +1129,7 @@ fn events_at_the_edges_of_a_period_count_in_it(
             start = month.start_of(start.plus_millis(-1)).ok_or("no month")?;
             let end = month.end_after(start);
             let days = (end.as_millis() - start.as_millis()) / DAY;
-            if (days == 31) == longest && days != 30 && month.end_after(end) <= now {
+            if days == if longest { 31 } else { 28 } && month.end_after(end) <= now {
                 return Ok(start);
             }
         }

@@ -469,6 +469,7 @@ fn the_binary_sets_prices_from_a_file_and_reports_spend(
     // As text, a table: each row as wide as the header, the prices under
     // theirs.
     let table = keytally(&["--db", path_arg(&db)?, "prices", "list"])?;
+    assert!(table.status.success(), "{table:?}");
     let table = String::from_utf8(table.stdout)?;
     let widths: Vec<usize> = table.lines().map(str::len).collect();
     assert_eq!(widths.len(), 3, "{table}");
@@ -487,10 +488,15 @@ fn the_binary_sets_prices_from_a_file_and_reports_spend(
     assert!(ingest.status.success(), "{ingest:?}");
     // Each event listed with its cost, or as unpriced.
     let listed = keytally(&["--db", path_arg(&db)?, "events", "list"])?;
+    assert!(listed.status.success(), "{listed:?}");
     let listed = String::from_utf8(listed.stdout)?;
     let costs: Vec<&str> = listed
         .lines()
-        .filter_map(|line| line.split_whitespace().last())
+        .filter_map(|line| {
+            line.split_whitespace()
+                .skip_while(|&word| word != "ms")
+                .nth(1)
+        })
         .collect();
     assert_eq!(costs, ["unpriced", "0.001", "0.0035"], "{listed}");
     let usage = json_of(&run(

@@ -55,8 +55,15 @@ pub fn run(store: &Store, command: &PricesCommand, out: &Output) -> CliResult {
                 if versions.is_empty() {
                     return "no prices\n".to_owned();
                 }
+                // The model column as wide as the longest name.
+                let width = versions
+                    .iter()
+                    .map(|version| version.model.chars().count())
+                    .max()
+                    .unwrap_or(0)
+                    .max(28);
                 let mut text = format!(
-                    "{:<28} {:<24} {:>11} {:>11} {:>11} {:>11} {:>11}\n",
+                    "{:<width$} {:<24} {:>11} {:>11} {:>11} {:>11} {:>11}\n",
                     "model",
                     "from",
                     "prompt",
@@ -69,7 +76,7 @@ pub fn run(store: &Store, command: &PricesCommand, out: &Output) -> CliResult {
                     let p = &version.price;
                     // `Micros` writes its decimal whole: padded as text.
                     text.push_str(&format!(
-                        "{:<28} {:<24} {:>11} {:>11} {:>11} {:>11} {:>11}\n",
+                        "{:<width$} {:<24} {:>11} {:>11} {:>11} {:>11} {:>11}\n",
                         version.model,
                         version.effective_from.to_string(),
                         p.prompt.to_string(),
