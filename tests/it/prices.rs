@@ -521,6 +521,34 @@ fn the_binary_sets_prices_from_a_file_and_reports_spend(
     let unpriced = row("unpriced-model").ok_or("no unpriced-model")?;
     assert_eq!(unpriced["cost"], "0.00");
     assert_eq!(unpriced["unpriced_requests"], 1);
+    // As text, the unpriced model's cost is not shown as 0.
+    let table = keytally(&[
+        "--db",
+        path_arg(&db)?,
+        "events",
+        "usage",
+        "--since",
+        "2026-11-01T00:00:00Z",
+        "--until",
+        "2026-11-02T00:00:00Z",
+        "--by",
+        "model",
+    ])?;
+    assert!(table.status.success(), "{table:?}");
+    let table = String::from_utf8(table.stdout)?;
+    let cost_of = |model: &str| {
+        table
+            .lines()
+            .find(|line| line.starts_with(&format!("{model} ")))
+            .and_then(|line| line.split_whitespace().rev().nth(1))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        cost_of("unpriced-model").as_deref(),
+        Some("unpriced"),
+        "{table}"
+    );
+    assert_eq!(cost_of("o3").as_deref(), Some("0.001"), "{table}");
     // A price before those events is refused, and changes nothing.
     let refused = run(
         &db,

@@ -390,8 +390,15 @@ fn usage(
         "rows": json_rows,
     });
     out.print(&value, || {
+        // The group column as wide as the longest group.
+        let width = rows
+            .iter()
+            .map(|(group, _)| group.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(36);
         let mut text = format!(
-            "{:<36} {:>9} {:>7} {:>13} {:>13} {:>10} {:>10} {:>14} {:>9}\n",
+            "{:<width$} {:>9} {:>7} {:>13} {:>13} {:>10} {:>10} {:>14} {:>9}\n",
             "group",
             "requests",
             "errors",
@@ -403,8 +410,14 @@ fn usage(
             "unpriced"
         );
         for (group, t) in &rows {
+            // A group of unpriced events alone has no cost to show, not 0.
+            let cost = if t.requests > 0 && t.unpriced_requests == t.requests {
+                "unpriced".to_owned()
+            } else {
+                t.cost().to_string()
+            };
             text.push_str(&format!(
-                "{:<36} {:>9} {:>7} {:>13} {:>13} {:>10.0} {:>10} {:>14} {:>9}\n",
+                "{:<width$} {:>9} {:>7} {:>13} {:>13} {:>10.0} {:>10} {:>14} {:>9}\n",
                 group,
                 t.requests,
                 t.errors,
@@ -412,7 +425,7 @@ fn usage(
                 t.completion_tokens,
                 t.latency_ms_mean().unwrap_or(0.0),
                 t.latency_ms_max,
-                t.cost().to_string(),
+                cost,
                 t.unpriced_requests
             ));
         }
