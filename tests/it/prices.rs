@@ -499,20 +499,17 @@ fn the_binary_sets_prices_from_a_file_and_reports_spend(
         })
         .collect();
     assert_eq!(costs, ["unpriced", "0.001", "0.0035"], "{listed}");
-    let usage = json_of(&run(
-        &db,
-        &[
-            "events",
-            "usage",
-            "--since",
-            "2026-11-01T00:00:00Z",
-            "--until",
-            "2026-11-02T00:00:00Z",
-            "--by",
-            "model",
-        ],
-        "",
-    )?)?;
+    let usage_args = [
+        "events",
+        "usage",
+        "--since",
+        "2026-11-01T00:00:00Z",
+        "--until",
+        "2026-11-02T00:00:00Z",
+        "--by",
+        "model",
+    ];
+    let usage = json_of(&run(&db, &usage_args, "")?)?;
     let rows = usage["rows"].as_array().ok_or("no rows")?;
     let row = |model: &str| rows.iter().find(|row| row["group"] == model).cloned();
     // 1,000 × 2.50 + 100 × 10.00 a million: 0.0035; 500 × 2.00: 0.001.
@@ -522,18 +519,7 @@ fn the_binary_sets_prices_from_a_file_and_reports_spend(
     assert_eq!(unpriced["cost"], "0.00");
     assert_eq!(unpriced["unpriced_requests"], 1);
     // As text, the unpriced model's cost is not shown as 0.
-    let table = keytally(&[
-        "--db",
-        path_arg(&db)?,
-        "events",
-        "usage",
-        "--since",
-        "2026-11-01T00:00:00Z",
-        "--until",
-        "2026-11-02T00:00:00Z",
-        "--by",
-        "model",
-    ])?;
+    let table = keytally(&[&["--db", path_arg(&db)?][..], &usage_args].concat())?;
     assert!(table.status.success(), "{table:?}");
     let table = String::from_utf8(table.stdout)?;
     let cost_of = |model: &str| {
