@@ -2,7 +2,7 @@
 //! writes to the store at the path given as its first argument until it is
 //! killed, and reports each write on stdout only after it was committed:
 //!
-//! - `key <id>` after a key was created,
+//! - `key <id>` after a key was created (with a budget),
 //! - `batch <n>` after the 20 events with request ids `b<n>-0` .. `b<n>-19`
 //!   were committed in one batch.
 //!
@@ -11,10 +11,22 @@
 
 use std::io::Write;
 
-use keytally::{NewEvent, NewKey, Store, Timestamp};
+use keytally::{Budget, BudgetPeriod, Cost, NewEvent, NewKey, Store, Timestamp};
 
 /// Events per batch.
 const BATCH: u64 = 20;
+
+/// Each key's budget: 0.0005 a day, soft 0.0002. At the 1.00 a million
+/// prompt tokens the test prices `crash-model` at, a batch costs 0.00019,
+/// so a key reaches its soft limit in its second batch and its budget in
+/// its third, of up to seven.
+fn budget() -> Budget {
+    Budget {
+        limit: Cost(500_000),
+        soft_limit: Some(Cost(200_000)),
+        period: BudgetPeriod::Day,
+    }
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -29,9 +41,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut key_id = None;
     loop {
         if batch % 7 == 0 || key_id.is_none() {
-            let created = store
-                .keys()
-                .create(&NewKey::client(format!("crash {batch}")))?;
+            let created = store.keys().create(&NewKey {
+                budget: Some(budget()),
+                ..NewKey::client(format!("crash {batch}"))
+            })?;
             key_id = Some(created.key.id);
             writeln!(out, "key {}", created.key.id)?;
             out.flush()?;

@@ -15,6 +15,7 @@ use rstest::rstest;
 
 use crate::support::binary::{json_of, keytally, path_arg, run};
 use crate::support::crash_writer::example;
+use crate::support::spend::recount;
 use crate::TestResult;
 
 /// What one test event costs: 1,000 prompt tokens at 1.00 a million.
@@ -62,29 +63,6 @@ fn key_with(store: &Store, budget: Budget) -> Result<(KeyId, String), Error> {
         ..NewKey::client("budgeted")
     })?;
     Ok((created.key.id, created.secret.expose().to_owned()))
-}
-
-/// What the key's events recorded at or after `since` cost, by the test's
-/// own count over the raw events.
-fn recount(store: &Store, key: KeyId, since: Timestamp) -> Result<i64, Error> {
-    let mut total = 0;
-    let mut filter = EventFilter {
-        key: Some(key),
-        limit: Some(10_000),
-        ..EventFilter::default()
-    };
-    loop {
-        let page = store.events().list(&filter)?;
-        let Some(last) = page.last() else {
-            return Ok(total);
-        };
-        filter.before = Some(last.cursor());
-        total += page
-            .iter()
-            .filter(|event| event.event.ts >= since)
-            .filter_map(|event| event.cost.map(Cost::nanos))
-            .sum::<i64>();
-    }
 }
 
 /// A store with every event priced at [`EVENT_COST`], and a key allowed
@@ -156,7 +134,7 @@ fn a_key_stops_resolving_when_its_spend_reaches_its_budget(
     assert_eq!(status.resets_at, status.period_start.plus_millis(DAY));
     assert_eq!(
         status.spend.nanos(),
-        recount(&store, key, status.period_start)?
+        recount(&store, key, status.period_start, None)?
     );
     // A larger budget lets it in again; removing the budget too.
     store.keys().update(
@@ -208,7 +186,7 @@ fn a_budget_set_on_a_key_counts_what_it_already_spent_in_the_period(
     )?;
     let status = store.keys().budget(key)?.ok_or("no budget")?;
     assert_eq!(status.spend, Cost(4 * EVENT_COST));
-    assert_eq!(status.spend.nanos(), recount(&store, key, today)?);
+    assert_eq!(status.spend.nanos(), recount(&store, key, today, None)?);
     assert!(status.over_budget);
     assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
     // A monthly budget counts the whole month so far.
@@ -221,7 +199,7 @@ fn a_budget_set_on_a_key_counts_what_it_already_spent_in_the_period(
     )?;
     let month = BudgetPeriod::Month.start_of(now).ok_or("no month")?;
     let status = store.keys().budget(key)?.ok_or("no budget")?;
-    assert_eq!(status.spend.nanos(), recount(&store, key, month)?);
+    assert_eq!(status.spend.nanos(), recount(&store, key, month, None)?);
     assert!(store.keys().resolve(&secret)?.is_ok());
     Ok(())
 }
@@ -265,7 +243,7 @@ fn a_refused_key_resolves_again_when_its_period_rolls_over(
     assert_eq!(status.spend, Cost(2 * EVENT_COST));
     assert_eq!(
         status.spend.nanos(),
-        recount(&store, key, status.period_start)?
+        recount(&store, key, status.period_start, None)?
     );
     assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
     Ok(())
@@ -389,7 +367,7 @@ fn check_overshoot(
     assert_eq!(status.spend, Cost(recorded * EVENT_COST));
     assert_eq!(
         status.spend.nanos(),
-        recount(test, key, status.period_start)?
+        recount(test, key, status.period_start, None)?
     );
     assert!(
         (0..i64::try_from(writers)?).contains(&overshoot),
@@ -743,7 +721,7 @@ fn a_large_batch_over_three_periods_counts_each_in_time_order(
     let last_period = at(-DAY);
     let spend = crate::support::sql::raw(&store)?.number(KEPT_SPEND)?;
     assert_eq!(spend, EVENT_COST);
-    assert_eq!(spend, recount(&store, key, last_period)?);
+    assert_eq!(spend, recount(&store, key, last_period, None)?);
     let refused_until = crate::support::sql::raw(&store)?
         .number("SELECT over_budget_until AS n FROM keys WHERE over_budget_until IS NOT NULL")?;
     assert_eq!(
@@ -776,7 +754,7 @@ fn an_event_from_far_ahead_does_not_move_the_budget_period(
     assert_eq!(status.spend, Cost(2 * EVENT_COST));
     assert_eq!(
         status.spend.nanos(),
-        recount(&store, key, status.period_start)? - 2 * EVENT_COST,
+        recount(&store, key, status.period_start, None)? - 2 * EVENT_COST,
         "the two events from ahead are recorded, and spend nothing"
     );
     assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
@@ -817,7 +795,7 @@ fn a_budget_keeps_its_spend_over_many_hours_and_after_its_rollups_are_pruned(
     let status = store.keys().budget(key)?.ok_or("no budget")?;
     assert_eq!(status.period_start, from);
     assert_eq!(status.spend, Cost(150 * EVENT_COST));
-    assert_eq!(status.spend.nanos(), recount(&store, key, from)?);
+    assert_eq!(status.spend.nanos(), recount(&store, key, from, None)?);
     let folded = |store: &TestStore| -> Result<i64, Box<dyn std::error::Error>> {
         // The first key's row (the idle key below comes after it).
         Ok(crate::support::sql::raw(store)?.number(
@@ -905,7 +883,7 @@ fn stores_recording_in_turn_count_each_others_spend_and_budget_changes(
     assert_eq!(status.spend, Cost(6 * EVENT_COST));
     assert_eq!(
         status.spend.nanos(),
-        recount(&store, key, status.period_start)?
+        recount(&store, key, status.period_start, None)?
     );
     Ok(())
 }
@@ -1226,7 +1204,11 @@ fn events_at_the_edges_of_a_period_count_in_it(
             let kept_spend = raw.number(&format!("{KEPT_SPEND} {row}"))?;
             assert_eq!(kept_period, period.as_millis(), "key {nth}");
             assert_eq!(kept_spend, events * EVENT_COST, "key {nth}");
-            assert_eq!(kept_spend, recount(&store, *key, period)?, "key {nth}");
+            assert_eq!(
+                kept_spend,
+                recount(&store, *key, period, None)?,
+                "key {nth}"
+            );
         }
     }
     Ok(())

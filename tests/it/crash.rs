@@ -1,7 +1,8 @@
 //! Crash loop: a real child process writes keys and event batches and is
 //! killed with SIGKILL at random moments. After every kill the store opens,
 //! passes `integrity_check`, holds every write the child acknowledged, and
-//! holds no batch in part.
+//! holds no batch in part, and each key's budget spend equals a recount
+//! of its events.
 //!
 //! 50 kills by default; `KEYTALLY_CRASH_KILLS=5000` for a long run.
 
@@ -11,11 +12,13 @@ use std::time::Duration;
 
 use diesel::{QueryableByName, RunQueryDsl};
 use keytally::testing::folder;
-use keytally::{KeyId, Store};
+use keytally::{KeyId, Micros, Price, PriceVersion, Store, Timestamp};
 use rstest::rstest;
 use tempfile::TempDir;
 
 use crate::support::crash_writer::{crash_writer, whole_lines};
+use crate::support::spend::budgets_hold;
+use crate::support::sql::Raw;
 use crate::TestResult;
 
 /// Events per batch, as the child writes them.
@@ -52,6 +55,10 @@ pub struct CrashFigures {
     pub acknowledged_batches: u64,
     /// Keys the children acknowledged (all found after the kills).
     pub acknowledged_keys: u64,
+    /// Budgets checked (one per key, after the kill that ended its writer).
+    pub budgets: u64,
+    /// Those of them reached.
+    pub budgets_reached: u64,
 }
 
 #[rstest]
@@ -70,6 +77,17 @@ fn acknowledged_writes_survive_sigkill(folder: TempDir) -> TestResult {
             .as_nanos() as u64,
     );
     let mut figures = CrashFigures::default();
+    let store = Store::open(&db)?;
+    store.prices().set(&PriceVersion {
+        model: "crash-model".to_owned(),
+        effective_from: Timestamp::from_millis(0)?,
+        price: Price {
+            prompt: Micros(1_000_000),
+            ..Price::default()
+        },
+    })?;
+    let _ = store.close()?;
+    let mut checked_up_to = 0;
     for round in 0..kills {
         let first_batch = round * 1_000_000;
         let mut child = Command::new(&writer)
@@ -110,13 +128,26 @@ fn acknowledged_writes_survive_sigkill(folder: TempDir) -> TestResult {
         for id in &acked_keys {
             store.keys().get(*id)?;
         }
+        // The keys of earlier rounds were checked after their kill and are
+        // not written to again.
+        let mut raw = Raw::Sqlite(store.sqlite_connection()?);
+        let checked = budgets_hold(
+            &store,
+            &mut raw,
+            checked_up_to,
+            &format!("after kill {round}"),
+        )?;
+        drop(raw);
+        checked_up_to = checked.last_row_id;
+        figures.budgets += checked.budgets as u64;
+        figures.budgets_reached += checked.reached as u64;
         let _ = store.close()?;
     }
     figures.acknowledged_batches = acked_batches.len() as u64;
     figures.acknowledged_keys = acked_keys.len() as u64;
     assert!(
-        figures.acknowledged_batches > 0,
-        "the child never got to write: {figures:?}"
+        figures.acknowledged_batches > 0 && figures.budgets_reached > 0,
+        "the child never got to write, or to reach a budget: {figures:?}"
     );
     eprintln!("crash loop: {figures:?}");
     Ok(())

@@ -13,10 +13,12 @@ use diesel::sql_types::{Nullable, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use keytally::testing::postgres::{self, OwnServer};
 use keytally::{
-    Error, EventSink, NewEvent, NewKey, ResolveMode, SinkOptions, Store, StoreOptions, Timestamp,
+    Budget, BudgetPeriod, Cost, CreatedKey, Error, EventSink, Micros, NewEvent, NewKey, Price,
+    PriceVersion, ResolveMode, SinkOptions, Store, StoreOptions, Timestamp,
 };
 
 use crate::support::random::Rng;
+use crate::support::spend::{budgets_hold, Checked};
 use crate::support::sql::Raw;
 use crate::TestResult;
 
@@ -47,6 +49,37 @@ fn rollups_hold(url: &str) -> TestResult {
     Ok(())
 }
 
+/// What the fault tests' models cost: 1.00 a million prompt tokens.
+fn price(store: &Store, model: &str) -> Result<(), Error> {
+    store.prices().set(&PriceVersion {
+        model: model.to_owned(),
+        effective_from: Timestamp::from_millis(0)?,
+        price: Price {
+            prompt: Micros(1_000_000),
+            ..Price::default()
+        },
+    })
+}
+
+/// A client key with a daily budget of `limit` nanos.
+fn budgeted_key(store: &Store, label: &str, limit: i64, soft: i64) -> Result<CreatedKey, Error> {
+    store.keys().create(&NewKey {
+        budget: Some(Budget {
+            limit: Cost(limit),
+            soft_limit: Some(Cost(soft)),
+            period: BudgetPeriod::Day,
+        }),
+        ..NewKey::client(label)
+    })
+}
+
+/// The budgets of `url`'s database (`store`'s) equal a recount of their
+/// keys' events, and refuse exactly the keys that reached them.
+fn budgets_of(store: &Store, url: &str) -> Result<Checked, Box<dyn std::error::Error>> {
+    let mut raw = Raw::Postgres(PgConnection::establish(url)?);
+    budgets_hold(store, &mut raw, 0, "after the faults")
+}
+
 /// One resolve of the loop: when it began, and its outcome.
 struct Resolve {
     began: Instant,
@@ -63,7 +96,10 @@ fn a_killed_server_loses_no_acknowledged_event_and_the_store_reconnects() -> Tes
     let store = Arc::new(Store::open_with(
         &StoreOptions::new(&url).busy_timeout(Duration::from_millis(250)),
     )?);
-    let created = store.keys().create(&NewKey::client("faults"))?;
+    // Every event is priced; the key's budget is never reached (the
+    // resolves must succeed once the server is back), its soft limit is.
+    price(&store, "fault-model")?;
+    let created = budgeted_key(&store, "faults", i64::MAX / 2, 1_000_000)?;
     let key_id = created.key.id;
     let secret = created.secret.expose().to_owned();
     let sink = Arc::new(EventSink::new(
@@ -238,6 +274,15 @@ fn a_killed_server_loses_no_acknowledged_event_and_the_store_reconnects() -> Tes
         }
     }
     rollups_hold(&url)?;
+    let checked = budgets_of(&store, &url)?;
+    assert_eq!((checked.budgets, checked.reached), (1, 0), "{checked:?}");
+    assert!(
+        store
+            .keys()
+            .budget(key_id)?
+            .is_some_and(|status| status.soft_limit_reached),
+        "the soft limit was not reached"
+    );
 
     // While it was down, resolves failed with a typed error; after it was
     // back, none failed.
@@ -315,6 +360,12 @@ fn terminate_backends(admin: &mut PgConnection) -> diesel::QueryResult<Terminate
 fn a_connection_terminated_mid_transaction_applies_all_or_nothing() -> TestResult {
     let url = postgres::server()?.fresh_database()?;
     let store = Arc::new(Store::open(&url)?);
+    // Half the events are of a key whose budget (10.00 a day) the rounds
+    // reach (a large batch of them costs 2.25) unless most roll back.
+    price(&store, "terminated-model")?;
+    let key = budgeted_key(&store, "terminated", 10_000_000_000, 2_500_000_000)?
+        .key
+        .id;
     let mut admin = PgConnection::establish(&url)?;
     let mut rng = Rng::new(
         std::time::SystemTime::now()
@@ -333,6 +384,7 @@ fn a_connection_terminated_mid_transaction_applies_all_or_nothing() -> TestResul
                 let mut event = NewEvent::new(Timestamp::now(), "terminated-model");
                 event.request_id = Some(format!("r{round}-{j}"));
                 event.prompt_tokens = j as i64;
+                event.key_id = (j % 2 == 0).then_some(key);
                 event
             })
             .collect();
@@ -421,6 +473,8 @@ fn a_connection_terminated_mid_transaction_applies_all_or_nothing() -> TestResul
         }
     }
     rollups_hold(&url)?;
+    let checked = budgets_of(&store, &url)?;
+    assert_eq!((checked.budgets, checked.reached), (1, 1), "{checked:?}");
     // The store still works.
     store
         .events()

@@ -15,12 +15,13 @@ use std::process::Command;
 use diesel::sql_types::{Nullable, Text};
 use diesel::{QueryableByName, RunQueryDsl};
 use keytally::testing::folder;
-use keytally::{NewKey, Store};
+use keytally::{Budget, BudgetPeriod, Cost, Micros, NewKey, Price, PriceVersion, Store, Timestamp};
 use rstest::rstest;
 use tempfile::TempDir;
 
 use crate::support::crash_writer::example;
 use crate::support::random::Rng;
+use crate::support::spend::budgets_hold;
 use crate::support::sql::Raw;
 use crate::TestResult;
 
@@ -37,11 +38,30 @@ fn seed() -> Result<u64, Box<dyn std::error::Error>> {
         .as_nanos() as u64)
 }
 
-/// A migrated database with one key, copied into each run's folder.
+/// A migrated database with one key, copied into each run's folder. The
+/// child's model costs 1.00 a million prompt tokens, and the key has a
+/// budget of 0.10 a day with a soft limit of 0.05: the `records` and
+/// `paced` scenarios reach both a fraction of the way in, so cuts land
+/// before, at and after the key's refusal.
 fn template(folder: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let path = folder.join("template.db");
     let store = Store::open(&path)?;
-    store.keys().create(&NewKey::client("power"))?;
+    store.prices().set(&PriceVersion {
+        model: "power-model".to_owned(),
+        effective_from: Timestamp::from_millis(0)?,
+        price: Price {
+            prompt: Micros(1_000_000),
+            ..Price::default()
+        },
+    })?;
+    store.keys().create(&NewKey {
+        budget: Some(Budget {
+            limit: Cost(100_000_000),
+            soft_limit: Some(Cost(50_000_000)),
+            period: BudgetPeriod::Day,
+        }),
+        ..NewKey::client("power")
+    })?;
     assert!(store.close()?.checkpoint_complete);
     Ok(path)
 }
@@ -140,8 +160,13 @@ fn commits(store: &Store) -> Result<BTreeMap<u64, u64>, Box<dyn std::error::Erro
 }
 
 /// Opens the database the cut left and checks it: it opens, passes
-/// `check`, and its rollups equal a recount of its events.
-fn open_and_check(database: &Path, what: &str) -> Result<Store, Box<dyn std::error::Error>> {
+/// `check`, its rollups equal a recount of its events, and so does the
+/// key's budget spend, which refuses the key exactly when it reached the
+/// budget. Returns the store, and whether the key had reached its budget.
+fn open_and_check(
+    database: &Path,
+    what: &str,
+) -> Result<(Store, bool), Box<dyn std::error::Error>> {
     let store =
         Store::open(database).map_err(|e| format!("{what}: the store does not open: {e}"))?;
     let check = store.check()?;
@@ -152,8 +177,10 @@ fn open_and_check(database: &Path, what: &str) -> Result<Store, Box<dyn std::err
         0,
         "{what}: rollups differ from a recount"
     );
+    let checked = budgets_hold(&store, &mut raw, 0, what)?;
+    assert_eq!(checked.budgets, 1, "{what}: the key's budget");
     drop(raw);
-    Ok(store)
+    Ok((store, checked.reached == 1))
 }
 
 /// Figures of one setting, for `docs/reliability.md`.
@@ -166,6 +193,8 @@ struct Figures {
     most_lost_in_one_cut: u64,
     /// The longest time from a lost commit's acknowledgement to the cut.
     longest_lost_ms: f64,
+    /// Cuts that left the key at or over its budget.
+    budget_reached: u64,
 }
 
 /// Events in commit `n` of the `records` and `checkpoint` scenarios.
@@ -192,8 +221,12 @@ fn power_cuts(
     let mut rng = Rng::new(seed()?);
     // A whole run without a cut, to know how many operations there are to
     // cut at.
-    let (_, whole) = run(&template, folder.path(), scenario, synchronous, 0, &mut rng)?;
+    let (whole_folder, whole) = run(&template, folder.path(), scenario, synchronous, 0, &mut rng)?;
     assert!(!whole.cut && !whole.acked.is_empty(), "{whole:?}");
+    let what = format!("{scenario} {synchronous} without a cut");
+    let (store, reached) = open_and_check(&whole_folder.path().join("keytally.db"), &what)?;
+    assert!(reached, "{what}: the run never reached the key's budget");
+    let _ = store.close()?;
     assert!(whole.counted > 0);
     let mut figures = Figures::default();
     for _ in 0..cuts {
@@ -209,7 +242,8 @@ fn power_cuts(
         let what = format!("{scenario} {synchronous} cut at {at} ({})", report.damage);
         figures.runs += 1;
         figures.cuts += u64::from(report.cut);
-        let store = open_and_check(&run_folder.path().join("keytally.db"), &what)?;
+        let (store, reached) = open_and_check(&run_folder.path().join("keytally.db"), &what)?;
+        figures.budget_reached += u64::from(reached);
         let present = commits(&store)?;
         for (n, count) in &present {
             assert_eq!(*count, events_of(*n), "{what}: commit {n} is there in part");
@@ -305,7 +339,7 @@ fn a_power_cut_during_a_backup_leaves_the_database_whole(
         )?;
         assert!(report.cut && !report.backup_done, "{report:?}");
         let what = format!("backup {synchronous} cut at {at} ({})", report.damage);
-        let store = open_and_check(&run_folder.path().join("keytally.db"), &what)?;
+        let (store, _) = open_and_check(&run_folder.path().join("keytally.db"), &what)?;
         holds_the_backup_scenario(&store, &what)?;
         // No backup was reported, and none is there: the copy never got its
         // name, or lost it with the folder entry.
@@ -344,7 +378,7 @@ fn a_backup_reported_done_survives_a_power_cut_right_after(
         )?;
         assert!(report.backup_done && report.cut, "{report:?}");
         let what = format!("backup {synchronous} then cut ({})", report.damage);
-        let backup = open_and_check(&run_folder.path().join("backup.db"), &what)?;
+        let (backup, _) = open_and_check(&run_folder.path().join("backup.db"), &what)?;
         holds_the_backup_scenario(&backup, &what)?;
         let _ = backup.close()?;
     }
@@ -382,7 +416,7 @@ fn a_restore_cut_at_any_point_leaves_the_old_or_the_new_database(
         )?;
         assert!(report.cut, "{report:?}");
         let what = format!("restore {synchronous} cut at {at} ({})", report.damage);
-        let store = open_and_check(&run_folder.path().join("keytally.db"), &what)?;
+        let (store, _) = open_and_check(&run_folder.path().join("keytally.db"), &what)?;
         let present = commits(&store)?;
         // A restore reported done may still be closing its store when the
         // power goes: what it reported stands.

@@ -6,5 +6,6 @@ pub mod binary;
 pub mod crash_writer;
 pub mod files;
 pub mod random;
+pub mod spend;
 pub mod sql;
 pub mod tmpfs;

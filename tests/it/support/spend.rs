@@ -1,0 +1,105 @@
+//! What a budget's kept spend must equal: the test's own recount of the
+//! key's raw events. Shared by the budget tests and the fault tests (kills,
+//! power cuts, a killed PostgreSQL server), which check it on whatever a
+//! fault left.
+
+use diesel::sql_types::{BigInt, Binary, Nullable};
+use diesel::QueryableByName;
+use keytally::{Cost, EventFilter, KeyId, Store, Timestamp};
+
+use crate::support::sql::Raw;
+
+/// What the key's events from `since` on, and before `until` if given,
+/// cost, by the test's own count over the raw events.
+pub fn recount(
+    store: &Store,
+    key: KeyId,
+    since: Timestamp,
+    until: Option<Timestamp>,
+) -> keytally::Result<i64> {
+    let mut total = 0;
+    let mut filter = EventFilter {
+        key: Some(key),
+        since: Some(since),
+        until,
+        limit: Some(10_000),
+        ..EventFilter::default()
+    };
+    loop {
+        let page = store.events().list(&filter)?;
+        let Some(last) = page.last() else {
+            return Ok(total);
+        };
+        filter.before = Some(last.cursor());
+        total += page
+            .iter()
+            .filter_map(|event| event.cost.map(Cost::nanos))
+            .sum::<i64>();
+    }
+}
+
+#[derive(QueryableByName)]
+struct Budgeted {
+    #[diesel(sql_type = BigInt)]
+    row_id: i64,
+    #[diesel(sql_type = Binary)]
+    id: KeyId,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    over_budget_until: Option<i64>,
+}
+
+/// What [`budgets_hold`] checked.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Budgets checked.
+    pub budgets: usize,
+    /// Those of them reached.
+    pub reached: usize,
+    /// The greatest row id of a key checked (`after` if none was).
+    pub last_row_id: i64,
+}
+
+/// Checks the budgets of `store`'s keys whose row id is greater than
+/// `after`: each one's spend in the current period equals a recount of the
+/// key's events in that period, and the key is refused (its
+/// `over_budget_until` ahead) exactly when that spend has reached the
+/// budget.
+pub fn budgets_hold(
+    store: &Store,
+    raw: &mut Raw,
+    after: i64,
+    what: &str,
+) -> Result<Checked, Box<dyn std::error::Error>> {
+    let budgeted: Vec<Budgeted> = raw.load(&format!(
+        "SELECT k.row_id, k.id, k.over_budget_until FROM keys AS k \
+         JOIN key_budgets AS b ON b.key_row_id = k.row_id WHERE k.row_id > {after}"
+    ))?;
+    let now = Timestamp::now().as_millis();
+    let mut checked = Checked {
+        last_row_id: after,
+        ..Checked::default()
+    };
+    for key in &budgeted {
+        let status = store
+            .keys()
+            .budget(key.id)?
+            .ok_or_else(|| format!("{what}: key {} lost its budget", key.id))?;
+        let counted = recount(store, key.id, status.period_start, Some(status.resets_at))?;
+        assert_eq!(
+            status.spend,
+            Cost(counted),
+            "{what}: key {}'s spend differs from a recount of its events",
+            key.id
+        );
+        let refused = key.over_budget_until.is_some_and(|until| until > now);
+        assert_eq!(
+            refused, status.over_budget,
+            "{what}: key {} spent {} of {} and is refused: {refused}",
+            key.id, status.spend, status.budget.limit
+        );
+        checked.budgets += 1;
+        checked.reached += usize::from(status.over_budget);
+        checked.last_row_id = checked.last_row_id.max(key.row_id);
+    }
+    Ok(checked)
+}
