@@ -8,14 +8,14 @@ use diesel::{Connection, RunQueryDsl};
 use diesel_migrations::MigrationHarness;
 use keytally::testing::{folder, postgres, store_on, TestStore};
 use keytally::{
-    Backend, Budget, BudgetPeriod, Cost, Error, EventFilter, KeyId, KeyUpdate, NewEvent, NewKey,
-    Price, PriceVersion, Rejection, Store, StoreOptions, Timestamp,
+    Backend, Budget, BudgetPeriod, Cost, Error, KeyId, KeyUpdate, NewEvent, NewKey, Price,
+    PriceVersion, Rejection, Store, StoreOptions, Timestamp,
 };
 use rstest::rstest;
 
 use crate::support::binary::{json_of, keytally, path_arg, run};
 use crate::support::crash_writer::example;
-use crate::support::spend::recount;
+use crate::support::spend::{price_model, recount};
 use crate::TestResult;
 
 /// What one test event costs: 1,000 prompt tokens at 1.00 a million.
@@ -27,18 +27,6 @@ const KEPT_SPEND: &str = "SELECT CAST(b.spend_nanos + COALESCE((\
     SELECT SUM(u.cost_nanos) FROM usage_key_hourly AS u \
     WHERE u.key_row_id = b.key_row_id AND u.hour >= b.rollup_hour), 0) AS BIGINT) AS n \
     FROM key_budgets AS b";
-
-/// Prices `model` at 1.00 a million prompt tokens from the epoch on.
-fn price_model(store: &Store, model: &str) -> Result<(), Error> {
-    store.prices().set(&PriceVersion {
-        model: model.to_owned(),
-        effective_from: Timestamp::from_millis(0)?,
-        price: Price {
-            prompt: keytally::Micros(1_000_000),
-            ..Price::default()
-        },
-    })
-}
 
 /// An event of `key` at `ts` costing [`EVENT_COST`].
 fn event(key: KeyId, ts: Timestamp) -> NewEvent {
@@ -935,22 +923,7 @@ fn large_batches_keep_each_keys_spend_with_another_store_recording_between(
     let check = |step: &str| -> TestResult {
         for (key, secret) in &keys {
             let status = store.keys().budget(*key)?.ok_or("no budget")?;
-            let mut counted = 0;
-            let mut filter = EventFilter {
-                key: Some(*key),
-                limit: Some(10_000),
-                ..EventFilter::default()
-            };
-            loop {
-                let page = store.events().list(&filter)?;
-                let Some(last) = page.last() else { break };
-                filter.before = Some(last.cursor());
-                counted += page
-                    .iter()
-                    .filter(|e| e.event.ts >= from && e.event.ts <= horizon)
-                    .filter_map(|e| e.cost.map(Cost::nanos))
-                    .sum::<i64>();
-            }
+            let counted = recount(&store, *key, from, Some(horizon.plus_millis(1)))?;
             assert_eq!(status.spend.nanos(), counted, "{step}: key {key}");
             let refused = store.keys().resolve(secret)? == Err(Rejection::OverBudget);
             assert_eq!(refused, status.over_budget, "{step}: key {key}");

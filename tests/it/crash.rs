@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use diesel::{QueryableByName, RunQueryDsl};
 use keytally::testing::folder;
-use keytally::{KeyId, Micros, Price, PriceVersion, Store, Timestamp};
+use keytally::{KeyId, Store};
 use rstest::rstest;
 use tempfile::TempDir;
 
 use crate::support::crash_writer::{crash_writer, whole_lines};
-use crate::support::spend::budgets_hold;
+use crate::support::spend::{budgets_hold, price_model};
 use crate::support::sql::Raw;
 use crate::TestResult;
 
@@ -78,14 +78,7 @@ fn acknowledged_writes_survive_sigkill(folder: TempDir) -> TestResult {
     );
     let mut figures = CrashFigures::default();
     let store = Store::open(&db)?;
-    store.prices().set(&PriceVersion {
-        model: "crash-model".to_owned(),
-        effective_from: Timestamp::from_millis(0)?,
-        price: Price {
-            prompt: Micros(1_000_000),
-            ..Price::default()
-        },
-    })?;
+    price_model(&store, "crash-model")?;
     let _ = store.close()?;
     let mut checked_up_to = 0;
     for round in 0..kills {

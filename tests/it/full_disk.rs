@@ -4,13 +4,12 @@
 
 use keytally::testing::folder;
 use keytally::{
-    Budget, BudgetPeriod, Cost, Error, EventFilter, KeyId, Micros, NewEvent, NewKey, Price,
-    PriceVersion, Store, Timestamp,
+    Budget, BudgetPeriod, Cost, Error, EventFilter, KeyId, NewEvent, NewKey, Store, Timestamp,
 };
 use rstest::rstest;
 use tempfile::TempDir;
 
-use crate::support::spend::budgets_hold;
+use crate::support::spend::{all_events, budgets_hold, price_model};
 use crate::support::sql::Raw;
 use crate::TestResult;
 
@@ -33,14 +32,7 @@ fn recording_on_a_full_disk_fails_cleanly_and_recovers(folder: TempDir) -> TestR
     // of 1,000 tokens: a batch that fails for want of room, costing as much
     // again, must count nothing toward it, in the database or in the spend
     // the store keeps in memory between its transactions.
-    store.prices().set(&PriceVersion {
-        model: "big-model".to_owned(),
-        effective_from: Timestamp::from_millis(0)?,
-        price: Price {
-            prompt: Micros(1_000_000),
-            ..Price::default()
-        },
-    })?;
+    price_model(&store, "big-model")?;
     let key = store
         .keys()
         .create(&NewKey {
@@ -104,20 +96,8 @@ fn recording_on_a_full_disk_fails_cleanly_and_recovers(folder: TempDir) -> TestR
         }
     }
     assert!(single_failed, "every single event found room");
-    let count = |store: &Store| -> Result<u64, Error> {
-        let mut total = 0;
-        let mut filter = EventFilter {
-            limit: Some(10_000),
-            ..EventFilter::default()
-        };
-        loop {
-            let page = store.events().list(&filter)?;
-            let Some(last) = page.last() else {
-                return Ok(total);
-            };
-            filter.before = Some(last.cursor());
-            total += page.len() as u64;
-        }
+    let count = |store: &Store| -> keytally::Result<u64> {
+        Ok(all_events(store, &EventFilter::default())?.len() as u64)
     };
     assert_eq!(count(&store)?, acknowledged, "acknowledged events lost");
     std::fs::remove_file(&ballast)?;

@@ -13,12 +13,12 @@ use diesel::sql_types::{Nullable, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use keytally::testing::postgres::{self, OwnServer};
 use keytally::{
-    Budget, BudgetPeriod, Cost, CreatedKey, Error, EventSink, Micros, NewEvent, NewKey, Price,
-    PriceVersion, ResolveMode, SinkOptions, Store, StoreOptions, Timestamp,
+    Budget, BudgetPeriod, Cost, CreatedKey, Error, EventSink, NewEvent, NewKey, ResolveMode,
+    SinkOptions, Store, StoreOptions, Timestamp,
 };
 
 use crate::support::random::Rng;
-use crate::support::spend::{budgets_hold, Checked};
+use crate::support::spend::{budgets_hold, price_model, Checked};
 use crate::support::sql::Raw;
 use crate::TestResult;
 
@@ -47,18 +47,6 @@ fn rollups_hold(url: &str) -> TestResult {
         "rollups differ from a recount"
     );
     Ok(())
-}
-
-/// What the fault tests' models cost: 1.00 a million prompt tokens.
-fn price(store: &Store, model: &str) -> Result<(), Error> {
-    store.prices().set(&PriceVersion {
-        model: model.to_owned(),
-        effective_from: Timestamp::from_millis(0)?,
-        price: Price {
-            prompt: Micros(1_000_000),
-            ..Price::default()
-        },
-    })
 }
 
 /// A client key with a daily budget of `limit` nanos.
@@ -98,7 +86,7 @@ fn a_killed_server_loses_no_acknowledged_event_and_the_store_reconnects() -> Tes
     )?);
     // Every event is priced; the key's budget is never reached (the
     // resolves must succeed once the server is back), its soft limit is.
-    price(&store, "fault-model")?;
+    price_model(&store, "fault-model")?;
     let created = budgeted_key(&store, "faults", i64::MAX / 2, 1_000_000)?;
     let key_id = created.key.id;
     let secret = created.secret.expose().to_owned();
@@ -362,7 +350,7 @@ fn a_connection_terminated_mid_transaction_applies_all_or_nothing() -> TestResul
     let store = Arc::new(Store::open(&url)?);
     // Half the events are of a key whose budget (10.00 a day) the rounds
     // reach (a large batch of them costs 2.25) unless most roll back.
-    price(&store, "terminated-model")?;
+    price_model(&store, "terminated-model")?;
     let key = budgeted_key(&store, "terminated", 10_000_000_000, 2_500_000_000)?
         .key
         .id;

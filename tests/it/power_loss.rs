@@ -15,13 +15,13 @@ use std::process::Command;
 use diesel::sql_types::{Nullable, Text};
 use diesel::{QueryableByName, RunQueryDsl};
 use keytally::testing::folder;
-use keytally::{Budget, BudgetPeriod, Cost, Micros, NewKey, Price, PriceVersion, Store, Timestamp};
+use keytally::{Budget, BudgetPeriod, Cost, NewKey, Store};
 use rstest::rstest;
 use tempfile::TempDir;
 
 use crate::support::crash_writer::example;
 use crate::support::random::Rng;
-use crate::support::spend::budgets_hold;
+use crate::support::spend::{budgets_hold, price_model};
 use crate::support::sql::Raw;
 use crate::TestResult;
 
@@ -46,14 +46,7 @@ fn seed() -> Result<u64, Box<dyn std::error::Error>> {
 fn template(folder: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let path = folder.join("template.db");
     let store = Store::open(&path)?;
-    store.prices().set(&PriceVersion {
-        model: "power-model".to_owned(),
-        effective_from: Timestamp::from_millis(0)?,
-        price: Price {
-            prompt: Micros(1_000_000),
-            ..Price::default()
-        },
-    })?;
+    price_model(&store, "power-model")?;
     store.keys().create(&NewKey {
         budget: Some(Budget {
             limit: Cost(100_000_000),

@@ -5,9 +5,41 @@
 
 use diesel::sql_types::{BigInt, Binary, Nullable};
 use diesel::QueryableByName;
-use keytally::{Cost, EventFilter, KeyId, Store, Timestamp};
+use keytally::{Cost, Event, EventFilter, KeyId, Micros, Price, PriceVersion, Store, Timestamp};
 
 use crate::support::sql::Raw;
+
+/// Prices `model` at 1.00 a million prompt tokens from the epoch on: an
+/// event of 1,000 prompt tokens costs 0.001 (1,000,000 nanos).
+pub fn price_model(store: &Store, model: &str) -> keytally::Result<()> {
+    store.prices().set(&PriceVersion {
+        model: model.to_owned(),
+        effective_from: Timestamp::from_millis(0)?,
+        price: Price {
+            prompt: Micros(1_000_000),
+            ..Price::default()
+        },
+    })
+}
+
+/// Every event `filter` matches, newest first, read a page of 10,000 at a
+/// time (`filter`'s page size and cursor are ignored).
+pub fn all_events(store: &Store, filter: &EventFilter) -> keytally::Result<Vec<Event>> {
+    let mut filter = EventFilter {
+        limit: Some(10_000),
+        before: None,
+        ..filter.clone()
+    };
+    let mut events = Vec::new();
+    loop {
+        let page = store.events().list(&filter)?;
+        let Some(last) = page.last() else {
+            return Ok(events);
+        };
+        filter.before = Some(last.cursor());
+        events.extend(page);
+    }
+}
 
 /// What the key's events from `since` on, and before `until` if given,
 /// cost, by the test's own count over the raw events.
@@ -17,25 +49,16 @@ pub fn recount(
     since: Timestamp,
     until: Option<Timestamp>,
 ) -> keytally::Result<i64> {
-    let mut total = 0;
-    let mut filter = EventFilter {
+    let filter = EventFilter {
         key: Some(key),
         since: Some(since),
         until,
-        limit: Some(10_000),
         ..EventFilter::default()
     };
-    loop {
-        let page = store.events().list(&filter)?;
-        let Some(last) = page.last() else {
-            return Ok(total);
-        };
-        filter.before = Some(last.cursor());
-        total += page
-            .iter()
-            .filter_map(|event| event.cost.map(Cost::nanos))
-            .sum::<i64>();
-    }
+    Ok(all_events(store, &filter)?
+        .iter()
+        .filter_map(|event| event.cost.map(Cost::nanos))
+        .sum())
 }
 
 #[derive(QueryableByName)]
