@@ -1,5 +1,6 @@
 //! Online backups while another process keeps writing: every backup is a
-//! consistent snapshot that restores and passes `integrity_check`.
+//! consistent snapshot that restores and passes `integrity_check`, and whose
+//! budget spend matches its own events.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -9,11 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keytally::testing::folder;
-use keytally::{EventCursor, EventFilter, Store, StoreOptions};
+use keytally::{
+    Budget, BudgetPeriod, Cost, EventCursor, EventFilter, NewKey, Store, StoreOptions, Timestamp,
+};
 use rstest::rstest;
 use tempfile::TempDir;
 
 use crate::support::binary::BIN;
+use crate::support::spend::{budgets_hold, price_model};
+use crate::support::sql::Raw;
 use crate::TestResult;
 
 const BATCH: usize = 50;
@@ -50,7 +55,26 @@ fn batches_in(store: &Store) -> Result<BTreeMap<u64, usize>, Box<dyn std::error:
 #[rstest]
 fn backups_taken_during_writes_are_whole_snapshots(folder: TempDir) -> TestResult {
     let db = folder.path().join("live.db");
-    let _ = Store::open(&db)?.close()?;
+    // The events are priced and of a key whose budget the writer reaches
+    // about half way through the backups (at batch 150): each backup's
+    // spend must match its own events, and its refusal its spend.
+    let store = Store::open(&db)?;
+    price_model(&store, "m")?;
+    let key = store
+        .keys()
+        .create(&NewKey {
+            budget: Some(Budget::new(
+                Cost(150 * BATCH as i64 * 1_000_000),
+                BudgetPeriod::Days {
+                    days: 3_650,
+                    from: Timestamp::parse("2026-01-01T00:00:00Z")?,
+                },
+            )),
+            ..NewKey::client("backed up")
+        })?
+        .key
+        .id;
+    let _ = store.close()?;
     // The writer is another process: `keytally events ingest`, committing
     // every BATCH lines.
     let mut writer = Command::new(BIN)
@@ -71,7 +95,8 @@ fn backups_taken_during_writes_are_whole_snapshots(folder: TempDir) -> TestResul
                 let mut lines = String::new();
                 for i in 0..BATCH {
                     lines.push_str(&format!(
-                        "{{\"ts\":{},\"model\":\"m\",\"status\":200,\"request_id\":\"b{batch}-{i}\"}}\n",
+                        "{{\"ts\":{},\"model\":\"m\",\"status\":200,\"request_id\":\"b{batch}-{i}\",\
+                         \"key_id\":\"{key}\",\"prompt_tokens\":1000}}\n",
                         1_790_000_000_000u64 + batch * 1000 + i as u64
                     ));
                 }
@@ -114,7 +139,7 @@ fn backups_taken_during_writes_are_whole_snapshots(folder: TempDir) -> TestResul
     assert!(output.status.success(), "{output:?}");
     let _ = store.close()?;
 
-    let mut newest_seen = Vec::new();
+    let (mut newest_seen, mut reached) = (Vec::new(), Vec::new());
     for (n, backup) in backups.iter().enumerate() {
         let restored = folder.path().join(format!("restored-{n}.db"));
         keytally::restore(&restored, backup, &StoreOptions::new(&restored))?;
@@ -133,6 +158,11 @@ fn backups_taken_during_writes_are_whole_snapshots(folder: TempDir) -> TestResul
             "backup {n} misses a batch"
         );
         newest_seen.push(batches.len());
+        let mut raw = Raw::Sqlite(store.sqlite_connection()?);
+        let checked = budgets_hold(&store, &mut raw, 0, &format!("backup {n}"))?;
+        drop(raw);
+        assert_eq!(checked.budgets, 1);
+        reached.push(checked.reached == 1);
         let _ = store.close()?;
     }
     // The backups were taken while writing went on: each holds more.
@@ -141,5 +171,6 @@ fn backups_taken_during_writes_are_whole_snapshots(folder: TempDir) -> TestResul
         "{newest_seen:?}"
     );
     assert!(fed > 0);
+    eprintln!("backups during writes: batches {newest_seen:?}, budget reached {reached:?}");
     Ok(())
 }

@@ -14,6 +14,8 @@ use keytally::Store;
 use crate::crash::batches;
 use crate::support::binary::{keytally, path_arg};
 use crate::support::crash_writer::crash_writer;
+use crate::support::spend::{budgets_hold, price_model};
+use crate::support::sql::Raw;
 use crate::TestResult;
 
 /// Events per batch, as the crash writer writes them.
@@ -96,7 +98,10 @@ fn a_database_replicated_by_litestream_restores_to_a_gap_free_prefix() -> TestRe
     let replica = folder.path().join("replica");
     let config = folder.path().join("litestream.yml");
     // keytally's database first: Litestream replicates a file that exists.
-    let _ = Store::open(&db)?.close()?;
+    // The writer's events are priced, and its keys reach their budgets.
+    let store = Store::open(&db)?;
+    price_model(&store, "crash-model")?;
+    let _ = store.close()?;
     std::fs::write(
         &config,
         format!(
@@ -169,6 +174,10 @@ fn a_database_replicated_by_litestream_restores_to_a_gap_free_prefix() -> TestRe
 
     let store = Store::open(&restored)?;
     let present = batches(&store)?;
+    let mut raw = Raw::Sqlite(store.sqlite_connection()?);
+    let checked = budgets_hold(&store, &mut raw, 0, "the restored copy")?;
+    drop(raw);
+    assert!(checked.reached > 0, "{checked:?}");
     let _ = store.close()?;
     for (number, count) in &present {
         assert_eq!(*count, BATCH, "batch {number} is torn in the restored copy");
