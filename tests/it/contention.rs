@@ -1,7 +1,7 @@
 //! Contention: 4 processes and 8 threads resolve, record, prune, back up and
 //! checkpoint at once, for a few seconds. No caller sees an error (busy is
 //! waited out), no acknowledged write is lost, and the rollups still equal a
-//! recount of the raw events. And a revoked key stops resolving at once for
+//! recount of the raw events, as does every budget's spend. And a revoked key stops resolving at once for
 //! every thread, whichever process revoked it.
 
 use std::collections::BTreeMap;
@@ -14,11 +14,15 @@ use std::time::{Duration, Instant};
 use diesel::sql_types::{BigInt, Text};
 use diesel::{QueryableByName, RunQueryDsl};
 use keytally::testing::folder;
-use keytally::{NewEvent, NewKey, Store, Timestamp, UsageFilter};
+use keytally::{
+    Budget, BudgetPeriod, Cost, KeyId, NewEvent, NewKey, Store, Timestamp, UsageFilter,
+};
 use rstest::rstest;
 use tempfile::TempDir;
 
 use crate::support::binary::BIN;
+use crate::support::spend::{budgets_hold, price_model};
+use crate::support::sql::Raw;
 use crate::TestResult;
 
 const RUN_FOR: Duration = Duration::from_secs(3);
@@ -66,6 +70,34 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
             })
             .collect::<Result<_, keytally::Error>>()?,
     );
+    // Every model is priced, and each ingest shares a key with a recording
+    // thread: the first key's budget is reached on the way, the second's
+    // only its soft limit. The crash writer's keys reach theirs.
+    for model in [
+        "ingest-0",
+        "ingest-1",
+        "thread-3",
+        "thread-4",
+        "crash-model",
+    ] {
+        price_model(&store, model)?;
+    }
+    let budgeted: Vec<KeyId> = [(9_500_000, 1_000_000), (i64::MAX / 2, 1_000_000)]
+        .into_iter()
+        .map(|(limit, soft)| {
+            let mut budget = Budget::new(Cost(limit), BudgetPeriod::Day);
+            budget.soft_limit = Some(Cost(soft));
+            Ok(store
+                .keys()
+                .create(&NewKey {
+                    budget: Some(budget),
+                    ..NewKey::client("shared")
+                })?
+                .key
+                .id)
+        })
+        .collect::<Result<_, keytally::Error>>()?;
+    let budgeted = Arc::new(budgeted);
     let started = Instant::now();
     let now = Timestamp::now().as_millis();
 
@@ -84,8 +116,9 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
         let lines: String = (0..3000)
             .map(|i| {
                 format!(
-                    "{{\"ts\":{},\"model\":\"ingest-{p}\",\"status\":200,\"prompt_tokens\":3,\"request_id\":\"p{p}-{i}\"}}\n",
-                    now - 60_000 + i
+                    "{{\"ts\":{},\"model\":\"ingest-{p}\",\"status\":200,\"prompt_tokens\":3,\"request_id\":\"p{p}-{i}\",\"key_id\":\"{}\"}}\n",
+                    now - 60_000 + i,
+                    budgeted[p]
                 )
             })
             .collect();
@@ -129,11 +162,12 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
     let errors = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     for t in 0..8u64 {
-        let (store, stop, errors, secrets) = (
+        let (store, stop, errors, secrets, budgeted) = (
             Arc::clone(&store),
             Arc::clone(&stop),
             Arc::clone(&errors),
             Arc::clone(&secrets),
+            Arc::clone(&budgeted),
         );
         let folder_path = folder.path().to_path_buf();
         threads.push(std::thread::spawn(move || -> Vec<String> {
@@ -155,6 +189,7 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
                         let mut event = NewEvent::new(Timestamp::now(), format!("thread-{t}"));
                         event.prompt_tokens = 5;
                         event.request_id = Some(request_id.clone());
+                        event.key_id = Some(budgeted[t as usize - 3]);
                         let ok = report(
                             "record",
                             store.events().record(&event).map_err(|e| e.to_string()),
@@ -275,6 +310,18 @@ fn everything_at_once_surfaces_no_error_and_loses_nothing(folder: TempDir) -> Te
         })
         .collect();
     assert_eq!(rollups, recount);
+    // Every budget's spend equals a recount of its key's events, and
+    // exactly the keys whose spend reached their budget are refused.
+    let mut raw = Raw::Sqlite(store.sqlite_connection()?);
+    let checked = budgets_hold(&store, &mut raw, 0, "after contention")?;
+    drop(raw);
+    let shared: Vec<bool> = budgeted
+        .iter()
+        .map(|key| -> Result<bool, Box<dyn std::error::Error>> {
+            Ok(store.keys().budget(*key)?.ok_or("no budget")?.over_budget)
+        })
+        .collect::<Result<_, _>>()?;
+    assert_eq!(shared, [true, false], "{checked:?}");
     eprintln!(
         "contention: {} thread-recorded, 6000 ingested, {} writer batches acknowledged, 0 errors",
         acked.len(),
