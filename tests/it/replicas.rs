@@ -1,7 +1,8 @@
 //! Three replicas of a gateway on one PostgreSQL database, each a process
 //! (`examples/replica.rs`) with threads that resolve, record and change
 //! keys at once: no error surfaces, no acknowledged event is lost, the
-//! rollups equal a recount of the raw events, and no resolve that started
+//! rollups and every key's budget spend equal a recount of the raw events,
+//! and no resolve that started
 //! after a revoke had committed accepted the key.
 
 use std::collections::{BTreeSet, HashMap};
@@ -11,9 +12,10 @@ use std::process::{Command, Stdio};
 use diesel::sql_types::{Nullable, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use keytally::testing::postgres;
-use keytally::{NewKey, Store};
+use keytally::{Budget, BudgetPeriod, Cost, NewKey, Store};
 
 use crate::support::crash_writer::example;
+use crate::support::spend::{budgets_hold, price_model};
 use crate::support::sql::Raw;
 use crate::TestResult;
 
@@ -31,11 +33,17 @@ struct RequestId {
 fn three_replicas_lose_nothing_and_never_accept_a_revoked_key() -> TestResult {
     let url = postgres::server()?.fresh_database()?;
     let store = Store::open(&url)?;
+    // One of the two models is priced, and every key has a budget that its
+    // events never reach, and a soft limit that they do.
+    price_model(&store, "m1")?;
+    let mut budget = Budget::new(Cost(i64::MAX / 2), BudgetPeriod::Day);
+    budget.soft_limit = Some(Cost(1_000_000));
     let mut shared = String::new();
     for i in 0..KEYS {
-        let created = store
-            .keys()
-            .create(&NewKey::client(format!("shared {i}")))?;
+        let created = store.keys().create(&NewKey {
+            budget: Some(budget),
+            ..NewKey::client(format!("shared {i}"))
+        })?;
         shared.push_str(&format!("{} {}\n", created.key.id, created.secret.expose()));
     }
     assert!(store.close()?.checkpoint_complete);
@@ -127,5 +135,10 @@ fn three_replicas_lose_nothing_and_never_accept_a_revoked_key() -> TestResult {
         0,
         "rollups differ from a recount"
     );
+    // So does every key's spend, raced for by the replicas.
+    let store = Store::open(&url)?;
+    let checked = budgets_hold(&store, &mut raw, 0, "after the replicas")?;
+    assert_eq!((checked.budgets, checked.reached), (KEYS, 0));
+    let _ = store.close()?;
     Ok(())
 }
