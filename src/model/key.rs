@@ -255,6 +255,12 @@ pub struct Key {
 }
 
 impl Key {
+    /// Whether the key is refused at `now` because its spend reached its
+    /// budget: until when (the end of that budget period), or `None`.
+    pub fn over_budget_until(&self, now: Timestamp) -> Option<Timestamp> {
+        self.over_budget_until.filter(|until| now < *until)
+    }
+
     /// The key's state at `now`.
     pub fn state_at(&self, now: Timestamp) -> KeyState {
         if self.revoked_at.is_some() {

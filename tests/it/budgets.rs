@@ -211,11 +211,16 @@ fn a_refused_key_resolves_again_when_its_period_rolls_over(
     assert_eq!(store.keys().resolve(&secret)?, Err(Rejection::OverBudget));
     let status = store.keys().budget(key)?.ok_or("no budget")?;
     assert_eq!(status.resets_at, now.plus_millis(2_000));
+    let refused_until = |at: Timestamp| -> Result<Option<Timestamp>, Error> {
+        Ok(store.keys().get(key)?.over_budget_until(at))
+    };
+    assert_eq!(refused_until(Timestamp::now())?, Some(status.resets_at));
     while Timestamp::now() < status.resets_at {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     // Nothing was written: time alone ends the refusal.
     assert!(store.keys().resolve(&secret)?.is_ok());
+    assert_eq!(refused_until(Timestamp::now())?, None);
     let status = store.keys().budget(key)?.ok_or("no budget")?;
     assert_eq!((status.spend, status.over_budget), (Cost(0), false));
     // In one batch: a late event of the old period, then two of the new one
@@ -587,6 +592,19 @@ fn reaching_the_soft_limit_and_the_budget_is_logged_once_each(
     assert_eq!(shown["budget"]["spend"], "0.005");
     assert_eq!(shown["budget"]["soft_limit_reached"], true);
     assert_eq!(shown["budget"]["over_budget"], true);
+    // The list shows the key refused, until its period's end.
+    let listed = keytally(&["--db", path_arg(&db)?, "keys", "list"])?;
+    let text = String::from_utf8(listed.stdout)?;
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with(&key) && line.contains(" over budget ")),
+        "{text}"
+    );
+    let listed = json_of(&run(&db, &["keys", "list"], "")?)?;
+    assert_eq!(
+        listed[0]["over_budget_until"], shown["budget"]["resets_at"],
+        "{listed}"
+    );
     Ok(())
 }
 

@@ -47,18 +47,37 @@ pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
         }
         KeysCommand::List { all } => {
             let keys = all_keys(store, !*all)?;
-            out.print(&keys, || {
+            let now = Timestamp::now();
+            // Each key with when it stops being refused for its budget.
+            let listed: Vec<serde_json::Value> = keys
+                .iter()
+                .map(|key| {
+                    let mut listed = serde_json::to_value(key).map_err(|source| {
+                        keytally::Error::BadStoredValue {
+                            message: format!("a key cannot be shown as JSON: {source}"),
+                        }
+                    })?;
+                    if let Some(fields) = listed.as_object_mut() {
+                        fields.insert(
+                            "over_budget_until".to_owned(),
+                            json!(key.over_budget_until(now)),
+                        );
+                    }
+                    Ok(listed)
+                })
+                .collect::<CliResult<_>>()?;
+            out.print(&listed, || {
                 if keys.is_empty() {
                     return "no keys".to_owned();
                 }
                 keys.iter()
                     .map(|key| {
                         format!(
-                            "{}  {:<7} {:<6} {:<8} {}\n",
+                            "{}  {:<7} {:<6} {:<11} {}\n",
                             key.id,
                             key.display_prefix,
                             key.tier.as_str(),
-                            state_name(key),
+                            state_name(key, now),
                             key.label
                         )
                     })
@@ -228,8 +247,11 @@ fn all_keys(store: &Store, active_only: bool) -> CliResult<Vec<Key>> {
     }
 }
 
-fn state_name(key: &Key) -> &'static str {
-    match key.state_at(Timestamp::now()) {
+/// The key's state at `now`, and an active key refused for its budget
+/// as "over budget".
+fn state_name(key: &Key, now: Timestamp) -> &'static str {
+    match key.state_at(now) {
+        KeyState::Active if key.over_budget_until(now).is_some() => "over budget",
         KeyState::Active => "active",
         KeyState::Revoked => "revoked",
         KeyState::Expired => "expired",
@@ -243,7 +265,7 @@ fn key_text(key: &Key) -> String {
         key.id,
         key.display_prefix,
         key.tier,
-        state_name(key),
+        state_name(key, Timestamp::now()),
         key.label,
         key.allowed_models.names().join(","),
         key.rate_limit_override
