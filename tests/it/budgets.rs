@@ -15,7 +15,7 @@ use rstest::rstest;
 
 use crate::support::binary::{json_of, keytally, path_arg, run};
 use crate::support::crash_writer::example;
-use crate::support::spend::{price_model, recount};
+use crate::support::spend::{another_store, price_model, recount};
 use crate::TestResult;
 
 /// What one test event costs: 1,000 prompt tokens at 1.00 a million.
@@ -74,15 +74,6 @@ fn location_of(test: &TestStore) -> Result<String, Box<dyn std::error::Error>> {
         Some(url) => url.to_owned(),
         None => path_arg(&test.folder().join("keytally.db"))?.to_owned(),
     })
-}
-
-/// A second store on the same database: another gateway process or
-/// replica, as far as the database can tell.
-fn another_store(test: &TestStore) -> Result<Store, Error> {
-    match test.database_url() {
-        Some(url) => StoreOptions::new(url).open(),
-        None => Store::open(test.folder().join("keytally.db")),
-    }
 }
 
 #[rstest]

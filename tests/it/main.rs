@@ -3,6 +3,7 @@
 mod architecture;
 mod backup;
 mod bad_conditions;
+mod budget_history;
 mod budgets;
 mod cli;
 mod contention;

@@ -1,0 +1,183 @@
+//! A random history of recordings, budget changes, prunes and reopenings,
+//! made by two stores on one database, on both backends: after every step
+//! every budget's spend equals a recount of its key's events in the
+//! period, and a key is refused, by its row and by either store's resolve,
+//! exactly when that spend has reached its budget.
+//!
+//! The events are of now, late (up to three days back, some before their
+//! key's period), from before every period, from a little ahead of the
+//! clock, and from an hour ahead (too far to count); most are priced. The periods
+//! are numbers of days, chosen so that no boundary lies within minutes of
+//! now: one began 71 hours ago, so that its events span the hours after
+//! which SQLite folds a key's rollups into its budget row.
+//!
+//! 120 steps by default (`KEYTALLY_BUDGET_STEPS` for more); the seed is
+//! in every failure, and `KEYTALLY_BUDGET_SEED` replays it.
+
+use keytally::testing::store_on;
+use keytally::{
+    Backend, Budget, BudgetPeriod, Cost, KeyId, KeyUpdate, NewEvent, NewKey, Rejection, Store,
+    Timestamp,
+};
+use rstest::rstest;
+
+use crate::support::random::Rng;
+use crate::support::spend::{another_store, budgets_hold, price_model};
+use crate::support::sql::raw;
+use crate::TestResult;
+
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 60 * MINUTE;
+const DAY: i64 = 24 * HOUR;
+
+fn setting(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|n| n.parse().ok())
+}
+
+/// A limit of 0.005 to 0.1 (five to a hundred events of 1,000 tokens), a
+/// soft limit at half of it half the time, and a period of days: the
+/// current one began 30 minutes, 71 hours or 3 days and 3 hours ago, or
+/// the first begins in an hour.
+fn random_budget(rng: &mut Rng, now: Timestamp) -> Budget {
+    let limit = (5 + rng.below(96) as i64) * 1_000_000;
+    let (days, from) = match rng.below(4) {
+        0 => (1, now.plus_millis(-DAY - 30 * MINUTE)),
+        1 => (3, now.plus_millis(-71 * HOUR)),
+        2 => (2, now.plus_millis(HOUR)),
+        _ => (7, now.plus_millis(-10 * DAY - 3 * HOUR)),
+    };
+    Budget {
+        limit: Cost(limit),
+        soft_limit: (rng.below(2) == 0).then_some(Cost(limit / 2)),
+        period: BudgetPeriod::Days { days, from },
+    }
+}
+
+/// An event of one of `keys`, of 0 to 3,000 prompt tokens.
+fn random_event(rng: &mut Rng, keys: &[(KeyId, String)], now: Timestamp) -> NewEvent {
+    let offset = match rng.below(20) {
+        0..=9 => rng.below(2_000) as i64,
+        10..=15 => -(rng.below(72 * HOUR as u64) as i64),
+        16 => -4 * DAY - rng.below(2 * DAY as u64) as i64,
+        17 => HOUR,
+        _ => rng.below(4 * MINUTE as u64) as i64,
+    };
+    let model = if rng.below(5) == 0 {
+        "free-model"
+    } else {
+        "gpt-4o"
+    };
+    let mut event = NewEvent::new(now.plus_millis(offset), model);
+    event.key_id = Some(keys[rng.below(keys.len() as u64) as usize].0);
+    event.prompt_tokens = rng.below(3_000) as i64;
+    event
+}
+
+/// Each store's resolve refuses a key for its budget exactly when the
+/// key's spend in the period has reached it.
+fn resolves_agree(stores: &[Store], keys: &[(KeyId, String)], what: &str) -> TestResult {
+    for (key, secret) in keys {
+        let over = stores[0]
+            .keys()
+            .budget(*key)?
+            .is_some_and(|status| status.over_budget);
+        for (n, store) in stores.iter().enumerate() {
+            let resolved = store.keys().resolve(secret)?;
+            assert!(
+                matches!(resolved, Ok(_) | Err(Rejection::OverBudget)),
+                "{what}: {resolved:?}"
+            );
+            assert_eq!(
+                resolved.is_err(),
+                over,
+                "{what}: store {n} resolves key {key} as {resolved:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[rstest]
+fn a_random_history_keeps_every_budget_equal_to_a_recount(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let seed = setting("KEYTALLY_BUDGET_SEED").unwrap_or(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64,
+    );
+    let steps = setting("KEYTALLY_BUDGET_STEPS").unwrap_or(120);
+    let mut rng = Rng::new(seed);
+    let test = store_on(backend);
+    price_model(&test, "gpt-4o")?;
+    let now = Timestamp::now();
+    let keys: Vec<(KeyId, String)> = (0..6)
+        .map(|n| {
+            // The last key starts without a budget.
+            let budget = (n < 5).then(|| random_budget(&mut rng, now));
+            let created = test.keys().create(&NewKey {
+                budget,
+                ..NewKey::client(format!("history {n}"))
+            })?;
+            Ok((created.key.id, created.secret.expose().to_owned()))
+        })
+        .collect::<Result<_, keytally::Error>>()?;
+    let mut stores = [another_store(&test)?, another_store(&test)?];
+    let mut raw = raw(&test)?;
+    let (mut events, mut reached) = (0, 0);
+    for step in 0..steps {
+        let now = Timestamp::now();
+        let n = rng.below(2) as usize;
+        let store = &stores[n];
+        let done = match rng.below(20) {
+            0..=6 => {
+                store
+                    .events()
+                    .record(&random_event(&mut rng, &keys, now))?;
+                events += 1;
+                "recorded an event".to_owned()
+            }
+            7..=13 => {
+                let batch: Vec<NewEvent> = (0..1 + rng.below(40))
+                    .map(|_| random_event(&mut rng, &keys, now))
+                    .collect();
+                store.events().record_batch(&batch)?;
+                events += batch.len();
+                format!("recorded a batch of {}", batch.len())
+            }
+            14..=16 => {
+                let (key, _) = keys[rng.below(keys.len() as u64) as usize];
+                let budget = (rng.below(5) > 0).then(|| random_budget(&mut rng, now));
+                store.keys().update(
+                    key,
+                    &KeyUpdate {
+                        budget: Some(budget),
+                        ..KeyUpdate::default()
+                    },
+                )?;
+                format!("set key {key}'s budget to {budget:?}")
+            }
+            17 => {
+                let pruned = store
+                    .events()
+                    .prune(now.plus_millis(-4 * DAY), 1_000)?;
+                format!("pruned {pruned:?}")
+            }
+            18 => {
+                stores[n] = another_store(&test)?;
+                "reopened".to_owned()
+            }
+            _ => "nothing".to_owned(),
+        };
+        let what = format!("seed {seed}, step {step}, store {n} {done}");
+        let checked = budgets_hold(&stores[0], &mut raw, 0, &what)?;
+        reached += checked.reached;
+        resolves_agree(&stores, &keys, &what)?;
+    }
+    assert!(events > 0 && reached > 0, "{events} events, {reached}");
+    eprintln!(
+        "budget history on {backend:?}, seed {seed}: {steps} steps, {events} events, \
+         {reached} budgets found reached"
+    );
+    Ok(())
+}
