@@ -61,24 +61,37 @@ impl Raw {
     /// events, per model and per key, their cost and unpriced requests
     /// included (0 when they agree).
     pub fn rollups_against_recount(&mut self) -> QueryResult<i64> {
+        self.rollups_against_recount_from(0)
+    }
+
+    /// The same for the hours from `hour` on (hours since the epoch): the
+    /// raw events before it may have been pruned, which leaves rollups
+    /// alone.
+    pub fn rollups_against_recount_from(&mut self, hour: i64) -> QueryResult<i64> {
         let cost = "coalesce(sum(cost_nanos), 0), \
                     sum(CASE WHEN cost_nanos IS NULL THEN 1 ELSE 0 END)";
+        let since = hour * 3_600_000;
         let by_model = self.difference(
-            "SELECT hour, model_id, requests, errors, prompt_tokens, latency_ms_sum, \
-             latency_ms_max, cost_nanos, unpriced_requests FROM usage_model_hourly",
+            &format!(
+                "SELECT hour, model_id, requests, errors, prompt_tokens, latency_ms_sum, \
+                 latency_ms_max, cost_nanos, unpriced_requests FROM usage_model_hourly \
+                 WHERE hour >= {hour}"
+            ),
             &format!(
                 "SELECT ts / 3600000, model_id, count(*), \
                  sum(CASE WHEN status >= 400 OR error IS NOT NULL THEN 1 ELSE 0 END), \
                  sum(prompt_tokens), sum(latency_ms), max(latency_ms), {cost} \
-                 FROM events GROUP BY 1, 2"
+                 FROM events WHERE ts >= {since} GROUP BY 1, 2"
             ),
         )?;
         let by_key = self.difference(
-            "SELECT key_row_id, hour, model_id, requests, prompt_tokens, cost_nanos, \
-             unpriced_requests FROM usage_key_hourly",
+            &format!(
+                "SELECT key_row_id, hour, model_id, requests, prompt_tokens, cost_nanos, \
+                 unpriced_requests FROM usage_key_hourly WHERE hour >= {hour}"
+            ),
             &format!(
                 "SELECT coalesce(key_row_id, 0), ts / 3600000, model_id, count(*), \
-                 sum(prompt_tokens), {cost} FROM events GROUP BY 1, 2, 3"
+                 sum(prompt_tokens), {cost} FROM events WHERE ts >= {since} GROUP BY 1, 2, 3"
             ),
         )?;
         Ok(by_model + by_key)
