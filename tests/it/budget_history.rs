@@ -5,11 +5,13 @@
 //! either store's resolve, exactly when its spend has reached its budget.
 //!
 //! The events are of now, late (up to three days back, some before their
-//! key's period), from before every period, from a little ahead of the
-//! clock, and from an hour ahead (too far to count); most are priced. The periods
-//! are numbers of days, chosen so that no boundary lies within minutes of
-//! now: one began 71 hours ago, so that its events span the hours after
-//! which SQLite folds a key's rollups into its budget row.
+//! key's period), from before every period (which prunes remove), from a
+//! little ahead of the clock, and from an hour ahead (too far to count);
+//! most are priced. No period ends within minutes of now (an event a
+//! little ahead of the clock would start the next one, which is not the
+//! one a status of now shows): one began 71 hours ago, so that its events
+//! span the hours after which SQLite folds a key's rollups into its budget
+//! row.
 //!
 //! 120 steps by default (`KEYTALLY_BUDGET_STEPS` for more); the seed is
 //! in every failure, and `KEYTALLY_BUDGET_SEED` replays it.
@@ -37,22 +39,41 @@ fn setting(name: &str) -> Option<u64> {
 }
 
 /// A limit of 0.005 to 0.1 (five to a hundred events of 1,000 tokens), a
-/// soft limit at half of it half the time, and a period of days: the
-/// current one began 30 minutes, 71 hours or 3 days and 3 hours ago, or
-/// the first begins in an hour.
+/// soft limit at half of it half the time, and a period: a number of days
+/// whose current one began 30 minutes, 71 hours or 3 days and 3 hours ago,
+/// or whose first begins in an hour; or a calendar day or month, unless
+/// the next one begins within 10 minutes.
 fn random_budget(rng: &mut Rng, now: Timestamp) -> Budget {
     let limit = (5 + rng.below(96) as i64) * 1_000_000;
-    let (days, from) = match rng.below(4) {
-        0 => (1, now.plus_millis(-DAY - 30 * MINUTE)),
-        1 => (3, now.plus_millis(-71 * HOUR)),
-        2 => (2, now.plus_millis(HOUR)),
-        _ => (7, now.plus_millis(-10 * DAY - 3 * HOUR)),
+    let days = |days, from| BudgetPeriod::Days { days, from };
+    let period = match rng.below(6) {
+        0 => days(1, now.plus_millis(-DAY - 30 * MINUTE)),
+        1 => days(3, now.plus_millis(-71 * HOUR)),
+        2 => days(2, now.plus_millis(HOUR)),
+        3 => days(7, now.plus_millis(-10 * DAY - 3 * HOUR)),
+        4 => BudgetPeriod::Day,
+        _ => BudgetPeriod::Month,
+    };
+    let soon = now.plus_millis(10 * MINUTE);
+    let period = if period.start_of(soon) == period.start_of(now) {
+        period
+    } else {
+        days(1, now.plus_millis(-DAY - 30 * MINUTE))
     };
     Budget {
         limit: Cost(limit),
         soft_limit: (rng.below(2) == 0).then_some(Cost(limit / 2)),
-        period: BudgetPeriod::Days { days, from },
+        period,
     }
+}
+
+/// A time before the current period of every budget the history sets:
+/// four days ago, or the start of the month if that is earlier.
+fn ancient(now: Timestamp) -> Timestamp {
+    let days_ago = now.plus_millis(-4 * DAY);
+    BudgetPeriod::Month
+        .start_of(now)
+        .map_or(days_ago, |month| month.min(days_ago))
 }
 
 /// An event of one of `keys`, of 0 to 3,000 prompt tokens.
@@ -60,7 +81,7 @@ fn random_event(rng: &mut Rng, keys: &[(KeyId, String)], now: Timestamp) -> NewE
     let offset = match rng.below(20) {
         0..=9 => rng.below(2_000) as i64,
         10..=15 => -(rng.below(72 * HOUR as u64) as i64),
-        16 => -4 * DAY - rng.below(2 * DAY as u64) as i64,
+        16 => ancient(now).as_millis() - now.as_millis() - rng.below(2 * DAY as u64) as i64 - 1,
         17 => HOUR,
         _ => rng.below(4 * MINUTE as u64) as i64,
     };
@@ -257,7 +278,7 @@ fn a_random_history_keeps_every_budget_equal_to_a_recount(
                 }
             }
             18 => {
-                let before = now.plus_millis(-4 * DAY);
+                let before = ancient(now);
                 let pruned = store.events().prune(before, 1_000)?;
                 whole_from = before.as_millis() / HOUR + 1;
                 format!("pruned {pruned:?}")
