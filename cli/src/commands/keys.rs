@@ -51,20 +51,7 @@ pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
             // Each key with when it stops being refused for its budget.
             let listed: Vec<serde_json::Value> = keys
                 .iter()
-                .map(|key| {
-                    let mut listed = serde_json::to_value(key).map_err(|source| {
-                        keytally::Error::BadStoredValue {
-                            message: format!("a key cannot be shown as JSON: {source}"),
-                        }
-                    })?;
-                    if let Some(fields) = listed.as_object_mut() {
-                        fields.insert(
-                            "over_budget_until".to_owned(),
-                            json!(key.over_budget_until(now)),
-                        );
-                    }
-                    Ok(listed)
-                })
+                .map(|key| key_with(key, "over_budget_until", json!(key.over_budget_until(now))))
                 .collect::<CliResult<_>>()?;
             out.print(&listed, || {
                 if keys.is_empty() {
@@ -186,17 +173,23 @@ pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
     }
 }
 
+/// The key as JSON, with one more field.
+fn key_with(key: &Key, field: &str, value: serde_json::Value) -> CliResult<serde_json::Value> {
+    let mut shown =
+        serde_json::to_value(key).map_err(|source| keytally::Error::BadStoredValue {
+            message: format!("the key cannot be shown as JSON: {source}"),
+        })?;
+    if let Some(fields) = shown.as_object_mut() {
+        fields.insert(field.to_owned(), value);
+    }
+    Ok(shown)
+}
+
 /// Prints a key with its budget.
 fn show(store: &Store, id: KeyId, out: &Output) -> CliResult {
     let key = store.keys().get(id)?;
     let budget = store.keys().budget(id)?;
-    let mut shown =
-        serde_json::to_value(&key).map_err(|source| keytally::Error::BadStoredValue {
-            message: format!("the key cannot be shown as JSON: {source}"),
-        })?;
-    if let Some(fields) = shown.as_object_mut() {
-        fields.insert("budget".to_owned(), json!(budget));
-    }
+    let shown = key_with(&key, "budget", json!(budget))?;
     out.print(&shown, || {
         format!("{}{}", key_text(&key), budget_text(budget.as_ref()))
     });
