@@ -17,8 +17,9 @@
 //! in every failure, and `KEYTALLY_BUDGET_SEED` replays it.
 
 use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 
-use keytally::testing::store_on;
+use keytally::testing::{store_on, TestStore};
 use keytally::{
     Backend, Budget, BudgetPeriod, Cost, EventFilter, KeyId, KeyUpdate, Micros, NewEvent, NewKey,
     Price, PriceVersion, Rejection, Store, Timestamp,
@@ -27,7 +28,7 @@ use rstest::rstest;
 
 use crate::support::random::Rng;
 use crate::support::spend::{all_events, another_store, budgets_hold, price_model};
-use crate::support::sql::raw;
+use crate::support::sql::{raw, Raw};
 use crate::TestResult;
 
 const MINUTE: i64 = 60_000;
@@ -159,17 +160,130 @@ fn costs_follow_the_prices(
     Ok(())
 }
 
-#[rstest]
-fn a_random_history_keeps_every_budget_equal_to_a_recount(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) -> TestResult {
-    let seed = setting("KEYTALLY_BUDGET_SEED").unwrap_or(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_nanos() as u64,
-    );
-    let steps = setting("KEYTALLY_BUDGET_STEPS").unwrap_or(120);
-    let mut rng = Rng::new(seed);
+/// What a history made so far, shared by its writers.
+struct Made {
+    /// The prompt price versions of each priced model, in time order.
+    versions: HashMap<&'static str, Vec<(Timestamp, Micros)>>,
+    /// The time of gpt-5's last event recorded.
+    last_gpt5: Option<Timestamp>,
+    /// The first hour whose raw events no prune has touched.
+    whole_from: i64,
+    events: usize,
+    prices: usize,
+}
+
+/// One step of a history: what it did, or that the store is to be
+/// reopened.
+enum Step {
+    Did(String),
+    Reopen,
+}
+
+type StepResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A random step by `store`. Only with `may_price` does it set prices;
+/// with `alone` (no other writer) a price from after gpt-5's last event
+/// must be taken.
+fn step(
+    rng: &mut Rng,
+    store: &Store,
+    keys: &[(KeyId, String)],
+    made: &Mutex<Made>,
+    may_price: bool,
+    alone: bool,
+) -> StepResult<Step> {
+    let made = || made.lock().unwrap_or_else(PoisonError::into_inner);
+    let now = Timestamp::now();
+    let done = match rng.below(20) {
+        0..=6 => {
+            let event = random_event(rng, keys, now);
+            store.events().record(&event)?;
+            let mut made = made();
+            made.last_gpt5 = last_of_gpt5(made.last_gpt5, std::slice::from_ref(&event));
+            made.events += 1;
+            "recorded an event".to_owned()
+        }
+        7..=13 => {
+            let batch: Vec<NewEvent> = (0..1 + rng.below(40))
+                .map(|_| random_event(rng, keys, now))
+                .collect();
+            store.events().record_batch(&batch)?;
+            let mut made = made();
+            made.last_gpt5 = last_of_gpt5(made.last_gpt5, &batch);
+            made.events += batch.len();
+            format!("recorded a batch of {}", batch.len())
+        }
+        14 | 15 => {
+            let (key, _) = keys[rng.below(keys.len() as u64) as usize];
+            let budget = (rng.below(5) > 0).then(|| random_budget(rng, now));
+            store.keys().update(
+                key,
+                &KeyUpdate {
+                    budget: Some(budget),
+                    ..KeyUpdate::default()
+                },
+            )?;
+            format!("set key {key}'s budget to {budget:?}")
+        }
+        16 | 17 if may_price => {
+            // A new price of gpt-5, from after its last event, or from at
+            // or before it: refused, since that event's cost would no
+            // longer match the table.
+            let last_gpt5 = made().last_gpt5;
+            let last = last_gpt5.unwrap_or(now);
+            let refused = last_gpt5.is_some() && rng.below(3) == 0;
+            let from = if refused {
+                last.plus_millis(-(rng.below(1_000) as i64))
+            } else {
+                last.max(now).plus_millis(1 + rng.below(300) as i64)
+            };
+            let prompt = Micros(500_000 * (1 + rng.below(6) as i64));
+            let set = store.prices().set(&PriceVersion {
+                model: "gpt-5".to_owned(),
+                effective_from: from,
+                price: Price {
+                    prompt,
+                    ..Price::default()
+                },
+            });
+            match set {
+                Ok(()) => {
+                    assert!(!refused, "a price from {from}, before an event at {last}");
+                    let mut made = made();
+                    made.prices += 1;
+                    // A version from the same time is replaced.
+                    let versions = made.versions.entry("gpt-5").or_default();
+                    versions.retain(|(at, _)| *at != from);
+                    versions.push((from, prompt));
+                    versions.sort_by_key(|(at, _)| *at);
+                    format!("priced gpt-5 at {prompt:?} from {from}")
+                }
+                // Another writer may have recorded a later event since.
+                Err(keytally::Error::InvalidInput { .. }) if refused || !alone => {
+                    format!("was refused a price of gpt-5 from {from}")
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        16 | 17 => "nothing".to_owned(),
+        18 => {
+            let before = ancient(now);
+            let pruned = store.events().prune(before, 1_000)?;
+            let mut made = made();
+            made.whole_from = made.whole_from.max(before.as_millis() / HOUR + 1);
+            format!("pruned {pruned:?}")
+        }
+        _ => return Ok(Step::Reopen),
+    };
+    Ok(Step::Did(done))
+}
+
+/// A history's database, its keys (with their secrets), and what it made.
+type Setup = (TestStore, Vec<(KeyId, String)>, Mutex<Made>);
+
+/// A database with gpt-4o at 1.00 and gpt-5 at 2.00 a million prompt
+/// tokens, and six keys, five of them with a random budget.
+fn history_store(backend: Backend, rng: &mut Rng) -> Result<Setup, Box<dyn std::error::Error>> {
     let test = store_on(backend);
     price_model(&test, "gpt-4o")?;
     test.prices().set(&PriceVersion {
@@ -184,7 +298,7 @@ fn a_random_history_keeps_every_budget_equal_to_a_recount(
     let keys: Vec<(KeyId, String)> = (0..6)
         .map(|n| {
             // The last key starts without a budget.
-            let budget = (n < 5).then(|| random_budget(&mut rng, now));
+            let budget = (n < 5).then(|| random_budget(rng, now));
             let created = test.keys().create(&NewKey {
                 budget,
                 ..NewKey::client(format!("history {n}"))
@@ -192,119 +306,140 @@ fn a_random_history_keeps_every_budget_equal_to_a_recount(
             Ok((created.key.id, created.secret.expose().to_owned()))
         })
         .collect::<Result<_, keytally::Error>>()?;
+    let epoch = Timestamp::from_millis(0)?;
+    let made = Mutex::new(Made {
+        versions: HashMap::from([
+            ("gpt-4o", vec![(epoch, Micros(1_000_000))]),
+            ("gpt-5", vec![(epoch, Micros(2_000_000))]),
+        ]),
+        last_gpt5: None,
+        whole_from: 0,
+        events: 0,
+        prices: 0,
+    });
+    Ok((test, keys, made))
+}
+
+/// Everything a history must leave: the rollups and every budget equal to
+/// a recount, refusals as the spends say, and every event's cost as the
+/// prices say (only every tenth step, with `costs`). Returns the budgets
+/// found reached.
+fn history_holds(
+    stores: &[Store],
+    raw: &mut Raw,
+    keys: &[(KeyId, String)],
+    made: &Mutex<Made>,
+    costs: bool,
+    what: &str,
+) -> Result<usize, Box<dyn std::error::Error>> {
+    let made = made.lock().unwrap_or_else(PoisonError::into_inner);
+    assert_eq!(
+        raw.rollups_against_recount_from(made.whole_from)?,
+        0,
+        "{what}: the rollups"
+    );
+    let checked = budgets_hold(&stores[0], raw, 0, what)?;
+    resolves_agree(stores, keys, what)?;
+    if costs {
+        costs_follow_the_prices(&stores[0], &made.versions, what)?;
+    }
+    Ok(checked.reached)
+}
+
+fn seed() -> Result<u64, Box<dyn std::error::Error>> {
+    Ok(setting("KEYTALLY_BUDGET_SEED").unwrap_or(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64,
+    ))
+}
+
+#[rstest]
+fn a_random_history_keeps_every_budget_equal_to_a_recount(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let seed = seed()?;
+    let steps = setting("KEYTALLY_BUDGET_STEPS").unwrap_or(120);
+    let mut rng = Rng::new(seed);
+    let (test, keys, made) = history_store(backend, &mut rng)?;
     let mut stores = [another_store(&test)?, another_store(&test)?];
     let mut raw = raw(&test)?;
-    let (mut events, mut reached) = (0, 0);
-    // The prompt price versions of each priced model, in time order, how
-    // many were set as the history went, and gpt-5's last event.
-    let epoch = Timestamp::from_millis(0)?;
-    let mut versions: HashMap<&str, Vec<(Timestamp, Micros)>> = HashMap::from([
-        ("gpt-4o", vec![(epoch, Micros(1_000_000))]),
-        ("gpt-5", vec![(epoch, Micros(2_000_000))]),
-    ]);
-    let mut prices = 0;
-    let mut last_gpt5: Option<Timestamp> = None;
-    // The first hour whose raw events no prune has touched.
-    let mut whole_from = 0;
-    for step in 0..steps {
-        let now = Timestamp::now();
+    let mut reached = 0;
+    for step_number in 0..steps {
         let n = rng.below(2) as usize;
-        let store = &stores[n];
-        let done = match rng.below(20) {
-            0..=6 => {
-                let event = random_event(&mut rng, &keys, now);
-                store.events().record(&event)?;
-                last_gpt5 = last_of_gpt5(last_gpt5, std::slice::from_ref(&event));
-                events += 1;
-                "recorded an event".to_owned()
-            }
-            7..=13 => {
-                let batch: Vec<NewEvent> = (0..1 + rng.below(40))
-                    .map(|_| random_event(&mut rng, &keys, now))
-                    .collect();
-                store.events().record_batch(&batch)?;
-                last_gpt5 = last_of_gpt5(last_gpt5, &batch);
-                events += batch.len();
-                format!("recorded a batch of {}", batch.len())
-            }
-            14 | 15 => {
-                let (key, _) = keys[rng.below(keys.len() as u64) as usize];
-                let budget = (rng.below(5) > 0).then(|| random_budget(&mut rng, now));
-                store.keys().update(
-                    key,
-                    &KeyUpdate {
-                        budget: Some(budget),
-                        ..KeyUpdate::default()
-                    },
-                )?;
-                format!("set key {key}'s budget to {budget:?}")
-            }
-            16 | 17 => {
-                // A new price of gpt-5, from after its last event, or from
-                // at or before it: refused, since that event's cost would
-                // no longer match the table.
-                let last = last_gpt5.unwrap_or(now);
-                let refused = last_gpt5.is_some() && rng.below(3) == 0;
-                let from = if refused {
-                    last.plus_millis(-(rng.below(1_000) as i64))
-                } else {
-                    last.max(now).plus_millis(1 + rng.below(300) as i64)
-                };
-                let prompt = Micros(500_000 * (1 + rng.below(6) as i64));
-                let set = store.prices().set(&PriceVersion {
-                    model: "gpt-5".to_owned(),
-                    effective_from: from,
-                    price: Price {
-                        prompt,
-                        ..Price::default()
-                    },
-                });
-                if refused {
-                    assert!(
-                        matches!(set, Err(keytally::Error::InvalidInput { .. })),
-                        "seed {seed}, step {step}: a price from {from}, at or before an event \
-                         at {last}: {set:?}"
-                    );
-                    format!("was refused a price of gpt-5 from {from}")
-                } else {
-                    set?;
-                    prices += 1;
-                    // A version from the same time is replaced.
-                    let versions = versions.entry("gpt-5").or_default();
-                    versions.retain(|(at, _)| *at != from);
-                    versions.push((from, prompt));
-                    versions.sort_by_key(|(at, _)| *at);
-                    format!("priced gpt-5 at {prompt:?} from {from}")
-                }
-            }
-            18 => {
-                let before = ancient(now);
-                let pruned = store.events().prune(before, 1_000)?;
-                whole_from = before.as_millis() / HOUR + 1;
-                format!("pruned {pruned:?}")
-            }
-            _ => {
+        let done = match step(&mut rng, &stores[n], &keys, &made, true, true)
+            .map_err(|error| format!("seed {seed}, step {step_number}: {error}"))?
+        {
+            Step::Did(done) => done,
+            Step::Reopen => {
                 stores[n] = another_store(&test)?;
                 "reopened".to_owned()
             }
         };
-        let what = format!("seed {seed}, step {step}, store {n} {done}");
-        assert_eq!(
-            raw.rollups_against_recount_from(whole_from)?,
-            0,
-            "{what}: the rollups"
-        );
-        let checked = budgets_hold(&stores[0], &mut raw, 0, &what)?;
-        reached += checked.reached;
-        resolves_agree(&stores, &keys, &what)?;
-        if step % 10 == 9 || step + 1 == steps {
-            costs_follow_the_prices(&stores[0], &versions, &what)?;
-        }
+        let what = format!("seed {seed}, step {step_number}, store {n} {done}");
+        let costs = step_number % 10 == 9 || step_number + 1 == steps;
+        reached += history_holds(&stores, &mut raw, &keys, &made, costs, &what)?;
     }
-    assert!(events > 0 && reached > 0, "{events} events, {reached}");
+    let made = made.lock().unwrap_or_else(PoisonError::into_inner);
+    assert!(
+        made.events > 0 && reached > 0,
+        "{} events, {reached}",
+        made.events
+    );
     eprintln!(
-        "budget history on {backend:?}, seed {seed}: {steps} steps, {events} events, \
-         {reached} budgets found reached, {prices} prices set"
+        "budget history on {backend:?}, seed {seed}: {steps} steps, {} events, \
+         {reached} budgets found reached, {} prices set",
+        made.events, made.prices
+    );
+    Ok(())
+}
+
+/// Three writers, each a store of its own, take their random steps at
+/// once (only the first sets prices); then everything holds as after a
+/// history in turn.
+#[rstest]
+fn random_histories_at_once_keep_every_budget_equal_to_a_recount(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) -> TestResult {
+    let seed = seed()?;
+    let steps = setting("KEYTALLY_BUDGET_STEPS").unwrap_or(120);
+    let mut rng = Rng::new(seed);
+    let (test, keys, made) = history_store(backend, &mut rng)?;
+    let test = &test;
+    let (keys, made) = (&keys, &made);
+    std::thread::scope(|scope| -> TestResult {
+        let writers: Vec<_> = (0..3u64)
+            .map(|writer| {
+                scope.spawn(move || -> Result<(), String> {
+                    let mut rng = Rng::new(seed ^ (writer + 1).wrapping_mul(0x9E37_79B9));
+                    let mut store = another_store(test).map_err(|e| e.report())?;
+                    for step_number in 0..steps {
+                        let stepped = step(&mut rng, &store, keys, made, writer == 0, false)
+                            .map_err(|error| {
+                                format!("seed {seed}, writer {writer}, step {step_number}: {error}")
+                            })?;
+                        if let Step::Reopen = stepped {
+                            store = another_store(test).map_err(|e| e.report())?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().map_err(|_| "a writer panicked")??;
+        }
+        Ok(())
+    })?;
+    let stores = [another_store(test)?, another_store(test)?];
+    let mut raw = raw(test)?;
+    let what = format!("seed {seed}, after {steps} steps of three writers");
+    let reached = history_holds(&stores, &mut raw, keys, made, true, &what)?;
+    let made = made.lock().unwrap_or_else(PoisonError::into_inner);
+    eprintln!(
+        "budget histories at once on {backend:?}, seed {seed}: {} events, \
+         {reached} budgets reached, {} prices set",
+        made.events, made.prices
     );
     Ok(())
 }
