@@ -1,8 +1,10 @@
 //! A random history of recordings, budget and price changes, prunes and
 //! reopenings, made by two stores on one database, on both backends: after
 //! every step the rollups (with their cost) and every budget's spend equal
-//! a recount of the raw events, and a key is refused, by its row and by
-//! either store's resolve, exactly when its spend has reached its budget.
+//! a recount of the raw events, a key is refused, by its row and by either
+//! store's resolve, exactly when its spend has reached its budget, and
+//! (every tenth step) each event's cost is what the prices say. Then the
+//! same steps taken at once by three writers, checked at the end.
 //!
 //! The events are of now, late (up to three days back, some before their
 //! key's period), from before every period (which prunes remove), from a
@@ -13,8 +15,9 @@
 //! span the hours after which SQLite folds a key's rollups into its budget
 //! row.
 //!
-//! 120 steps by default (`KEYTALLY_BUDGET_STEPS` for more); the seed is
-//! in every failure, and `KEYTALLY_BUDGET_SEED` replays it.
+//! 120 steps by default, per writer (`KEYTALLY_BUDGET_STEPS` for more);
+//! the seed is in every failure, and `KEYTALLY_BUDGET_SEED` replays the
+//! history in turn (the writers at once interleave as they will).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
