@@ -583,6 +583,7 @@ fn reaching_the_soft_limit_and_the_budget_is_logged_once_each(
     assert_eq!(shown["budget"]["spend"], "0.005");
     assert_eq!(shown["budget"]["soft_limit_reached"], true);
     assert_eq!(shown["budget"]["over_budget"], true);
+    assert_eq!(shown["over_budget_until"], shown["budget"]["resets_at"]);
     // The list shows the key refused, until its period's end.
     let listed = keytally(&["--db", path_arg(&db)?, "keys", "list"])?;
     let text = String::from_utf8(listed.stdout)?;

@@ -51,7 +51,12 @@ pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
             // Each key with when it stops being refused for its budget.
             let listed: Vec<serde_json::Value> = keys
                 .iter()
-                .map(|key| key_with(key, "over_budget_until", json!(key.over_budget_until(now))))
+                .map(|key| {
+                    key_with(
+                        key,
+                        &[("over_budget_until", json!(key.over_budget_until(now)))],
+                    )
+                })
                 .collect::<CliResult<_>>()?;
             out.print(&listed, || {
                 if keys.is_empty() {
@@ -173,14 +178,16 @@ pub fn run(store: &Store, command: &KeysCommand, out: &Output) -> CliResult {
     }
 }
 
-/// The key as JSON, with one more field.
-fn key_with(key: &Key, field: &str, value: serde_json::Value) -> CliResult<serde_json::Value> {
+/// The key as JSON, with more fields.
+fn key_with(key: &Key, more: &[(&str, serde_json::Value)]) -> CliResult<serde_json::Value> {
     let mut shown =
         serde_json::to_value(key).map_err(|source| keytally::Error::BadStoredValue {
             message: format!("the key cannot be shown as JSON: {source}"),
         })?;
     if let Some(fields) = shown.as_object_mut() {
-        fields.insert(field.to_owned(), value);
+        for (field, value) in more {
+            fields.insert((*field).to_owned(), value.clone());
+        }
     }
     Ok(shown)
 }
@@ -189,7 +196,14 @@ fn key_with(key: &Key, field: &str, value: serde_json::Value) -> CliResult<serde
 fn show(store: &Store, id: KeyId, out: &Output) -> CliResult {
     let key = store.keys().get(id)?;
     let budget = store.keys().budget(id)?;
-    let shown = key_with(&key, "budget", json!(budget))?;
+    let refused_until = key.over_budget_until(Timestamp::now());
+    let shown = key_with(
+        &key,
+        &[
+            ("budget", json!(budget)),
+            ("over_budget_until", json!(refused_until)),
+        ],
+    )?;
     out.print(&shown, || {
         format!("{}{}", key_text(&key), budget_text(budget.as_ref()))
     });
