@@ -1,7 +1,7 @@
 //! What a budget's kept spend must equal: the test's own recount of the
-//! key's raw events. Shared by the budget tests and the fault tests (kills,
-//! power cuts, a killed PostgreSQL server), which check it on whatever a
-//! fault left.
+//! key's raw events. Shared by the budget tests, the random budget
+//! histories, and the fault, backup, contention and replica tests, which
+//! check it on whatever a fault or a race left.
 
 use diesel::sql_types::{BigInt, Binary, Nullable};
 use diesel::QueryableByName;
