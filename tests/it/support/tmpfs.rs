@@ -1,6 +1,6 @@
 //! Small tmpfs mounts for the full-disk and read-only tests. Mounting needs
 //! root (or CAP_SYS_ADMIN); where it is not allowed, the tests that need a
-//! mount say so and are skipped.
+//! mount fail, saying why.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
